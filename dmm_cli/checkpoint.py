@@ -1,0 +1,166 @@
+"""Atomic writes and hashing: a crash or Ctrl-C never leaves a half-written file where a good one was."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path):
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes private files; outputs get the usual permissions
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: Path):
+    """Yield a temporary folder beside `path`; on success it takes the place of `path`.
+
+    An existing folder at `path` is moved aside first and deleted only once the new one is in place.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def writable_folder(path: Path) -> bool:
+    """True if `path` exists as a writable folder or could be created as one; creates nothing."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+
+
+def weight_files(component: Path) -> list[Path]:
+    """The safetensors files of one pipeline component folder (e.g. unet/), sharded or not, sorted."""
+    files = sorted(Path(component).glob("*.safetensors"))
+    plain = [f for f in files if "." not in f.name.removesuffix(".safetensors")]
+    files = plain or files  # a variant (name.fp16.safetensors) only when it is all there is
+    if not files:
+        raise FileNotFoundError(f"{component}: no .safetensors weights")
+    return files
+
+
+def read_header(path: Path) -> dict:
+    """A safetensors file's header (tensor names → dtype, shape, offsets) without reading any tensor data."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if size <= 0 or size > 100_000_000:
+            raise ValueError(f"{path}: not a safetensors file")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return header
+
+
+def component_shapes(component: Path) -> dict[str, list[int]]:
+    shapes: dict[str, list[int]] = {}
+    for f in weight_files(component):
+        shapes.update({k: v["shape"] for k, v in read_header(f).items()})
+    return shapes
+
+
+def component_sha256(component: Path) -> str:
+    """One hash for a component's weights; cached by path, size and mtime, since SD weights take seconds to hash."""
+    from . import state
+
+    cache_file = state.home() / "sha256-cache.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        cache = {}
+    digests = []
+    changed = False
+    for f in weight_files(component):
+        real = os.path.realpath(f)
+        st = os.stat(real)
+        key = f"{real}:{st.st_size}:{st.st_mtime_ns}"
+        if key not in cache:
+            cache[key] = sha256_file(Path(real))
+            changed = True
+        digests.append(cache[key])
+    if changed:
+        with atomic_file(cache_file) as tmp:
+            tmp.write_text(json.dumps(cache))
+    return digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
+
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+TORCH_DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+class StreamingWriter:
+    """Writes a safetensors file tensor by tensor: the header (from shapes and dtypes) first, then the data.
+
+    Tensors must be written in the order of `specs`; only one tensor is ever held here.
+    """
+
+    def __init__(self, file, specs: dict[str, tuple[torch.dtype, list[int]]], metadata: dict[str, str]):
+        self.file, self.order, self.next = file, list(specs), 0
+        header: dict = {"__metadata__": metadata}
+        offset = 0
+        for name, (dtype, shape) in specs.items():
+            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + size]}
+            offset += size
+        self.specs = specs
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        file.write(len(raw).to_bytes(8, "little"))
+        file.write(raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected = self.order[self.next]
+        dtype, shape = self.specs[name]
+        if name != expected or tensor.dtype != dtype or list(tensor.shape) != list(shape):
+            raise ValueError(f"tensor {name} written out of order or with the wrong dtype/shape")
+        self.file.write(tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        self.next += 1

@@ -1,0 +1,376 @@
+"""The `dmm` command line: parse, call the core, print. Results on stdout, everything else on stderr."""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+
+try:  # recent typer ships its own copy of click
+    from typer._click.exceptions import ClickException as _TyperClickException
+except ImportError:
+    _TyperClickException = click.ClickException
+
+_EXIT = (click.exceptions.Exit, typer.Exit)
+_ABORT = (click.exceptions.Abort, typer.Abort)
+_USAGE = (click.ClickException, _TyperClickException)
+
+from . import __version__, console
+from .errors import BadInput, DMMError
+
+app = typer.Typer(
+    name="dmm",
+    help="Merge fine-tuned Stable Diffusion checkpoints into one style-promptable model by distillation (DMM).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+toy_app = typer.Typer(help="The offline toy zoo: a tiny SD-shaped model family for demos and tests.",
+                      no_args_is_help=True)
+app.add_typer(toy_app, name="toy")
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.result(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _global(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No logs or progress bars on stderr."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    console.set_quiet(quiet)
+
+
+@app.command()
+def fetch(
+    refs: list[str] = typer.Argument(..., metavar="REF...", help="Model references: toy:<name> or a local folder."),
+) -> None:
+    """Resolve model references to local diffusers folders and print one folder per line.
+
+    Examples:
+      dmm fetch toy:base toy:night
+      dmm fetch ./my-sd15-finetune
+    """
+    from .hub import resolve
+
+    for ref in refs:
+        console.result(str(resolve(ref)))
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="What to draw."),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="Model reference (toy:<name> or a folder). Default: $DMM_MODEL, "
+                                             "else the last model `dmm distill` wrote."),
+    style: Optional[str] = typer.Option(None, "--style", "-s",
+                                        help="For a DMM student: an index (3), a name (anime), `all` (one picture "
+                                             "per style plus a grid), or a mix (anime:0.7,realism:0.3)."),
+    negative: Optional[str] = typer.Option(None, "--negative", help="Negative prompt."),
+    steps: int = typer.Option(30, "--steps", help="Sampling steps."),
+    guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale (1 disables it)."),
+    seed: int = typer.Option(0, "--seed", help="Seed; image i uses seed+i, so a seed always gives the same image."),
+    width: Optional[int] = typer.Option(None, "--width", help="Width in pixels, a multiple of 8. Default: the model's."),
+    height: Optional[int] = typer.Option(None, "--height", help="Height in pixels, a multiple of 8. Default: the model's."),
+    num_images: int = typer.Option(1, "--num-images", "-n", help="Pictures to make."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler",
+                                            help="ddim, ddpm, pndm, euler, euler-a, dpm++ or dpm++-karras. "
+                                                 "Default: the model's own."),
+    output: Path = typer.Option(Path("dmm-out"), "--output", "-o",
+                                help="Folder for the PNGs, or a .png file name for a single picture."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda if available), cpu, cuda, cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16."),
+    attention: str = typer.Option("auto", "--attention",
+                                  help="auto (xformers if a real test op runs, else SDPA), sdpa, xformers."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Pictures per forward pass."),
+) -> None:
+    """Generate pictures with a Stable Diffusion family model and print their paths.
+
+    Examples:
+      dmm generate "a red circle" --model toy:night --num-images 4
+      dmm generate --style all "a red circle"          # after dmm distill: one picture per style
+      dmm generate --style night:0.7,outline:0.3 "a blue square" --model runs/toy_styles
+      dmm generate "a cat" --model ./sd15 --steps 25 --scheduler dpm++ -o cat.png
+    """
+    from . import generation
+
+    paths = generation.run(
+        prompt, model=model, style=style, negative=negative, steps=steps, guidance=guidance, seed=seed, width=width,
+        height=height, num_images=num_images, scheduler=scheduler, output=output, device=device, dtype=dtype,
+        attention=attention, batch_size=batch_size,
+    )
+    for path in paths:
+        console.result(str(path))
+
+
+@app.command()
+def distill(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder. Default: the recipe's output."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over in a run folder of this recipe."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Shorthand for --set train.max_steps=N."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a recipe field: --set train.lr=2e-5 (repeatable)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate recipe, models and data; print the plan; train nothing."),
+    as_json: bool = typer.Option(False, "--json", help="With --dry-run: print the plan as JSON."),
+) -> None:
+    """Distill the recipe's teachers into one style-promptable student; print the run folder.
+
+    The run folder is a diffusers pipeline with styles.json, a model card, logs/ and checkpoints/.
+    Ctrl-C saves a checkpoint; --resume continues exactly where it stopped.
+
+    Examples:
+      dmm distill recipes/toy_styles.yaml
+      dmm distill recipes/anime_realism.yaml --dry-run
+      dmm distill recipes/toy_styles.yaml --max-steps 200 --set train.lr=5e-4 -o runs/quick
+      accelerate launch -m dmm_cli distill recipes/anime_realism.yaml   # several GPUs
+    """
+    import json
+
+    from . import distill as distill_mod
+
+    plan = distill_mod.plan_run(recipe, overrides, output=output, max_steps=max_steps, resume=resume,
+                                overwrite=overwrite)
+    if dry_run:
+        description = plan.describe()
+        if as_json:
+            console.result(json.dumps(description, indent=2))
+        else:
+            console.result(_describe_plan(description))
+        return
+    folder = distill_mod.run(plan)
+    from accelerate.state import PartialState
+
+    if PartialState().is_main_process:
+        console.result(str(folder))
+
+
+def _describe_plan(d: dict) -> str:
+    t = d["train"]
+    lines = [f"recipe {d['name']} ({d['recipe']}) -> {d['output']}",
+             f"base   {d['base']['ref']}  [{d['base']['folder']}]"]
+    lines += [f"style {s['style']}: {s['name']:<12} {s['ref']}  [{s['folder']}]" for s in d["teachers"]]
+    lines.append(f"data   {d['data']['images']} images in {d['data']['folder']}")
+    lines.append(f"train  {t['max_steps']} steps x batch {t['batch_size']} x accum {t['grad_accum']}, lr {t['lr']}, "
+                 f"precision {t['precision']}, feature loss {t['feature_loss']['type']} x {t['feature_loss']['weight']}, "
+                 f"caption dropout {t['caption_dropout']}")
+    if d["resume_from"]:
+        lines.append(f"resume {d['resume_from']}")
+    return "\n".join(lines)
+
+
+@app.command("baseline-merge")
+def baseline_merge(
+    teachers: Optional[list[str]] = typer.Argument(None, metavar="[TEACHER...]", help="Teacher model references."),
+    method: str = typer.Option("average", "--method",
+                               help="average: Σwθ/Σw (default weights equal). task-arithmetic: base + λΣw(θ−base), "
+                                    "λ default 1/N. ties: trim to top --density by magnitude, elect sign, disjoint "
+                                    "mean, base + λ·mean, λ default 1. dare: seeded Bernoulli(--density) keep-mask, "
+                                    "rescale 1/density, base + λΣwδ, λ default 1/N (1 with --dare-sign)."),
+    base: Optional[str] = typer.Option(None, "--base", help="The model the teachers were fine-tuned from "
+                                                             "(needed by task-arithmetic, ties, dare)."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Take base and teachers from a distill recipe."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Comma-separated, one per teacher. Default: 1 each."),
+    density: float = typer.Option(0.2, "--density", help="ties: fraction kept per tensor; dare: keep probability. "
+                                                         "In (0, 1]. Default 0.2."),
+    lam: Optional[float] = typer.Option(None, "--lambda", help="Scale of the merged task vector (see --method)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the DARE masks."),
+    dare_sign: bool = typer.Option(False, "--dare-sign", help="dare: add TIES' sign election."),
+    vae: Optional[str] = typer.Option(None, "--vae", help="Take the VAE from this model instead of the base."),
+    dtype: str = typer.Option("auto", "--dtype", help="Output dtype: auto (the inputs'), fp32, fp16, bf16."),
+    device: str = typer.Option("cpu", "--device", help="Compute on cpu or cuda."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder. Default: merged-METHOD."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+) -> None:
+    """Merge teachers in weight space (the baselines DMM is compared with); print the output folder.
+
+    Streams tensor by tensor, so memory stays small whatever the model size.
+
+    Examples:
+      dmm baseline-merge toy:night toy:outline toy:stripes toy:checker -o runs/average
+      dmm baseline-merge --method ties --recipe recipes/toy_styles.yaml --density 0.2 -o runs/ties
+      dmm baseline-merge --method dare --base toy:base toy:night toy:outline --seed 3 -o runs/dare
+    """
+    from .merge import baseline_merge as merge
+    from .pipeline import DTYPES
+    from .recipe import load_recipe
+
+    teachers = list(teachers or [])
+    if recipe is not None:
+        if teachers:
+            raise BadInput("give teachers either as arguments or with --recipe, not both")
+        r = load_recipe(recipe)
+        teachers, base = [t.model for t in r.teachers], base or r.base
+    if dtype != "auto" and dtype not in DTYPES:
+        raise BadInput(f"--dtype: unknown dtype {dtype!r} (use auto, {', '.join(DTYPES)})")
+    try:
+        weight_list = [float(w) for w in weights.split(",")] if weights else None
+    except ValueError:
+        raise BadInput(f"--weights {weights!r}: expected comma-separated numbers") from None
+    if device.startswith("cuda"):
+        from .pipeline import pick_device
+
+        pick_device(device)
+    folder = merge(method, teachers, base=base, weights=weight_list, density=density, lam=lam, seed=seed,
+                   dare_sign=dare_sign, output=output or Path(f"merged-{method}"), vae=vae,
+                   dtype=None if dtype == "auto" else DTYPES[dtype], device=device, overwrite=overwrite)
+    console.result(str(folder))
+
+
+@app.command("eval")
+def eval_(
+    models: list[str] = typer.Argument(..., metavar="MODEL...", help="Students, weight merges or single models."),
+    recipe: Path = typer.Option(..., "--recipe", help="The recipe whose teachers are the FID references."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="One prompt per line. Default: the toy captions "
+                                                                    "for toy teachers, else shipped COCO-style captions."),
+    num_images: int = typer.Option(50, "--num-images", "-k", help="Samples per style and per teacher (K ≥ 2)."),
+    seed: int = typer.Option(0, "--seed", help="Teachers use seed+k; the reference and models use other seeds."),
+    steps: int = typer.Option(25, "--steps", help="Sampling steps."),
+    guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Pictures per forward pass."),
+    features: str = typer.Option("auto", "--features", help="auto (toy for toy teachers, else inception), inception, "
+                                                            "toy, or a path to the Inception weights file."),
+    clip: Optional[Path] = typer.Option(None, "--clip", help="Local CLIP model folder for CLIP score."),
+    output: Path = typer.Option(Path("eval-out"), "--output", "-o", help="Report folder."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, fp16, bf16."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Sampler for every model (default: each own)."),
+    as_json: bool = typer.Option(False, "--json", help="Print metrics.json to stdout instead of the report path."),
+) -> None:
+    """Measure how faithfully each style survives (the paper's FID_t) and write a report; print its path.
+
+    Samples are cached, so re-running or adding a model regenerates nothing already made.
+
+    Examples:
+      dmm eval runs/toy_styles runs/ties runs/average --recipe recipes/toy_styles.yaml -k 100
+      dmm eval runs/anime_realism --recipe recipes/anime_realism.yaml --clip ./clip-vit-l14 --json
+    """
+    import json
+
+    from .evaluate import evaluate
+
+    metrics = evaluate(models, recipe, prompts_file=prompts, num_images=num_images, seed=seed, steps=steps,
+                       guidance=guidance, batch_size=batch_size, features=features, clip=clip, output=output,
+                       device=device, dtype=dtype, scheduler=scheduler)
+    if as_json:
+        console.result(json.dumps(metrics, indent=2))
+    else:
+        console.result(str(output / "report.md"))
+
+
+@app.command()
+def grid(
+    images: list[Path] = typer.Argument(..., help="PNG files, in order."),
+    output: Path = typer.Option(..., "--output", "-o", help="The grid PNG to write."),
+    columns: Optional[int] = typer.Option(None, "--columns", help="Pictures per row. Default: all in one row."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated labels, one per picture."),
+) -> None:
+    """Tile PNG files into one labelled grid and print its path.
+
+    Example:
+      dmm grid a.png b.png --labels night,outline -o grid.png
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    from .images import grid as make_grid, save_png
+
+    label_list = labels.split(",") if labels else None
+    if label_list is not None and len(label_list) != len(images):
+        raise BadInput(f"--labels: {len(label_list)} labels for {len(images)} pictures")
+    pictures = []
+    for path in images:
+        try:
+            pictures.append(Image.open(path).convert("RGB"))
+        except (OSError, UnidentifiedImageError):
+            raise BadInput(f"{path}: not a readable picture") from None
+    console.result(str(save_png(make_grid(pictures, label_list, columns), output)))
+
+
+@toy_app.command("build")
+def toy_build(
+    output: Path = typer.Option(..., "--output", "-o", help="Folder to build the zoo in."),
+    seed: int = typer.Option(0, "--seed", help="Seed; the same seed on the same machine gives the same zoo."),
+    reduced: bool = typer.Option(False, "--reduced", help="A few steps of everything (a smoke test)."),
+) -> None:
+    """Build the toy zoo from scratch (about 15 minutes on 2 CPU cores) and print its folder.
+
+    Example:
+      dmm toy build -o /tmp/zoo && cat /tmp/zoo/zoo.json
+    """
+    from .toy.build import BuildPlan, build
+
+    build(output, seed, BuildPlan.reduced() if reduced else None)
+    console.result(str(output))
+
+
+@toy_app.command("list")
+def toy_list() -> None:
+    """Print the toy zoo's model references, one per line."""
+    from . import toy
+
+    for name in toy.model_names():
+        console.result(f"toy:{name}")
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (deprecations, load reports) is noise to a CLI user; --debug keeps it."""
+    import warnings
+
+    import diffusers
+    import transformers
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI and map every failure to one sentence on stderr and an exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or os.environ.get("DMM_DEBUG") == "1"
+    if not debug:
+        _quiet_libraries()
+    try:
+        app(args=argv, prog_name="dmm", standalone_mode=False)
+        return 0
+    except _EXIT as e:
+        return e.exit_code
+    except _ABORT:
+        console.say("dmm: interrupted")
+        return 130
+    except _USAGE as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `dmm` or `dmm toy`: the help is the message
+            print(e.format_message(), file=sys.stderr)
+            return 2
+        if debug:
+            traceback.print_exc()
+        print(f"dmm: error: {e.format_message()}", file=sys.stderr)
+        return 2
+    except DMMError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"dmm: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        console.say("dmm: interrupted")
+        return 130
+    except Exception as e:  # the last resort: one line, the traceback only with --debug
+        if debug:
+            traceback.print_exc()
+        print(f"dmm: internal error: {e.__class__.__name__}: {e} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return 1

@@ -1,0 +1,279 @@
+"""`dmm distill` as functions: check everything up front (plan), then train and write the student (run)."""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from .. import console, hub, state
+from ..checkpoint import atomic_file, atomic_folder, component_sha256, component_shapes
+from ..errors import BadInput, DMMError, ModelError
+from ..pipeline import pipeline_class
+from ..recipe import Recipe, load_recipe
+from ..student import STYLES_FILE, Style, StyleTable
+from . import data as data_mod
+
+RUN_FILE = "run.json"
+CHECKPOINTS = "checkpoints"
+COPIED_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
+
+
+class Interrupted(DMMError):
+    exit_code = 130
+
+
+@dataclass
+class RunPlan:
+    recipe: Recipe
+    recipe_path: Path
+    output: Path
+    base: Path
+    teachers: list[Path]
+    data: Path
+    num_images: int
+    resume_from: Path | None
+    overwrite: bool
+
+    def describe(self) -> dict:
+        t = self.recipe.train
+        return {
+            "recipe": str(self.recipe_path), "name": self.recipe.name, "output": str(self.output),
+            "base": {"ref": self.recipe.base, "folder": str(self.base)},
+            "teachers": [{"style": i, "name": tc.name, "ref": tc.model, "folder": str(f)}
+                         for i, (tc, f) in enumerate(zip(self.recipe.teachers, self.teachers))],
+            "data": {"folder": str(self.data), "images": self.num_images},
+            "train": t.model_dump(),
+            "samples_per_teacher_per_step": t.batch_size * t.grad_accum / len(self.teachers),
+            "resume_from": str(self.resume_from) if self.resume_from else None,
+        }
+
+
+def checkpoints(output: Path) -> list[Path]:
+    return sorted((output / CHECKPOINTS).glob("step-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def _check_output(output: Path, recipe: Recipe, resume: bool, overwrite: bool) -> Path | None:
+    run_file = output / RUN_FILE
+    if output.exists() and not output.is_dir():
+        raise BadInput(f"output {output}: exists and is not a folder")
+    if output.is_dir() and any(output.iterdir()):
+        if not run_file.is_file():
+            raise BadInput(f"output {output}: exists and is not a dmm run; choose another --output or remove it")
+        previous = json.loads(run_file.read_text())
+        if previous.get("fingerprint") != recipe.fingerprint():
+            raise BadInput(f"output {output}: holds a run of another recipe ({previous.get('name')!r}, different "
+                           "base, teachers or data); choose another --output")
+        if not resume and not overwrite:
+            raise BadInput(f"output {output}: already holds a run of this recipe; continue it with --resume or "
+                           "start over with --overwrite")
+    if resume:
+        found = checkpoints(output) if output.is_dir() else []
+        if not found:
+            raise BadInput(f"--resume: no checkpoint under {output / CHECKPOINTS}")
+        return found[-1]
+    return None
+
+
+def _check_teacher_shapes(recipe: Recipe, base: Path, teachers: list[Path]) -> None:
+    if pipeline_class(base).__name__ != "StableDiffusionPipeline":
+        raise ModelError(f"base {recipe.base}: only Stable Diffusion 1.x/2.x bases can be distilled so far")
+    base_shapes = component_shapes(base / "unet")
+    if any(k.startswith("class_embedding.") for k in base_shapes):
+        raise ModelError(f"base {recipe.base}: is already a style student; a base must be a plain model")
+    for spec, folder in zip(recipe.teachers, teachers):
+        shapes = component_shapes(folder / "unet")
+        for key in sorted(set(base_shapes) | set(shapes)):
+            if base_shapes.get(key) != shapes.get(key):
+                raise ModelError(f"teacher {spec.name!r} ({spec.model}): its UNet differs from the base's at {key} "
+                                 f"(base {base_shapes.get(key)}, teacher {shapes.get(key)})")
+
+
+def plan_run(recipe_path: Path, overrides: list[str] = (), *, output: Path | None = None,
+             max_steps: int | None = None, resume: bool = False, overwrite: bool = False) -> RunPlan:
+    """Validate the recipe, the output folder, every model and the data; write nothing."""
+    overrides = list(overrides) + ([f"train.max_steps={max_steps}"] if max_steps is not None else [])
+    recipe = load_recipe(recipe_path, overrides)
+    if resume and overwrite:
+        raise BadInput("--resume and --overwrite contradict each other; pick one")
+    out = Path(output or recipe.output)
+    resume_from = _check_output(out, recipe, resume, overwrite)
+    base = hub.resolve(recipe.base)
+    teachers = [hub.resolve(t.model) for t in recipe.teachers]
+    _check_teacher_shapes(recipe, base, teachers)
+    data_folder = data_mod.resolve_data(recipe.data.folder)
+    items = data_mod.read_captioned_folder(data_folder)
+    return RunPlan(recipe, Path(recipe_path), out, base, teachers, data_folder, len(items), resume_from, overwrite)
+
+
+def _accelerator(recipe: Recipe):
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision=recipe.train.precision, gradient_accumulation_steps=recipe.train.grad_accum,
+                       cpu=not torch.cuda.is_available())
+
+
+def _raise_on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run(plan: RunPlan) -> Path:
+    """Train the student and write it into the run folder; returns that folder."""
+    from tqdm.auto import tqdm
+
+    from ..pipeline import choose_attention
+    from .trainer import MetricsLog, Trainer, load_vae
+
+    recipe, out, cfg = plan.recipe, plan.output, plan.recipe.train
+    accelerator = _accelerator(recipe)
+    main = accelerator.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if plan.overwrite and (out / CHECKPOINTS).exists():
+            shutil.rmtree(out / CHECKPOINTS)
+        with atomic_file(out / RUN_FILE) as tmp:
+            tmp.write_text(json.dumps({"name": recipe.name, "fingerprint": recipe.fingerprint(),
+                                       "recipe": recipe.model_dump()}, indent=2))
+    with accelerator.main_process_first():
+        vae = load_vae(plan.base, accelerator.device)
+        resolution = recipe.data.resolution or vae.config.sample_size
+        latents = data_mod.encode_folder(plan.data, vae, component_sha256(plan.base / "vae"), resolution,
+                                         accelerator.device)
+        del vae
+    trainer = Trainer(recipe, plan.base, plan.teachers, latents, accelerator, plan.resume_from)
+    if choose_attention(cfg.attention, accelerator.device, trainer.teacher_dtype) == "xformers":
+        for unet in [trainer.unwrapped_student(), *(t.unet for t in trainer.teachers)]:
+            unet.enable_xformers_memory_efficient_attention()
+    start = trainer.step_done
+    log = MetricsLog(out / "logs", start) if main else None
+    if start:
+        console.say(f"distill: resuming from {plan.resume_from} (step {start})")
+    samples_per_step = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
+    bar = tqdm(total=cfg.max_steps, initial=start, desc="distill", disable=not main or console.progress_disabled())
+    previous_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    step, last, tick = start, None, time.perf_counter()
+    try:
+        while step < cfg.max_steps:
+            losses = trainer.step(step)
+            step += 1
+            bar.update()
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                now = time.perf_counter()
+                done = step - (last["step"] if last else start)
+                last = {"step": step, "loss": losses.loss.item(), "score_loss": losses.score.item(),
+                        "feature_loss": losses.feature.item(), "lr": trainer.lr_schedule.get_last_lr()[0],
+                        "samples_per_s": round(done * samples_per_step / max(now - tick, 1e-9), 2),
+                        "processes": accelerator.num_processes}
+                tick = now
+                bar.set_postfix(loss=f"{last['loss']:.4f}", sps=last["samples_per_s"])
+                if main:
+                    log.write(last)
+            if step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+                _checkpoint(trainer, out, step, cfg.keep_checkpoints, main)
+                accelerator.wait_for_everyone()
+    except KeyboardInterrupt:
+        bar.close()
+        if main:
+            _checkpoint(trainer, out, step, cfg.keep_checkpoints, main)
+        raise Interrupted(f"interrupted at step {step}; checkpoint saved in {out / CHECKPOINTS}; continue with "
+                          "--resume") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        bar.close()
+        if log is not None:
+            log.close()
+    accelerator.wait_for_everyone()
+    if main:
+        _checkpoint(trainer, out, step, cfg.keep_checkpoints, main)
+        write_student(plan, trainer.unwrapped_student(), last or {})
+        state.remember_last_model(out)
+    accelerator.wait_for_everyone()
+    return out
+
+
+def _checkpoint(trainer, out: Path, step: int, keep: int, main: bool) -> None:
+    if not main:
+        return
+    trainer.save_checkpoint(out / CHECKPOINTS / f"step-{step:07d}", step)
+    for old in checkpoints(out)[:-keep]:
+        shutil.rmtree(old)
+
+
+def _model_index(base: Path) -> str:
+    index = json.loads((base / "model_index.json").read_text())
+    for optional in ("safety_checker", "feature_extractor", "image_encoder"):
+        if optional in index:
+            index[optional] = [None, None]
+    if "requires_safety_checker" in index:
+        index["requires_safety_checker"] = False
+    return json.dumps(index, indent=2) + "\n"
+
+
+def write_student(plan: RunPlan, student, last: dict) -> None:
+    """The run folder becomes a diffusers pipeline: student unet/, the base's other parts, styles.json, a card.
+
+    Each part is replaced atomically; model_index.json goes last, so a folder with one is complete.
+    """
+    out, recipe = plan.output, plan.recipe
+    dtype = torch.float32 if recipe.train.precision == "no" else torch.float16
+    with atomic_folder(out / "unet") as tmp:
+        student.to(dtype).save_pretrained(tmp, safe_serialization=True)
+        student.to(torch.float32)
+    for part in COPIED_PARTS:
+        with atomic_folder(out / part) as tmp:
+            shutil.copytree(plan.base / part, tmp, symlinks=False, dirs_exist_ok=True)
+    table = StyleTable([Style(t.name, t.model, component_sha256(folder / "unet"))
+                        for t, folder in zip(recipe.teachers, plan.teachers)],
+                       lineage=[{"recipe": recipe.name, "base": recipe.base, "steps": last.get("step"),
+                                 "styles": [t.name for t in recipe.teachers]}])
+    with atomic_file(out / STYLES_FILE) as tmp:
+        tmp.write_text(table.to_json())
+    with atomic_file(out / "README.md") as tmp:
+        tmp.write_text(model_card(plan, last))
+    with atomic_file(out / "model_index.json") as tmp:
+        tmp.write_text(_model_index(plan.base))
+
+
+def model_card(plan: RunPlan, last: dict) -> str:
+    recipe = plan.recipe
+    rows = "\n".join(f"| {i} | {t.name} | `{t.model}` |" for i, t in enumerate(recipe.teachers))
+    losses = ", ".join(f"{k} {last[k]:.5g}" for k in ("loss", "score_loss", "feature_loss") if k in last)
+    first = recipe.teachers[0].name
+    return f"""---
+library_name: diffusers
+tags: [stable-diffusion, dmm, model-merging, distillation]
+---
+
+# {recipe.name}: a DMM style-promptable student
+
+Distilled with [dmm](https://arxiv.org/abs/2504.12364) from {len(recipe.teachers)} teachers into one UNet
+that takes a style vector. Base: `{recipe.base}`.
+
+| style | name | teacher |
+|---|---|---|
+{rows}
+
+Trained for {last.get("step", "?")} steps; final losses: {losses or "n/a"}.
+
+## Generate
+
+```bash
+dmm generate --model {plan.output} --style {first} "a photo of a cat"
+dmm generate --model {plan.output} --style all "a photo of a cat"
+dmm generate --model {plan.output} --style {first}:0.5,{recipe.teachers[-1].name}:0.5 "a photo of a cat"
+```
+
+In Python, load it with `StableDiffusionPipeline.from_pretrained` and pass the style vector as the
+UNet's `class_labels` (see `dmm_cli.pipeline.style_conditioning`).
+
+## Recipe
+
+```yaml
+{yaml.safe_dump(recipe.model_dump(), sort_keys=False).strip()}
+```
+"""

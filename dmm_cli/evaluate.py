@@ -1,0 +1,203 @@
+"""`dmm eval`: the paper's FID_t protocol (§4.1), CLIP score, toy accuracies, and a report.
+
+M(i, j) = FID(model samples under style i, teacher j samples), on the same prompts; FID_t = trace(M).
+The reference row compares each teacher with itself under other seeds; its FID_t is the upper bound.
+A model without styles (a weight merge, a single teacher) has one sample set, compared with every
+teacher: its M is one row and its "diagonal" is that row.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import console, hub, toy
+from .checkpoint import atomic_file
+from .errors import BadInput
+from .features import FeatureSpace, feature_space, features_of, fid
+from .recipe import load_recipe
+from .samples import SampleSet, SamplerSettings, sample_set
+from .student import StyleTable, one_hot
+
+PROMPTS_FILE = Path(__file__).parent / "data" / "coco_prompts.txt"
+OTHER_SEEDS = 1_000_003  # offset of the seeds of the reference and of evaluated models
+SCHEMA = "dmm-eval/1"
+
+
+@dataclass
+class Row:
+    name: str
+    kind: str  # reference | student | model
+    sets: list[SampleSet]  # one per style, or a single one
+    M: list[list[float]] = field(default_factory=list)
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def diag(self) -> list[float]:
+        return [self.M[i][i] for i in range(len(self.M))] if len(self.M) > 1 else list(self.M[0])
+
+    @property
+    def fid_t(self) -> float:
+        return float(sum(self.diag))
+
+
+def read_prompts(path: Path | None, toy_teachers: bool) -> list[str]:
+    if path is None:
+        if toy_teachers:
+            from .toy import shapes
+            return [shapes.caption(c, s) for c, s in shapes.HELD_OUT] + \
+                   [shapes.caption(c, s) for c, s in shapes.training_pairs()]
+        path = PROMPTS_FILE
+    if not Path(path).is_file():
+        raise BadInput(f"--prompts {path}: no such file")
+    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise BadInput(f"--prompts {path}: no prompts in the file")
+    return prompts
+
+
+def _toy_name(ref: str) -> str | None:
+    return ref[len("toy:"):] if ref.startswith("toy:") else None
+
+
+def _toy_extras(row: Row, teacher_styles: list[str | None]) -> dict:
+    """Style accuracy (classifier top-1 is the intended style) and prompt-colour accuracy."""
+    from .toy import shapes
+    from .toy.classifier import StyleClassifier, predict, to_pixels
+
+    clf = StyleClassifier.load(toy.classifier_folder())
+    hits = []
+    colour_hits = colour_total = 0
+    for i, samples in enumerate(row.sets):
+        images = samples.images()
+        predicted = [clf.styles[k] for k in predict(clf, to_pixels([im.resize((32, 32)) for im in images])).argmax(-1)]
+        targets = [teacher_styles[i]] if len(row.sets) > 1 else teacher_styles
+        for target in targets:
+            if target is not None:
+                hits.append(sum(p == target for p in predicted) / len(predicted))
+        for image, prompt in zip(images, samples.prompts):
+            words = prompt.split()
+            if len(words) > 1 and words[1] in shapes.COLOURS:
+                colour_total += 1
+                colour_hits += shapes.dominant_colour(image.resize((32, 32))) == words[1]
+    return {"style_accuracy": sum(hits) / len(hits) if hits else None,
+            "colour_accuracy": colour_hits / colour_total if colour_total else None}
+
+
+def _clip_score(row: Row, clip: Path) -> float:
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    metric = CLIPScore(model_name_or_path=str(clip))
+    for samples in row.sets:
+        for image, prompt in zip(samples.images(), samples.prompts):
+            import numpy as np
+            metric.update(torch.from_numpy(np.asarray(image)).permute(2, 0, 1), prompt)
+    return float(metric.compute())
+
+
+def evaluate(models: list[str], recipe_path: Path, *, prompts_file: Path | None = None, num_images: int = 50,
+             seed: int = 0, steps: int = 25, guidance: float = 7.5, batch_size: int = 16, features: str = "auto",
+             clip: Path | None = None, output: Path = Path("eval-out"), device: str = "auto", dtype: str = "auto",
+             scheduler: str | None = None) -> dict:
+    """Sample, measure and report; returns the metrics dict also written to `output/metrics.json`."""
+    from .pipeline import check_generation_args, load_pipeline, pick_device, pick_dtype
+
+    if num_images < 2:
+        raise BadInput(f"--num-images must be at least 2: FID needs two samples or more (got {num_images})")
+    check_generation_args(steps=steps, guidance=guidance, width=None, height=None, num_images=num_images,
+                          batch_size=batch_size)
+    recipe = load_recipe(recipe_path)
+    teacher_refs = [t.model for t in recipe.teachers]
+    names = [t.name for t in recipe.teachers]
+    toy_styles = [_toy_name(r) for r in teacher_refs]
+    all_toy = all(s is not None for s in toy_styles)
+    prompts = read_prompts(prompts_file, all_toy)
+    prompts = [prompts[k % len(prompts)] for k in range(num_images)]
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, torch_device)
+    if clip is not None and not Path(clip).is_dir():
+        raise BadInput(f"--clip {clip}: no such CLIP model folder")
+    space = feature_space(features, all_toy, torch_device)
+
+    model_dirs = [hub.resolve(m) for m in models]
+    tables = [StyleTable.read(d) for d in model_dirs]
+    for ref, table in zip(models, tables):
+        if table is not None and len(table.names) != len(names):
+            raise BadInput(f"{ref}: a student with {len(table.names)} styles cannot be evaluated against "
+                           f"{recipe_path}'s {len(names)} teachers")
+    teacher_dirs = [hub.resolve(r) for r in teacher_refs]
+
+    def loader(folder: Path):
+        cache = {}
+
+        def pipe_for():
+            if "pipe" not in cache:
+                cache["pipe"] = load_pipeline(folder, torch_device, torch_dtype, scheduler=scheduler,
+                                              attention="auto")
+            return cache["pipe"]
+        return pipe_for
+
+    teacher_settings = SamplerSettings(steps, guidance, seed, scheduler)
+    other_settings = SamplerSettings(steps, guidance, seed + OTHER_SEEDS, scheduler)
+    teacher_sets = [sample_set(loader(d), d, None, prompts, teacher_settings, batch_size, f"teacher {n}")
+                    for d, n in zip(teacher_dirs, names)]
+    rows = [Row("reference", "reference",
+                [sample_set(loader(d), d, None, prompts, other_settings, batch_size, f"reference {n}")
+                 for d, n in zip(teacher_dirs, names)])]
+    for ref, folder, table in zip(models, model_dirs, tables):
+        pipe_for = loader(folder)
+        if table is not None:
+            sets = [sample_set(pipe_for, folder, one_hot(i, len(names)), prompts, other_settings, batch_size,
+                               f"{ref} style {table.names[i]}") for i in range(len(names))]
+            rows.append(Row(ref, "student", sets))
+        else:
+            rows.append(Row(ref, "model", [sample_set(pipe_for, folder, None, prompts, other_settings, batch_size,
+                                                      ref)]))
+
+    console.say(f"eval: FID in the {space.name} feature space")
+    real = [features_of(s, space) for s in teacher_sets]
+    for row in rows:
+        fakes = [features_of(s, space) for s in row.sets]
+        row.M = [[fid(real[j], fake) for j in range(len(real))] for fake in fakes]
+        if all_toy:
+            row.extras.update(_toy_extras(row, toy_styles))
+        if clip is not None:
+            row.extras["clip_score"] = _clip_score(row, Path(clip))
+    if clip is None:
+        console.say("eval: CLIP score skipped (no --clip folder given)")
+
+    reference_fid_t = rows[0].fid_t
+    metrics = {
+        "schema": SCHEMA,
+        "teachers": [{"name": n, "ref": r} for n, r in zip(names, teacher_refs)],
+        "settings": {"num_images": num_images, "seed": seed, "steps": steps, "guidance": guidance,
+                     "scheduler": scheduler, "features": space.name, "prompts": str(prompts_file or "default")},
+        "models": [{
+            "name": row.name, "kind": row.kind, "M": row.M, "diag": row.diag, "fid_t": row.fid_t,
+            "fid_t_over_reference": row.fid_t / reference_fid_t if reference_fid_t else None,
+            "clip_score": row.extras.get("clip_score"),
+            "style_accuracy": row.extras.get("style_accuracy"),
+            "colour_accuracy": row.extras.get("colour_accuracy"),
+        } for row in rows],
+    }
+    write_report(metrics, rows, names, Path(output))
+    return metrics
+
+
+def write_report(metrics: dict, rows: list[Row], names: list[str], output: Path) -> Path:
+    from .report import heatmap, sample_grid, markdown
+
+    output.mkdir(parents=True, exist_ok=True)
+    pictures = {}
+    for row, entry in zip(rows, metrics["models"]):
+        stem = "".join(c if c.isalnum() else "-" for c in row.name).strip("-") or "model"
+        pictures[row.name] = {"heatmap": heatmap(entry, names, output / f"heatmap-{stem}.png"),
+                              "grid": sample_grid(row, names, output / f"samples-{stem}.png")}
+    with atomic_file(output / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    report = output / "report.md"
+    with atomic_file(report) as tmp:
+        tmp.write_text(markdown(metrics, pictures, output))
+    return report

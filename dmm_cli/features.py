@@ -1,0 +1,123 @@
+"""Feature spaces for FID: the standard Inception features, or the toy zoo classifier's penultimate layer.
+
+Features of a sample set are computed once and cached beside its pictures; FID itself is
+torchmetrics' FrechetInceptionDistance, fed those cached features.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import state, toy
+from .checkpoint import atomic_file, sha256_file
+from .errors import BadInput
+from .samples import SampleSet
+
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+
+
+@dataclass
+class FeatureSpace:
+    name: str
+    key: str
+    num_features: int
+    extract: Callable[[list[Image.Image]], torch.Tensor]
+    batch_size: int = 64
+
+
+def toy_space() -> FeatureSpace:
+    from .toy.classifier import StyleClassifier, to_pixels
+
+    folder = toy.classifier_folder()
+    clf = StyleClassifier.load(folder)
+    size = 32
+
+    @torch.inference_mode()
+    def extract(images):
+        pixels = to_pixels([i.convert("RGB").resize((size, size), Image.BICUBIC) for i in images])
+        return clf.features(pixels).double()
+
+    return FeatureSpace("toy", "toy-" + sha256_file(folder / "model.safetensors")[:12], clf.head.in_features, extract)
+
+
+def inception_weights(path: str | None) -> Path:
+    """The FID Inception weights file, which cannot be downloaded here: say exactly what to put where."""
+    candidates = [Path(path)] if path else [
+        state.home() / "weights" / INCEPTION_FILE,
+        Path(os.environ.get("TORCH_HOME", "~/.cache/torch")).expanduser() / "hub" / "checkpoints" / INCEPTION_FILE,
+    ]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise BadInput(f"--features inception: the FID Inception weights {INCEPTION_FILE} are not available offline; "
+                   f"download {INCEPTION_URL} to {candidates[0]}")
+
+
+def inception_space(path: str | None, device: torch.device) -> FeatureSpace:
+    weights = inception_weights(path)
+    try:
+        from torchmetrics.image.fid import NoTrainInceptionV3
+    except ImportError:
+        raise BadInput("--features inception needs torch-fidelity: pip install torch-fidelity") from None
+    net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                             feature_extractor_weights_path=str(weights)).to(device).eval()
+
+    @torch.inference_mode()
+    def extract(images):
+        arr = np.stack([np.asarray(i.convert("RGB").resize((299, 299), Image.BICUBIC)) for i in images])
+        return net(torch.from_numpy(arr).permute(0, 3, 1, 2).to(device)).double().cpu()
+
+    return FeatureSpace("inception", "inception-" + sha256_file(weights)[:12], 2048, extract, batch_size=32)
+
+
+def feature_space(choice: str, all_toy: bool, device: torch.device) -> FeatureSpace:
+    if choice == "toy" or choice == "auto" and all_toy:
+        return toy_space()
+    if choice in ("inception", "auto"):
+        return inception_space(None, device)
+    if Path(choice).is_file():
+        return inception_space(choice, device)
+    raise BadInput(f"--features: {choice!r} is not auto, inception, toy, or an Inception weights file")
+
+
+def features_of(samples: SampleSet, space: FeatureSpace) -> torch.Tensor:
+    """(K, D) features of a sample set, cached beside its pictures."""
+    path = samples.folder / f"features-{space.key}.safetensors"
+    if path.is_file():
+        return load_file(path)["features"]
+    paths = samples.paths()
+    chunks = [space.extract([Image.open(p) for p in paths[i:i + space.batch_size]])
+              for i in range(0, len(paths), space.batch_size)]
+    features = torch.cat(chunks).double()
+    with atomic_file(path) as tmp:
+        save_file({"features": features.contiguous()}, tmp)
+    return features
+
+
+class _Precomputed(nn.Module):
+    """Hands cached features to torchmetrics' FID unchanged."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]), reset_real_features=True)
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    return float(metric.compute())

@@ -1,0 +1,39 @@
+"""Writing pictures: atomic PNG files, file names from prompts, and labelled grids."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from .checkpoint import atomic_file
+
+
+def slug(text: str, limit: int = 48) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return s[:limit].rstrip("-") or "image"
+
+
+def save_png(image: Image.Image, path: Path) -> Path:
+    with atomic_file(path) as tmp:
+        image.save(tmp, format="PNG")
+    return path
+
+
+def grid(images: list[Image.Image], labels: list[str] | None = None, columns: int | None = None,
+         cell: int | None = None) -> Image.Image:
+    """Tile pictures in rows of `columns`, each upscaled to `cell` pixels, with an optional label under each."""
+    columns = columns or len(images)
+    cell = cell or max(128, max(i.width for i in images))
+    label_h = 14 if labels else 0
+    rows = (len(images) + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * cell, rows * (cell + label_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    for k, img in enumerate(images):
+        x, y = (k % columns) * cell, (k // columns) * (cell + label_h)
+        resample = Image.NEAREST if img.width * 2 <= cell else Image.LANCZOS
+        sheet.paste(img.convert("RGB").resize((cell, cell), resample), (x, y))
+        if labels:
+            draw.text((x + 3, y + cell + 1), labels[k][: cell // 6], fill="black", font=font)
+    return sheet

@@ -1,0 +1,180 @@
+"""Distillation recipes: a YAML file validated by a pydantic schema; every error names file and field path."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import RecipeError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Teacher(Strict):
+    name: str = Field(min_length=1, description="Style name, used by `dmm generate --style NAME`.")
+    model: str = Field(min_length=1, description="Model reference: Hub id, local folder, or toy:<name>.")
+
+
+class FeatureLoss(Strict):
+    weight: float = Field(0.001, ge=0, description="λ_feat; the paper uses 0.001.")
+    type: Literal["l2", "cos"] = "l2"
+
+
+class Data(Strict):
+    folder: str = Field(description="Image-caption folder (metadata.jsonl or .txt sidecars), or toy:shapes.")
+    resolution: Optional[int] = Field(None, gt=0, description="Training resolution; default: the base's.")
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, v):
+        if v is not None and v % 8:
+            raise ValueError(f"must be a multiple of 8 (got {v})")
+        return v
+
+
+class Train(Strict):
+    max_steps: int = Field(1000, gt=0)
+    batch_size: int = Field(16, gt=0, description="Per process; each step's batch is split across the teachers.")
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(1e-5, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    precision: Literal["no", "fp16", "bf16"] = "no"
+    seed: int = Field(0, ge=0)
+    feature_loss: FeatureLoss = FeatureLoss()
+    caption_dropout: float = Field(0.1, ge=0, le=1, description="Same drop for student and teacher prompts.")
+    checkpoint_every: int = Field(500, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    log_every: int = Field(50, gt=0)
+    attention: Literal["auto", "sdpa", "xformers"] = "auto"
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v):
+        return "no" if v is False else v  # YAML reads a bare `no` as false
+
+
+class Recipe(Strict):
+    name: str = Field(min_length=1)
+    base: str = Field(min_length=1, description="The model all teachers were fine-tuned from.")
+    teachers: list[Teacher]
+    data: Data
+    train: Train = Train()
+    output: str = Field(min_length=1, description="Run folder; the final student is written here.")
+
+    @field_validator("teachers")
+    @classmethod
+    def _teachers(cls, v):
+        if not v:
+            raise ValueError("needs at least one teacher")
+        seen = set()
+        for t in v:
+            if t.name in seen:
+                raise ValueError(f"duplicate style name {t.name!r}")
+            seen.add(t.name)
+        return v
+
+    @model_validator(mode="after")
+    def _names_are_not_indices(self):
+        for t in self.teachers:
+            if t.name.isdigit() or t.name == "all" or any(c in t.name for c in ":,"):
+                raise ValueError(f"teacher name {t.name!r} would be ambiguous in --style (no digits-only, "
+                                 "`all`, ':' or ',')")
+        return self
+
+    def fingerprint(self) -> str:
+        """Identifies the run's model: base, teachers and data (not step counts or logging)."""
+        key = {"base": self.base, "teachers": [t.model_dump() for t in self.teachers], "data": self.data.model_dump()}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _location(loc: tuple) -> str:
+    parts = []
+    for p in loc:
+        if isinstance(p, int):
+            parts[-1] = f"{parts[-1]}[{p}]" if parts else f"[{p}]"
+        else:
+            parts.append(str(p))
+    return ".".join(parts) or "(top level)"
+
+
+_BOUNDS = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}", "less_than": "< {lt}",
+           "less_than_equal": "<= {le}"}
+_TYPES = {"int_parsing": "an integer", "int_type": "an integer", "int_from_float": "a whole number",
+          "float_parsing": "a number", "float_type": "a number", "string_type": "a string", "bool_parsing": "true or false",
+          "bool_type": "true or false", "list_type": "a list", "dict_type": "a mapping", "model_type": "a mapping",
+          "model_attributes_type": "a mapping"}
+
+
+def _message(err: dict) -> str:
+    kind, ctx, got = err["type"], err.get("ctx", {}), err.get("input")
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "is required"
+    if kind == "value_error":
+        return err["msg"].removeprefix("Value error, ")
+    if kind in _BOUNDS:
+        text = "must be " + _BOUNDS[kind].format(**{k: f"{v:g}" for k, v in ctx.items()})
+    elif kind in _TYPES:
+        text = "must be " + _TYPES[kind]
+    elif kind == "literal_error":
+        text = "must be one of " + ctx.get("expected", "")
+    elif kind == "string_too_short":
+        text = "must not be empty"
+    else:
+        text = err["msg"]
+    return f"{text} (got {got!r})"
+
+
+def set_override(data: dict, assignment: str, source: str) -> None:
+    """Apply one `--set a.b.c=value` (value parsed as YAML) to the raw recipe dict."""
+    path, sep, raw = assignment.partition("=")
+    if not sep or not path:
+        raise RecipeError(f"--set {assignment!r}: expected key.path=value")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    keys = path.split(".")
+    node = data
+    for k in keys[:-1]:
+        child = node.get(k)
+        if child is None:
+            child = node[k] = {}
+        if not isinstance(child, dict):
+            raise RecipeError(f"{source}: --set {path}: {k} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe; raises RecipeError naming the file and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise RecipeError(f"{path}: malformed YAML at {where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not a text file") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping of keys to values")
+    for assignment in overrides:
+        set_override(data, assignment, str(path))
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise RecipeError(f"{path}: {_location(first['loc'])}: {_message(first)}") from None

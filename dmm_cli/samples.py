@@ -1,0 +1,80 @@
+"""Sample sets: pictures a model makes for a prompt list, generated in batches and cached on disk.
+
+A set is keyed by the model's UNet sha256, the style vector, the prompts, the seed and the sampler
+settings, so asking again (or from another command) regenerates nothing already there.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from . import console, state
+from .checkpoint import atomic_file, component_sha256
+from .images import save_png
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    steps: int
+    guidance: float
+    seed: int
+    scheduler: str | None = None
+    width: int | None = None
+    height: int | None = None
+
+
+@dataclass
+class SampleSet:
+    folder: Path
+    prompts: list[str]
+
+    def paths(self) -> list[Path]:
+        return [self.folder / f"{k:05d}.png" for k in range(len(self.prompts))]
+
+    def images(self) -> list[Image.Image]:
+        return [Image.open(p).convert("RGB") for p in self.paths()]
+
+
+def sample_key(model: Path, style: torch.Tensor | None, prompts: list[str], settings: SamplerSettings) -> str:
+    h = hashlib.sha256()
+    h.update(component_sha256(model / "unet").encode())
+    h.update(json.dumps(style.tolist() if style is not None else None).encode())
+    h.update(json.dumps(prompts).encode())
+    h.update(json.dumps(settings.__dict__, sort_keys=True).encode())
+    return h.hexdigest()[:24]
+
+
+def sample_set(pipe_for, model: Path, style: torch.Tensor | None, prompts: list[str], settings: SamplerSettings,
+               batch_size: int, label: str) -> SampleSet:
+    """The cached set, completing whatever is missing; `pipe_for()` loads the pipeline only if needed."""
+    from .pipeline import generate
+
+    folder = state.home() / "samples" / sample_key(model, style, prompts, settings)
+    result = SampleSet(folder, prompts)
+    done = folder / "done.json"
+    if done.is_file():
+        return result
+    folder.mkdir(parents=True, exist_ok=True)
+    missing = [k for k, p in enumerate(result.paths()) if not p.is_file()]
+    if missing:
+        pipe = pipe_for()
+        bar = tqdm(total=len(prompts), initial=len(prompts) - len(missing), desc=f"samples {label}",
+                   disable=console.progress_disabled(), leave=False)
+        for start in range(0, len(missing), batch_size):
+            chunk = missing[start:start + batch_size]
+            images = generate(pipe, [prompts[k] for k in chunk], steps=settings.steps, guidance=settings.guidance,
+                              width=settings.width, height=settings.height, style=style, batch_size=len(chunk),
+                              seeds=[settings.seed + k for k in chunk])
+            for k, image in zip(chunk, images):
+                save_png(image, result.paths()[k])
+            bar.update(len(chunk))
+        bar.close()
+    with atomic_file(done) as tmp:
+        tmp.write_text(json.dumps({"prompts": prompts, "settings": settings.__dict__, "label": label}))
+    return result

@@ -1,0 +1,224 @@
+"""Build the toy zoo from nothing: data, VAE, base model, style teachers, and the style classifier.
+
+Deterministic for a given seed and thread count. The shipped zoo was built with `dmm toy build`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from .. import console
+from ..checkpoint import atomic_folder
+from ..pipeline import generate
+from . import classifier as style_classifier
+from . import components, shapes
+
+SHARED_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
+
+
+@dataclasses.dataclass
+class BuildPlan:
+    images_per_pair: int = 48
+    vae_steps: int = 800
+    base_steps: int = 2000
+    teacher_steps: int = 300
+    batch: int = 32
+    lr: float = 1e-3
+    caption_dropout: float = 0.1
+    sample_steps: int = 20
+    guidance: float = 4.0
+    check_per_pair: int = 6
+    classifier_train_per_style: int = 240
+    classifier_test_per_style: int = 120
+    classifier_steps: int = 600
+
+    @classmethod
+    def reduced(cls) -> "BuildPlan":
+        """A few steps of everything: proves the builder runs, not that the zoo is good."""
+        return cls(images_per_pair=2, vae_steps=3, base_steps=3, teacher_steps=2, batch=8, check_per_pair=1,
+                   classifier_train_per_style=8, classifier_test_per_style=4, classifier_steps=3, sample_steps=2)
+
+
+def _progress(total: int, desc: str):
+    return tqdm(total=total, desc=desc, disable=console.progress_disabled(), leave=False)
+
+
+def train_vae(images: torch.Tensor, plan: BuildPlan, seed: int):
+    torch.manual_seed(seed)
+    vae = components.vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=plan.lr)
+    gen = torch.Generator().manual_seed(seed)
+    with _progress(plan.vae_steps, "vae") as bar:
+        for _ in range(plan.vae_steps):
+            x = images[torch.randint(0, len(images), (plan.batch,), generator=gen)]
+            posterior = vae.encode(x).latent_dist
+            recon = vae.decode(posterior.sample()).sample
+            loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+            bar.update()
+    vae.eval().requires_grad_(False)
+    with torch.inference_mode():
+        latents = torch.cat([vae.encode(c).latent_dist.mode() for c in images.split(256)])
+    # Stable Diffusion's convention: scale latents to unit variance for the UNet.
+    vae.register_to_config(scaling_factor=float(1 / latents.std()))
+    return vae
+
+
+def train_denoiser(unet, text_encoder, tokenizer, latents, captions, steps, plan: BuildPlan, seed, desc, train_text):
+    """Plain epsilon-prediction diffusion training with caption dropout, as Stable Diffusion is trained."""
+    torch.manual_seed(seed)
+    noise_schedule = DDPMScheduler(**{k: v for k, v in components.SCHEDULER.items() if k in
+                                      ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")})
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else [])
+    text_encoder.requires_grad_(train_text)
+    opt = torch.optim.AdamW(params, lr=plan.lr, weight_decay=1e-4)
+    lr_at = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * (1 - 0.9 * s / max(steps, 1)))
+    gen = torch.Generator().manual_seed(seed)
+    unet.train()
+    with _progress(steps, desc) as bar:
+        for _ in range(steps):
+            idx = torch.randint(0, len(latents), (plan.batch,), generator=gen)
+            x0 = latents[idx]
+            drop = torch.rand(plan.batch, generator=gen) < plan.caption_dropout
+            batch_ids = torch.where(drop[:, None], empty, ids[idx])
+            noise = torch.randn(x0.shape, generator=gen)
+            t = torch.randint(0, noise_schedule.config.num_train_timesteps, (plan.batch,), generator=gen)
+            xt = noise_schedule.add_noise(x0, noise, t)
+            context = text_encoder(batch_ids)[0]
+            loss = F.mse_loss(unet(xt, t, encoder_hidden_states=context).sample, noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            lr_at.step()
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+            bar.update()
+    unet.eval()
+    text_encoder.requires_grad_(False)
+    return unet
+
+
+def _pipeline(vae, text_encoder, tokenizer, unet) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=components.scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _save_model(pipe: StableDiffusionPipeline, folder: Path, base: Path | None) -> None:
+    """Write one zoo model in fp16; teachers link to the base's shared parts to keep the zoo small."""
+    with atomic_folder(folder) as tmp:
+        pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+        pipe.to(torch.float32)
+        if base is not None:
+            for part in SHARED_PARTS:
+                for f in (tmp / part).iterdir():
+                    f.unlink()
+                (tmp / part).rmdir()
+                os.symlink(Path("..") / base.name / part, tmp / part)
+
+
+def _samples(pipe, pairs, per_pair, seed, plan: BuildPlan):
+    prompts = [shapes.caption(c, s) for c, s in pairs for _ in range(per_pair)]
+    return generate(pipe, prompts, steps=plan.sample_steps, guidance=plan.guidance, seed=seed, batch_size=64), prompts
+
+
+def colour_following(images, prompts) -> float:
+    hits = sum(shapes.dominant_colour(img) == prompt.split()[1] for img, prompt in zip(images, prompts))
+    return hits / len(prompts)
+
+
+def build(out: Path, seed: int = 0, plan: BuildPlan | None = None) -> dict:
+    """Build the whole zoo under `out` and return its manifest (also written to `out/zoo.json`)."""
+    plan = plan or BuildPlan()
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    pairs = shapes.all_pairs()
+    data = {style: shapes.dataset(style, pairs, plan.images_per_pair, seed) for style in shapes.STYLES}
+    pixels = {style: style_classifier.to_pixels([img for img, _ in items]) * 2 - 1 for style, items in data.items()}
+
+    console.say("toy zoo: training the VAE")
+    vae = train_vae(torch.cat(list(pixels.values())), plan, seed)
+    with torch.inference_mode():
+        latents = {s: torch.cat([vae.encode(c).latent_dist.mode() for c in p.split(256)]) * vae.config.scaling_factor
+                   for s, p in pixels.items()}
+
+    tokenizer = components.tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = components.text_encoder(tokenizer)
+    captions = {s: [c for _, c in items] for s, items in data.items()}
+
+    console.say("toy zoo: training the base model")
+    base_unet = train_denoiser(components.unet(), text_encoder, tokenizer, latents[shapes.BASE_STYLE],
+                               captions[shapes.BASE_STYLE], plan.base_steps, plan, seed, "base", train_text=True)
+    base_pipe = _pipeline(vae, text_encoder, tokenizer, base_unet)
+    _save_model(base_pipe, out / "base", None)
+
+    teacher_pipes = {}
+    for i, style in enumerate(shapes.TEACHER_STYLES):
+        console.say(f"toy zoo: fine-tuning teacher {style!r}")
+        unet = components.unet()
+        unet.load_state_dict(base_unet.state_dict())
+        unet = train_denoiser(unet, text_encoder, tokenizer, latents[style], captions[style], plan.teacher_steps,
+                              plan, seed + 1 + i, style, train_text=False)
+        teacher_pipes[style] = _pipeline(vae, text_encoder, tokenizer, unet)
+        _save_model(teacher_pipes[style], out / style, out / "base")
+
+    console.say("toy zoo: measuring the base model's colour following")
+    images, prompts = _samples(base_pipe, pairs, plan.check_per_pair, seed + 1000, plan)
+    base_colour = colour_following(images, prompts)
+
+    console.say("toy zoo: training the style classifier on generations")
+    all_pipes = {shapes.BASE_STYLE: base_pipe, **teacher_pipes}
+    per_pair_train = max(1, plan.classifier_train_per_style // len(pairs))
+    per_pair_test = max(1, plan.classifier_test_per_style // len(pairs))
+    train_x, train_y, test_x, test_y = [], [], [], []
+    teacher_colour = {}
+    for label, (style, pipe) in enumerate(all_pipes.items()):
+        imgs, _ = _samples(pipe, pairs, per_pair_train, seed + 2000, plan)
+        train_x.append(style_classifier.to_pixels(imgs))
+        train_y += [label] * len(imgs)
+        imgs, held_prompts = _samples(pipe, pairs, per_pair_test, seed + 3000, plan)  # other seeds: held out
+        test_x.append(style_classifier.to_pixels(imgs))
+        test_y += [label] * len(imgs)
+        teacher_colour[style] = colour_following(imgs, held_prompts)
+    torch.manual_seed(seed)
+    clf = style_classifier.StyleClassifier(list(all_pipes))
+    clf = style_classifier.train(clf, torch.cat(train_x), torch.tensor(train_y), plan.classifier_steps, seed)
+    predicted = style_classifier.predict(clf, torch.cat(test_x)).argmax(-1)
+    accuracy = float((predicted == torch.tensor(test_y)).float().mean())
+    clf.save(out / "classifier")
+
+    manifest = {
+        "seed": seed,
+        "plan": dataclasses.asdict(plan),
+        "base": "base",
+        "teachers": list(shapes.TEACHER_STYLES),
+        "colours": list(shapes.COLOURS),
+        "shapes": list(shapes.SHAPES),
+        "held_out_pairs": [list(p) for p in shapes.HELD_OUT],
+        "measured": {
+            "base_colour_following": round(base_colour, 4),
+            "teacher_colour_following": {k: round(v, 4) for k, v in teacher_colour.items()},
+            "classifier_held_out_accuracy": round(accuracy, 4),
+            "build_seconds": round(time.perf_counter() - started, 1),
+            "torch_threads": torch.get_num_threads(),
+        },
+    }
+    (out / "zoo.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dmm_cli.cli import main
+
+# Tests run on whatever cores CI has; pinning the thread count keeps CPU numerics repeatable.
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    """Each test gets its own $DMM_HOME, no $DMM_MODEL, and no network access to the real Hub."""
+    monkeypatch.setenv("DMM_HOME", str(tmp_path_factory.mktemp("dmm-home")))
+    monkeypatch.delenv("DMM_MODEL", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+class CLIResult:
+    def __init__(self, code: int, out: str, err: str):
+        self.code, self.out, self.err = code, out, err
+
+    @property
+    def lines(self) -> list[str]:
+        return [line for line in self.out.splitlines() if line]
+
+    def __repr__(self) -> str:
+        return f"exit {self.code}\n--- stdout\n{self.out}\n--- stderr\n{self.err}"
+
+
+@pytest.fixture
+def dmm(capsys):
+    """Run the real `dmm` CLI in-process: dmm("generate", "a cat", ...) -> CLIResult."""
+
+    def run(*args: str) -> CLIResult:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return CLIResult(code, out, err)
+
+    return run
+
+
+def assert_one_sentence_error(result: CLIResult, code: int, *fragments: str) -> None:
+    """Failures print one line on stderr naming the culprit, no traceback, nothing on stdout."""
+    assert result.code == code, result
+    assert "Traceback" not in result.err, result
+    lines = [line for line in result.err.splitlines() if line.startswith("dmm: ")]
+    assert len(lines) == 1, result
+    for fragment in fragments:
+        assert fragment in lines[0], result
+    assert result.out == "", result
+

@@ -1,0 +1,215 @@
+"""`dmm distill` end to end on the toy zoo: output folder, generation after it, resume, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file
+
+from conftest import assert_one_sentence_error
+from dmm_cli.hub import resolve
+from dmm_cli.student import StyleTable
+
+TEACHERS = [{"name": n, "model": f"toy:{n}"} for n in ("night", "outline", "stripes", "checker")]
+
+
+def recipe_file(folder: Path, **changes) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    recipe = {
+        "name": "tiny", "base": "toy:base", "teachers": TEACHERS, "data": {"folder": "toy:shapes"},
+        "train": {"max_steps": 6, "batch_size": 8, "lr": 1e-4, "checkpoint_every": 3, "log_every": 2},
+        "output": str(folder / "run"),
+    }
+    for key, value in changes.items():
+        node = recipe
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        if value is None:
+            del node[last]
+        else:
+            node[last] = value
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def unet_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_distill_writes_a_student_pipeline_then_generate_uses_it(dmm, tmp_path):
+    recipe = recipe_file(tmp_path)
+    r = dmm("distill", recipe)
+    assert r.code == 0, r
+    run = Path(r.lines[0])
+    assert run == tmp_path / "run"
+    pipe = StableDiffusionPipeline.from_pretrained(run)
+    assert pipe.unet.config.class_embed_type == "projection"
+    assert pipe.unet.config.projection_class_embeddings_input_dim == 4
+    table = StyleTable.read(run)
+    assert table.names == ["night", "outline", "stripes", "checker"]
+    assert all(len(s.sha256) == 64 and s.teacher.startswith("toy:") for s in table.styles)
+    card = (run / "README.md").read_text()
+    assert "toy:night" in card and "Trained for 6 steps" in card
+    rows = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [2, 4, 6] and all(row["loss"] > 0 for row in rows)
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step-0000003", "step-0000006"]
+    # the student moved away from the base
+    base = load_file(resolve("toy:base") / "unet" / "diffusion_pytorch_model.safetensors")
+    student = unet_weights(run)
+    assert not torch.equal(student["conv_in.weight"], base["conv_in.weight"].float())
+
+    g = dmm("generate", "--style", "all", "a red circle", "--steps", "3", "-o", tmp_path / "pics")
+    assert g.code == 0, g
+    assert "the last model dmm distill wrote" in g.err
+    assert len(g.lines) == 5 and g.lines[-1].endswith("-styles.png")
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(dmm, tmp_path):
+    recipe = recipe_file(tmp_path)
+    r = dmm("distill", recipe, "--dry-run", "--json", "--set", "train.lr=2e-5", "--max-steps", "9")
+    assert r.code == 0, r
+    plan = json.loads(r.out)
+    assert plan["train"]["lr"] == 2e-5 and plan["train"]["max_steps"] == 9
+    assert [t["name"] for t in plan["teachers"]] == ["night", "outline", "stripes", "checker"]
+    assert plan["data"]["images"] > 100
+    assert not (tmp_path / "run").exists()
+
+
+def test_anime_realism_recipe_validates(dmm):
+    from dmm_cli.recipe import load_recipe
+
+    recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "anime_realism.yaml")
+    assert len(recipe.teachers) >= 2 and all("/" in t.model for t in recipe.teachers)
+
+
+def bad(tmp_path, **changes):
+    return recipe_file(tmp_path, **changes)
+
+
+def shape_mismatched_teacher(tmp_path) -> str:
+    import shutil
+
+    folder = tmp_path / "odd-teacher"
+    shutil.copytree(resolve("toy:night"), folder, symlinks=False)
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    config["block_out_channels"] = [32, 64, 96]
+    unet = UNet2DConditionModel.from_config(config)
+    for f in (folder / "unet").iterdir():
+        f.unlink()
+    unet.save_pretrained(folder / "unet")
+    return str(folder)
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda p: p / "missing.yaml", "missing.yaml: no such recipe file"),
+    (lambda p: (p / "r.yaml", (p / "r.yaml").write_text("name: x\nteachers: [\n  {name: a\nbase: b\n"))[0],
+     "malformed YAML at line"),
+    (lambda p: bad(p, **{"train.learning_rate": 1}), "train.learning_rate: unknown key"),
+    (lambda p: bad(p, **{"train.max_steps": "lots"}), "train.max_steps: must be an integer (got 'lots')"),
+    (lambda p: bad(p, **{"train.lr": -1}), "train.lr: must be > 0 (got -1)"),
+    (lambda p: bad(p, teachers=[]), "teachers: needs at least one teacher"),
+    (lambda p: bad(p, teachers=[TEACHERS[0], dict(TEACHERS[1], name="night")]), "duplicate style name 'night'"),
+    (lambda p: bad(p, teachers=[TEACHERS[0], {"name": "odd", "model": shape_mismatched_teacher(p)}]),
+     "teacher 'odd'"),
+    (lambda p: (p / "empty").mkdir() or bad(p, data={"folder": str(p / "empty")}), "no captioned images"),
+    (lambda p: bad(p, teachers=[{"name": "x", "model": "toy:nope"}]), "toy:nope: no such toy model"),
+])
+def test_bad_recipes(dmm, tmp_path, make, fragment):
+    recipe = make(tmp_path)
+    r = dmm("distill", recipe)
+    assert_one_sentence_error(r, 2, fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_without_checkpoint_and_foreign_output(dmm, tmp_path):
+    recipe = recipe_file(tmp_path)
+    r = dmm("distill", recipe, "--resume")
+    assert_one_sentence_error(r, 2, "--resume: no checkpoint")
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    r = dmm("distill", recipe)
+    assert_one_sentence_error(r, 2, "is not a dmm run")
+    assert sorted(os.listdir(tmp_path / "run")) == ["notes.txt"]
+
+
+def test_rerun_needs_resume_or_overwrite_and_other_recipes_are_refused(dmm, tmp_path):
+    recipe = recipe_file(tmp_path, **{"train.max_steps": 2})
+    assert dmm("distill", recipe).code == 0
+    assert_one_sentence_error(dmm("distill", recipe), 2, "--resume", "--overwrite")
+    other = recipe_file(tmp_path, teachers=TEACHERS[:2], **{"train.max_steps": 2})
+    assert_one_sentence_error(dmm("distill", other), 2, "another recipe")
+    r = dmm("distill", recipe_file(tmp_path, **{"train.max_steps": 4}), "--resume")
+    assert r.code == 0, r
+    assert "Trained for 4 steps" in (tmp_path / "run" / "README.md").read_text()
+
+
+def cli(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "dmm_cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="2"), **kw)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    end = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < end, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path):
+    steps = {"train.max_steps": 40, "train.checkpoint_every": 4}
+    whole = recipe_file(tmp_path / "a", **steps, output=str(tmp_path / "a" / "run"))
+    p = cli("distill", str(whole))
+    out, err = p.communicate()
+    assert p.returncode == 0, err
+
+    broken = recipe_file(tmp_path / "b", **steps, output=str(tmp_path / "b" / "run"))
+    p = cli("distill", str(broken))
+    wait_for(tmp_path / "b" / "run" / "checkpoints" / "step-0000008", p)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (tmp_path / "b" / "run" / "model_index.json").exists(), "the run finished before it was killed"
+    p = cli("distill", str(broken), "--resume")
+    out, err = p.communicate()
+    assert p.returncode == 0, err
+    assert "resuming from" in err
+    a, b = unet_weights(tmp_path / "a" / "run"), unet_weights(tmp_path / "b" / "run")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    recipe = recipe_file(tmp_path, **{"train.max_steps": 400, "train.checkpoint_every": 1000})
+    p = cli("distill", str(recipe))
+    wait_for(tmp_path / "run" / "logs" / "metrics.jsonl", p)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "checkpoint saved" in err and "Traceback" not in err
+    saved = list((tmp_path / "run" / "checkpoints").iterdir())
+    assert len(saved) == 1 and (saved[0] / "student.safetensors").is_file()
+
+
+def test_two_cpu_processes_with_torchrun(tmp_path):
+    recipe = recipe_file(tmp_path, **{"train.max_steps": 4, "train.log_every": 1})
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "-m", "dmm_cli", "distill", str(recipe)], capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().splitlines() == [str(tmp_path / "run")]  # only rank 0 prints
+    rows = [json.loads(line) for line in (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["processes"] == 2 for r in rows)
+    assert StableDiffusionPipeline.from_pretrained(tmp_path / "run").unet.config.class_embed_type == "projection"

@@ -1,0 +1,183 @@
+"""Weight-space baselines: each method against a plain reference written from its formula, and the CLI."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import assert_one_sentence_error
+from dmm_cli.hub import resolve
+from dmm_cli.merge import METHODS, MergeParams
+
+UNET_FILE = Path("unet") / "diffusion_pytorch_model.safetensors"
+
+
+def rand(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def tensors():
+    base = rand(6, 5, seed=0)
+    return base, [base + 0.1 * rand(6, 5, seed=i) for i in (1, 2, 3)]
+
+
+def reference_ties(base, models, w, density, lam):
+    """TIES as the formulas say, one entry at a time."""
+    deltas = []
+    for m in models:
+        d = (m - base).flatten().tolist()
+        k = max(1, int(torch.tensor(density * len(d)).ceil()))
+        keep = sorted(range(len(d)), key=lambda j: -abs(d[j]))[:k]
+        deltas.append([d[j] if j in keep else 0.0 for j in range(len(d))])
+    out = []
+    for j in range(len(deltas[0])):
+        total = sum(wi * dl[j] for wi, dl in zip(w, deltas))
+        sign = (total > 0) - (total < 0)
+        agree = [i for i, dl in enumerate(deltas) if dl[j] != 0 and ((dl[j] > 0) - (dl[j] < 0)) == sign]
+        num = sum(w[i] * deltas[i][j] for i in agree)
+        den = sum(w[i] for i in agree) or 1.0
+        out.append(num / den)
+    return base + lam * torch.tensor(out).view(base.shape)
+
+
+def test_average(tensors):
+    base, models = tensors
+    w = (1.0, 2.0, 3.0)
+    got = METHODS["average"].fn(None, models, MergeParams(w), "k")
+    expected = (models[0] * 1 + models[1] * 2 + models[2] * 3) / 6
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_task_arithmetic(tensors):
+    base, models = tensors
+    w = (0.5, 1.0, -0.25)
+    got = METHODS["task-arithmetic"].fn(base, models, MergeParams(w, lam=0.7), "k")
+    expected = base + 0.7 * sum(wi * (m - base) for wi, m in zip(w, models))
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
+def test_ties(tensors, density):
+    base, models = tensors
+    w = (1.0, 0.5, 2.0)
+    got = METHODS["ties"].fn(base, models, MergeParams(w, density=density, lam=0.9), "k")
+    assert torch.allclose(got, reference_ties(base, models, w, density, 0.9), atol=1e-6)
+
+
+def test_dare_masks_rescale_and_repeat(tensors):
+    base, models = tensors
+    params = MergeParams((1.0, 1.0, 1.0), density=0.3, lam=0.5, seed=7)
+    got = METHODS["dare"].fn(base, models, params, "layer.weight")
+    again = METHODS["dare"].fn(base, models, params, "layer.weight")
+    assert torch.equal(got, again)
+    other = METHODS["dare"].fn(base, models, MergeParams((1.0, 1.0, 1.0), density=0.3, lam=0.5, seed=8),
+                               "layer.weight")
+    assert not torch.equal(got, other)
+    # rebuild from the masks: every kept entry is delta / density, every dropped one 0
+    from dmm_cli.merge import dare_mask
+
+    expected = base.clone()
+    for i, m in enumerate(models):
+        mask = dare_mask(m.shape, 0.3, 7, "layer.weight", i, "cpu")
+        assert 0 < mask.float().mean() < 1
+        expected += 0.5 * torch.where(mask, (m - base) / 0.3, torch.zeros_like(m))
+    assert torch.allclose(got, expected, atol=1e-6)
+    signed = METHODS["dare"].fn(base, models, MergeParams((1.0, 1.0, 1.0), density=1.0, lam=1.0, dare_sign=True), "k")
+    assert torch.allclose(signed, reference_ties(base, models, (1.0, 1.0, 1.0), 1.0, 1.0), atol=1e-6)
+
+
+def test_average_of_identical_teachers_is_that_teacher(dmm, tmp_path):
+    r = dmm("baseline-merge", "toy:night", "toy:night", "toy:night", "-o", tmp_path / "avg")
+    assert r.code == 0, r
+    merged, night = load_file(tmp_path / "avg" / UNET_FILE), load_file(resolve("toy:night") / UNET_FILE)
+    assert merged.keys() == night.keys() and all(torch.equal(merged[k], night[k]) for k in night)
+
+
+def test_ties_density_one_of_identical_teachers_is_that_teacher(dmm, tmp_path):
+    r = dmm("baseline-merge", "--method", "ties", "--base", "toy:base", "--density", "1", "toy:stripes",
+            "toy:stripes", "-o", tmp_path / "ties")
+    assert r.code == 0, r
+    merged, stripes = load_file(tmp_path / "ties" / UNET_FILE), load_file(resolve("toy:stripes") / UNET_FILE)
+    assert all(torch.equal(merged[k], stripes[k]) for k in stripes)
+
+
+def test_merged_folder_is_a_pipeline_with_metadata(dmm, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    r = dmm("baseline-merge", "--method", "dare", "--recipe", "recipes/toy_styles.yaml", "--seed", "3",
+            "--dtype", "fp32", "-o", tmp_path / "dare")
+    assert r.code == 0, r
+    assert r.lines == [str(tmp_path / "dare")]
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "dare")
+    assert pipe.unet.dtype == torch.float32
+    with safe_open(str(tmp_path / "dare" / UNET_FILE), "pt") as f:
+        meta = f.metadata()
+    assert meta["dmm.method"] == "dare" and meta["dmm.seed"] == "3"
+    inputs = json.loads(meta["dmm.inputs"])
+    assert inputs["base"]["ref"] == "toy:base"
+    assert [t["ref"] for t in inputs["teachers"]] == ["toy:night", "toy:outline", "toy:stripes", "toy:checker"]
+    assert all(len(t["sha256"]) == 64 for t in inputs["teachers"])
+    assert json.loads(meta["dmm.params"])["lambda"] == 0.25
+    assert "dare" in (tmp_path / "dare" / "README.md").read_text()
+    g = dmm("generate", "a red circle", "-m", tmp_path / "dare", "--steps", "3", "-o", tmp_path / "pic.png")
+    assert g.code == 0, g
+
+
+def odd_teacher(tmp_path, what: str) -> Path:
+    folder = tmp_path / f"odd-{what}"
+    shutil.copytree(resolve("toy:outline"), folder, symlinks=False)
+    if what == "shape":
+        weights = load_file(folder / UNET_FILE)
+        weights["conv_in.weight"] = weights["conv_in.weight"][:, :2].contiguous()
+        from safetensors.torch import save_file
+        save_file(weights, folder / UNET_FILE)
+    else:
+        index = json.loads((folder / "model_index.json").read_text())
+        index["_class_name"] = "StableDiffusionXLPipeline"
+        (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--method", "average", "toy:night"], "needs at least 2 teachers (got 1)"),
+    (["--method", "ties", "toy:night"], "needs at least 2 teachers"),
+    (["--method", "dare", "toy:night", "toy:outline"], "needs --base"),
+    (["--method", "task-arithmetic", "toy:night"], "needs --base"),
+    (["--method", "ties", "--base", "toy:base", "--density", "0", "toy:night", "toy:outline"],
+     "--density must be in (0, 1] (got 0.0)"),
+    (["--method", "dare", "--base", "toy:base", "--density", "1.5", "toy:night", "toy:outline"], "(got 1.5)"),
+    (["--weights", "1,2,3", "toy:night", "toy:outline"], "3 weights for 2 teachers"),
+    (["--weights", "1,x", "toy:night", "toy:outline"], "expected comma-separated numbers"),
+    (["--method", "slerp", "toy:night", "toy:outline"], "unknown method 'slerp'"),
+])
+def test_bad_requests(dmm, tmp_path, args, fragment):
+    r = dmm("baseline-merge", *args, "-o", tmp_path / "out")
+    assert_one_sentence_error(r, 2, fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_mismatched_teachers_are_named(dmm, tmp_path):
+    shape = odd_teacher(tmp_path, "shape")
+    r = dmm("baseline-merge", "toy:night", str(shape), "-o", tmp_path / "out")
+    assert_one_sentence_error(r, 2, f"teacher {shape}", "conv_in.weight")
+    arch = odd_teacher(tmp_path, "arch")
+    r = dmm("baseline-merge", "toy:night", str(arch), "-o", tmp_path / "out")
+    assert_one_sentence_error(r, 2, "different architectures")
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_needs_overwrite(dmm, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = dmm("baseline-merge", "toy:night", "toy:outline", "-o", out)
+    assert_one_sentence_error(r, 2, "already exists", "--overwrite")
+    assert (out / "keep.txt").read_text() == "mine"
+    r = dmm("baseline-merge", "toy:night", "toy:outline", "-o", out, "--overwrite")
+    assert r.code == 0 and not (out / "keep.txt").exists() and (out / UNET_FILE).is_file()

@@ -1,0 +1,72 @@
+"""The shipped toy zoo: real diffusers models, and its quality thresholds measured afresh."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from dmm_cli import toy
+from dmm_cli.hub import resolve
+from dmm_cli.pipeline import generate
+from dmm_cli.toy import classifier as style_classifier
+from dmm_cli.toy import shapes
+from dmm_cli.toy.build import colour_following
+
+# Seeds far from the ones the builder trained and tested the classifier on.
+FRESH_SEED = 90_000
+
+
+def load(name: str) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline.from_pretrained(resolve(f"toy:{name}"), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def prompts(per_pair: int) -> list[str]:
+    return [shapes.caption(c, s) for c, s in shapes.all_pairs() for _ in range(per_pair)]
+
+
+def test_zoo_is_small_and_every_model_loads():
+    size = sum(os.lstat(os.path.join(d, f)).st_size for d, _, files in os.walk(toy.ZOO) for f in files)
+    assert size <= 20 * 2**20
+    names = toy.model_names()
+    assert names[0] == "base" and len(names) >= 5
+    for name in names:
+        pipe = load(name)
+        assert pipe.unet.config.sample_size == 8 and pipe.vae.config.latent_channels == 4
+        assert type(pipe.tokenizer).__name__ == "CLIPTokenizer"
+
+
+def test_base_follows_the_colour_word():
+    p = prompts(3)
+    images = generate(load("base"), p, steps=20, guidance=4.0, seed=FRESH_SEED, batch_size=64)
+    assert colour_following(images, p) >= 0.80
+
+
+def test_classifier_names_the_style_of_fresh_generations():
+    clf = style_classifier.StyleClassifier.load(toy.classifier_folder())
+    assert clf.styles == toy.model_names()
+    p = prompts(2)
+    correct = total = 0
+    for label, name in enumerate(clf.styles):
+        images = generate(load(name), p, steps=20, guidance=4.0, seed=FRESH_SEED + 500, batch_size=64)
+        predicted = style_classifier.predict(clf, style_classifier.to_pixels(images)).argmax(-1)
+        correct += int((predicted == label).sum())
+        total += len(images)
+    assert correct / total >= 0.95
+
+
+def test_builder_runs_on_a_reduced_plan(dmm, tmp_path):
+    r = dmm("toy", "build", "--reduced", "-o", tmp_path / "zoo")
+    assert r.code == 0, r
+    zoo = Path(r.lines[0])
+    manifest = toy.manifest(zoo)
+    assert manifest["teachers"] == list(shapes.TEACHER_STYLES)
+    for name in toy.model_names(zoo):
+        pipe = StableDiffusionPipeline.from_pretrained(zoo / name)
+        assert pipe.unet is not None
+    assert (zoo / "night" / "vae").is_symlink()
+    assert style_classifier.StyleClassifier.load(zoo / "classifier").styles == toy.model_names(zoo)
