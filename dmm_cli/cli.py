@@ -53,18 +53,58 @@ def _global(
 
 @app.command()
 def fetch(
-    refs: list[str] = typer.Argument(..., metavar="REF...", help="Model references: toy:<name> or a local folder."),
+    refs: list[str] = typer.Argument(..., metavar="REF...",
+                                     help="toy:<name>, a local folder or .safetensors file, org/name[@revision], "
+                                          "or org/name/sub/file.safetensors."),
+    store: Optional[Path] = typer.Option(None, "--store", help="Download into this folder instead of the Hugging "
+                                                               "Face cache."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit for refs without @rev."),
+    variant: Optional[str] = typer.Option(None, "--variant", help="Prefer this weights variant, e.g. fp16."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept .bin/.ckpt weights (loaded with "
+                                                                    "weights_only=True, then kept as safetensors)."),
+    export_single_file: Optional[Path] = typer.Option(None, "--export-single-file",
+                                                      help="Also write the (one) model as a single original-layout "
+                                                           ".safetensors file for A1111 / ComfyUI."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON manifest (ref, folder, source, commit)."),
 ) -> None:
-    """Resolve model references to local diffusers folders and print one folder per line.
+    """Resolve model references to local diffusers folders (downloading what is missing); print one per line.
+
+    Only what an SD pipeline needs is downloaded, safetensors first, each LFS file checked against the
+    Hub's sha256. HF_TOKEN, HF_ENDPOINT and HF_HUB_OFFLINE are honoured. Single-file checkpoints are
+    converted to diffusers layout offline.
 
     Examples:
       dmm fetch toy:base toy:night
-      dmm fetch ./my-sd15-finetune
+      dmm fetch stable-diffusion-v1-5/stable-diffusion-v1-5 --variant fp16
+      dmm fetch SG161222/Realistic_Vision_V5.1_noVAE@main --store ./models
+      dmm fetch ./sd15-finetune.safetensors
+      dmm fetch runs/toy_styles --export-single-file toy_styles.safetensors
     """
-    from .hub import resolve
+    import json
+    from dataclasses import asdict
 
+    from .hub import fetch as fetch_ref
+
+    if export_single_file is not None and len(refs) != 1:
+        raise BadInput("--export-single-file takes exactly one REF")
+    manifest = []
     for ref in refs:
-        console.result(str(resolve(ref)))
+        if revision and "@" not in ref and not ref.startswith("toy:") and not Path(ref).exists():
+            head, _, tail = ref.partition("/")
+            name, _, path = tail.partition("/")
+            ref = f"{head}/{name}@{revision}" + (f"/{path}" if path else "")
+        manifest.append(fetch_ref(ref, allow_pickle=allow_pickle, variant=variant, store=store))
+    if export_single_file is not None:
+        from .single_file import export_single_file as export
+
+        export(Path(manifest[0].folder), export_single_file)
+    if as_json:
+        console.result(json.dumps([asdict(m) for m in manifest], indent=2))
+    else:
+        for m in manifest:
+            console.result(m.folder)
+        if export_single_file is not None:
+            console.result(str(export_single_file))
 
 
 @app.command()

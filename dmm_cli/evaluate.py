@@ -16,7 +16,7 @@ import torch
 from . import console, hub, toy
 from .checkpoint import atomic_file
 from .errors import BadInput
-from .features import FeatureSpace, feature_space, features_of, fid
+from .features import feature_space, features_of, fid
 from .recipe import load_recipe
 from .samples import SampleSet, SamplerSettings, sample_set
 from .student import StyleTable, one_hot
@@ -97,6 +97,11 @@ def _clip_score(row: Row, clip: Path) -> float:
     return float(metric.compute())
 
 
+def fid_matrix(real: list[torch.Tensor], fake: list[torch.Tensor]) -> list[list[float]]:
+    """M[i][j] = FID(fake set i, real set j)."""
+    return [[fid(r, f) for r in real] for f in fake]
+
+
 def evaluate(models: list[str], recipe_path: Path, *, prompts_file: Path | None = None, num_images: int = 50,
              seed: int = 0, steps: int = 25, guidance: float = 7.5, batch_size: int = 16, features: str = "auto",
              clip: Path | None = None, output: Path = Path("eval-out"), device: str = "auto", dtype: str = "auto",
@@ -159,8 +164,7 @@ def evaluate(models: list[str], recipe_path: Path, *, prompts_file: Path | None 
     console.say(f"eval: FID in the {space.name} feature space")
     real = [features_of(s, space) for s in teacher_sets]
     for row in rows:
-        fakes = [features_of(s, space) for s in row.sets]
-        row.M = [[fid(real[j], fake) for j in range(len(real))] for fake in fakes]
+        row.M = fid_matrix(real, [features_of(s, space) for s in row.sets])
         if all_toy:
             row.extras.update(_toy_extras(row, toy_styles))
         if clip is not None:

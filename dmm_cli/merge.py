@@ -19,9 +19,10 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from . import console, hub
-from .checkpoint import (TORCH_DTYPES, StreamingWriter, atomic_file, atomic_folder, component_sha256, read_header,
+from .checkpoint import (TORCH_DTYPES, StreamingWriter, atomic_folder, component_sha256, read_header,
                          weight_files)
 from .errors import BadInput, ModelError
+from .pipeline import derived_model_index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,11 +263,7 @@ def baseline_merge(method: str, teachers: list[str], *, base: str | None = None,
         for part in sorted(p.name for p in template.iterdir() if p.is_dir() and p.name not in parts):
             source = vae_dir / "vae" if part == "vae" and vae_dir else template / part
             shutil.copytree(source, tmp / part, symlinks=False)
-        index = json.loads((template / "model_index.json").read_text())
-        for optional in ("safety_checker", "feature_extractor", "image_encoder"):
-            if optional in index:
-                index[optional] = [None, None]
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "model_index.json").write_text(derived_model_index(template))
         (tmp / "README.md").write_text(_card(method, params, base, teachers, parts, vae))
     return output
 

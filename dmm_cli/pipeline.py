@@ -58,6 +58,17 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     return DTYPES[requested]
 
 
+def derived_model_index(source: Path, **changes) -> str:
+    """model_index.json for a folder made from `source`: the same parts (with `changes`), no safety checker."""
+    index = {**json.loads((source / "model_index.json").read_text()), **changes}
+    for optional in ("safety_checker", "feature_extractor", "image_encoder"):
+        if optional in index:
+            index[optional] = [None, None]
+    if "requires_safety_checker" in index:
+        index["requires_safety_checker"] = False
+    return json.dumps(index, indent=2) + "\n"
+
+
 def pipeline_class(folder: Path) -> type:
     """The pipeline class a model folder declares, after checking it is a complete SD-family folder."""
     if not folder.is_dir():

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -54,6 +54,10 @@ class Train(Strict):
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(50, gt=0)
     attention: Literal["auto", "sdpa", "xformers"] = "auto"
+    compile: Union[Literal["auto"], bool] = Field("auto", description="torch.compile student and teachers; auto: "
+                                                                      "on CUDA only.")
+    teacher_offload: Literal["none", "cpu"] = Field("none", description="cpu: keep teachers in pinned host memory "
+                                                                        "and stream each in when used.")
 
     @field_validator("precision", mode="before")
     @classmethod

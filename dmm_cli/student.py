@@ -33,8 +33,8 @@ def make_student(base: UNet2DConditionModel, num_styles: int, seed: int = 0) -> 
     g = torch.Generator().manual_seed(seed)
     bound = 1 / math.sqrt(first.in_features)  # nn.Linear's own default range, drawn from our generator
     with torch.no_grad():
-        first.weight.copy_(torch.rand(first.weight.shape, generator=g) * 2 * bound - bound)
-        first.bias.copy_(torch.rand(first.bias.shape, generator=g) * 2 * bound - bound)
+        first.weight.copy_(torch.rand(first.weight.shape, generator=g, device="cpu") * 2 * bound - bound)
+        first.bias.copy_(torch.rand(first.bias.shape, generator=g, device="cpu") * 2 * bound - bound)
         last.weight.zero_()
         last.bias.zero_()
     return student

@@ -1,14 +1,30 @@
 #!/usr/bin/env bash
-# The main job on the embedded toy zoo. Prints the paths of what it made; logs go to stderr.
+# The main job on the embedded toy zoo: distill four style teachers into one student, draw every style,
+# build the weight-space baselines, and evaluate all three against the reference. Prints what it wrote.
 set -euo pipefail
 out=${DEMO_OUT:-demo-out}
 mkdir -p "$out"
+export DMM_HOME=${DMM_HOME:-$out/.dmm-home}
+sample=(--steps 20 --guidance 4)
 
-prompt="a blue triangle"
-pictures=()
-labels=()
+# The teachers themselves, side by side.
+pictures=() labels=()
 for name in $(dmm toy list); do
-  pictures+=("$(dmm generate "$prompt" --model "$name" --steps 20 --guidance 4 --seed 7 -o "$out/${name#toy:}.png")")
+  pictures+=("$(dmm -q generate "a blue triangle" --model "$name" "${sample[@]}" --seed 7 -o "$out/${name#toy:}.png")")
   labels+=("${name#toy:}")
 done
 dmm grid "${pictures[@]}" --labels "$(IFS=,; echo "${labels[*]}")" -o "$out/teachers.png"
+
+# One student for all four styles (resumes if a previous demo was interrupted).
+run="$out/toy_styles"
+resume=(); [ -d "$run/checkpoints" ] && resume=(--resume)
+[ -f "$run/model_index.json" ] || dmm distill recipes/toy_styles.yaml -o "$run" "${resume[@]}"
+dmm -q generate --model "$run" --style all "a blue triangle" "${sample[@]}" --seed 7 -o "$out/student" | tail -n 1
+dmm -q generate --model "$run" --style night:0.5,checker:0.5 "a yellow square" "${sample[@]}" -o "$out/mix.png"
+
+# The weight-space baselines, and the evaluation of all three against the reference.
+for method in average ties; do
+  dmm -q baseline-merge --method "$method" --recipe recipes/toy_styles.yaml -o "$out/$method" --overwrite
+done
+dmm eval "$run" "$out/ties" "$out/average" --recipe recipes/toy_styles.yaml -k 100 "${sample[@]}" \
+  --batch-size 100 -o "$out/eval"

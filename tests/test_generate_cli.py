@@ -76,7 +76,7 @@ def test_no_model_is_a_clear_error(dmm, tmp_path):
     (["--model", "toy:base", "--scheduler", "magic"], "--scheduler: unknown scheduler 'magic'"),
     (["--model", "toy:base", "--attention", "flash9"], "--attention: unknown backend 'flash9'"),
     (["--model", "toy:base", "--dtype", "fp8"], "--dtype: unknown dtype 'fp8'"),
-    (["--model", "toy:base", "--steps", "many"], "'many' is not a valid integer"),
+    (["--model", "toy:base", "--steps", "many"], "Invalid value for '--steps'"),
 ])
 def test_bad_arguments(dmm, tmp_path, args, fragment):
     out = tmp_path / "out"

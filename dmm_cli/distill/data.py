@@ -22,19 +22,21 @@ from ..errors import BadInput
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 TOY_DATA = "toy:shapes"
-TOY_IMAGES_PER_PAIR = 24
+TOY_IMAGES_PER_PAIR = 12
 
 
 def toy_folder() -> Path:
-    """The toy zoo's training set (plain style, held-out colour/shape pairs left out), written on first use."""
+    """The toy zoo's image set, written on first use: like a web-scale set it mixes every rendering style,
+    and it leaves the held-out colour/shape pairs out."""
     from ..toy import shapes
 
-    folder = state.home() / "toy-data" / f"shapes-{TOY_IMAGES_PER_PAIR}"
+    folder = state.home() / "toy-data" / f"shapes-all-styles-{TOY_IMAGES_PER_PAIR}"
     if (folder / "metadata.jsonl").is_file():
         return folder
     with atomic_folder(folder) as tmp:
         lines = []
-        items = shapes.dataset(shapes.BASE_STYLE, shapes.training_pairs(), TOY_IMAGES_PER_PAIR, seed=1234)
+        items = [item for style in shapes.STYLES
+                 for item in shapes.dataset(style, shapes.training_pairs(), TOY_IMAGES_PER_PAIR, seed=1234)]
         for k, (image, text) in enumerate(items):
             name = f"{k:05d}.png"
             image.save(tmp / name)

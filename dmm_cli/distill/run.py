@@ -14,7 +14,7 @@ import yaml
 from .. import console, hub, state
 from ..checkpoint import atomic_file, atomic_folder, component_sha256, component_shapes
 from ..errors import BadInput, DMMError, ModelError
-from ..pipeline import pipeline_class
+from ..pipeline import derived_model_index, pipeline_class
 from ..recipe import Recipe, load_recipe
 from ..student import STYLES_FILE, Style, StyleTable
 from . import data as data_mod
@@ -125,9 +125,10 @@ def _raise_on_sigterm(signum, frame):
 def run(plan: RunPlan) -> Path:
     """Train the student and write it into the run folder; returns that folder."""
     from tqdm.auto import tqdm
+    from transformers import CLIPTokenizer
 
     from ..pipeline import choose_attention
-    from .trainer import MetricsLog, Trainer, load_vae
+    from .trainer import MetricsLog, Trainer, load_models, load_vae, tokenize
 
     recipe, out, cfg = plan.recipe, plan.output, plan.recipe.train
     accelerator = _accelerator(recipe)
@@ -145,10 +146,13 @@ def run(plan: RunPlan) -> Path:
         latents = data_mod.encode_folder(plan.data, vae, component_sha256(plan.base / "vae"), resolution,
                                          accelerator.device)
         del vae
-    trainer = Trainer(recipe, plan.base, plan.teachers, latents, accelerator, plan.resume_from)
-    if choose_attention(cfg.attention, accelerator.device, trainer.teacher_dtype) == "xformers":
-        for unet in [trainer.unwrapped_student(), *(t.unet for t in trainer.teachers)]:
+    tokenizer = CLIPTokenizer.from_pretrained(plan.base / "tokenizer")
+    models = load_models(recipe, plan.base, plan.teachers, accelerator.device)
+    if choose_attention(cfg.attention, accelerator.device, models.teacher_dtype) == "xformers":
+        for unet in [models.student, *models.teachers]:
             unet.enable_xformers_memory_efficient_attention()
+    trainer = Trainer(cfg, models, latents.latents, tokenize(tokenizer, latents.captions),
+                      tokenize(tokenizer, [""])[0], accelerator, plan.resume_from)
     start = trainer.step_done
     log = MetricsLog(out / "logs", start) if main else None
     if start:
@@ -169,6 +173,8 @@ def run(plan: RunPlan) -> Path:
                         "feature_loss": losses.feature.item(), "lr": trainer.lr_schedule.get_last_lr()[0],
                         "samples_per_s": round(done * samples_per_step / max(now - tick, 1e-9), 2),
                         "processes": accelerator.num_processes}
+                if accelerator.device.type == "cuda":
+                    last["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
                 tick = now
                 bar.set_postfix(loss=f"{last['loss']:.4f}", sps=last["samples_per_s"])
                 if main:
@@ -178,8 +184,7 @@ def run(plan: RunPlan) -> Path:
                 accelerator.wait_for_everyone()
     except KeyboardInterrupt:
         bar.close()
-        if main:
-            _checkpoint(trainer, out, step, cfg.keep_checkpoints, main)
+        _checkpoint(trainer, out, step, cfg.keep_checkpoints, main)
         raise Interrupted(f"interrupted at step {step}; checkpoint saved in {out / CHECKPOINTS}; continue with "
                           "--resume") from None
     finally:
@@ -190,7 +195,7 @@ def run(plan: RunPlan) -> Path:
     accelerator.wait_for_everyone()
     if main:
         _checkpoint(trainer, out, step, cfg.keep_checkpoints, main)
-        write_student(plan, trainer.unwrapped_student(), last or {})
+        write_student(plan, trainer.unwrapped_student(), last or {"step": step})
         state.remember_last_model(out)
     accelerator.wait_for_everyone()
     return out
@@ -202,16 +207,6 @@ def _checkpoint(trainer, out: Path, step: int, keep: int, main: bool) -> None:
     trainer.save_checkpoint(out / CHECKPOINTS / f"step-{step:07d}", step)
     for old in checkpoints(out)[:-keep]:
         shutil.rmtree(old)
-
-
-def _model_index(base: Path) -> str:
-    index = json.loads((base / "model_index.json").read_text())
-    for optional in ("safety_checker", "feature_extractor", "image_encoder"):
-        if optional in index:
-            index[optional] = [None, None]
-    if "requires_safety_checker" in index:
-        index["requires_safety_checker"] = False
-    return json.dumps(index, indent=2) + "\n"
 
 
 def write_student(plan: RunPlan, student, last: dict) -> None:
@@ -236,7 +231,7 @@ def write_student(plan: RunPlan, student, last: dict) -> None:
     with atomic_file(out / "README.md") as tmp:
         tmp.write_text(model_card(plan, last))
     with atomic_file(out / "model_index.json") as tmp:
-        tmp.write_text(_model_index(plan.base))
+        tmp.write_text(derived_model_index(plan.base))
 
 
 def model_card(plan: RunPlan, last: dict) -> str:

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Every GPU measurement in one go (device time is scarce): throughput vs the released step, 8 teachers and
+# offload, generation parity, the SD1.5-scale CLI run, then torch.compile. Results land in $OUT (or ./gpu-out).
+# Usage: benchmarks/gpu_run.sh [path/to/official_step.py]
+set -u
+out=${OUT:-gpu-out}
+mkdir -p "$out"
+official=${1:-../shared/bench/official_step.py}
+export PYTHONUNBUFFERED=1
+if [ -d .whl ]; then  # packages the GPU image lacks, carried as wheels
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-} || exit 1
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+step() { local name=$1 limit=$2; shift 2; echo "== $name"; timeout "$limit" "$@" 2>"$out/$name.err" | tee "$out/$name.jsonl"; echo "rc=$?" >>"$out/$name.err"; }
+step distill_b16_b32 130 python3 benchmarks/distill_throughput.py --batch 16 32 --teachers 4 --compile off \
+  --official-step "$official"
+step generate 60 python3 benchmarks/generate_throughput.py
+step distill_8teachers_offload 90 python3 benchmarks/distill_throughput.py --batch 16 --teachers 8 --compile off \
+  --offload --no-official
+step sd15_cli 110 python3 benchmarks/sd15_distill_smoke.py --work /tmp/sd15 --teachers 4 --steps 20
+step distill_compile 150 python3 benchmarks/distill_throughput.py --batch 16 --teachers 4 --compile on \
+  --no-official

@@ -1,0 +1,73 @@
+"""`dmm distill` at SD1.5 scale through the real CLI: random-weight SD1.5 folders, a --dry-run, then real steps.
+
+Writes a base and N teacher folders (fp16, shared VAE and text encoder), a folder of random 512 px
+captioned images and a recipe, runs `python -m dmm_cli distill --dry-run` and `--max-steps`, and
+prints JSON with the run's samples/s and peak GPU memory from its metrics log.
+
+  python benchmarks/sd15_distill_smoke.py --work /tmp/sd15 --teachers 4 --steps 20
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import sd15  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--teachers", type=int, default=4)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--images", type=int, default=64)
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--precision", default="bf16")
+    a = p.parse_args()
+    started = time.perf_counter()
+    folders = sd15.write_model_folders(a.work / "models", a.teachers, a.tiny)
+    size = 64 if a.tiny else 512
+    data = sd15.write_data(a.work / "data", a.images, size)
+    recipe = {
+        "name": "sd15_smoke", "base": str(folders["base"]),
+        "teachers": [{"name": f"style{i}", "model": str(folders[f"teacher{i}"])} for i in range(a.teachers)],
+        "data": {"folder": str(data), "resolution": size},
+        "train": {"max_steps": a.steps, "batch_size": a.batch, "lr": 1e-5, "precision": a.precision,
+                  "log_every": 5, "checkpoint_every": 1000},
+        "output": str(a.work / "run"),
+    }
+    recipe_path = a.work / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    prepared = time.perf_counter() - started
+    env = dict(os.environ, DMM_HOME=str(a.work / "home"))
+    cmd = [sys.executable, "-m", "dmm_cli", "distill", str(recipe_path)]
+    dry = subprocess.run([*cmd, "--dry-run"], capture_output=True, text=True, env=env)
+    t0 = time.perf_counter()
+    real = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - t0
+    rows = []
+    metrics = a.work / "run" / "logs" / "metrics.jsonl"
+    if metrics.is_file():
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    print(json.dumps({
+        "teachers": a.teachers, "batch": a.batch, "steps": a.steps, "precision": a.precision,
+        "prepare_s": round(prepared, 1),
+        "dry_run": {"rc": dry.returncode, "stdout": dry.stdout[-1500:], "stderr": dry.stderr[-800:]},
+        "distill": {"rc": real.returncode, "wall_s": round(seconds, 1), "stdout": real.stdout[-300:],
+                    "stderr": real.stderr[-1500:] if real.returncode else real.stderr[-300:]},
+        "metrics": rows,
+    }, indent=1), flush=True)
+
+
+if __name__ == "__main__":
+    main()

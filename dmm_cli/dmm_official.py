@@ -1,0 +1,68 @@
+"""The released DMM checkpoint (MCG-NJU/DMM) in our student format, exactly.
+
+Its UNet adds `add_embedding(model_embedding[i])` to the timestep embedding: an N×D embedding table E
+and an MLP Linear(D, D) → SiLU → Linear(D, D). Our student computes Linear(N, D) → SiLU → Linear(D, D)
+of a style vector v. With W₁' = W₁·Eᵀ the first layers agree, W₁'v + b₁ = W₁(Eᵀv) + b₁, for one-hot
+and mixed v alike, so the conversion is exact.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from . import state
+from .checkpoint import atomic_folder, component_sha256
+from .pipeline import derived_model_index
+from .single_file import _read
+from .student import STYLES_FILE, Style, StyleTable
+
+OFFICIAL_KEYS = ("model_embedding.weight", "add_embedding.linear_1.weight", "add_embedding.linear_1.bias",
+                 "add_embedding.linear_2.weight", "add_embedding.linear_2.bias")
+
+
+def is_official(folder: Path) -> bool:
+    config = folder / "unet" / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("addition_embed_type") == "model_merge"
+
+
+def convert_unet(weights: dict[str, torch.Tensor], config: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Official-layout UNet weights and config → stock UNet2DConditionModel with a projection class embedding."""
+    weights = dict(weights)
+    table = weights.pop("model_embedding.weight").float()  # N × D
+    w1, b1 = weights.pop("add_embedding.linear_1.weight"), weights.pop("add_embedding.linear_1.bias")
+    w2, b2 = weights.pop("add_embedding.linear_2.weight"), weights.pop("add_embedding.linear_2.bias")
+    dtype = w1.dtype
+    weights["class_embedding.linear_1.weight"] = (w1.float() @ table.T).to(dtype)
+    weights["class_embedding.linear_1.bias"] = b1
+    weights["class_embedding.linear_2.weight"] = w2
+    weights["class_embedding.linear_2.bias"] = b2
+    config = {k: v for k, v in config.items() if k not in ("addition_embed_type", "num_models", "_class_name")}
+    config.update(_class_name="UNet2DConditionModel", class_embed_type="projection",
+                  projection_class_embeddings_input_dim=table.shape[0])
+    return weights, config
+
+
+def student_folder(folder: Path) -> Path:
+    """A converted copy of an official DMM pipeline folder (made once, cached under $DMM_HOME)."""
+    target = state.home() / "converted" / f"dmm-{component_sha256(folder / 'unet')[:24]}"
+    if (target / "model_index.json").is_file():
+        return target
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    weights, config = convert_unet(_read(folder / "unet"), config)
+    n = config["projection_class_embeddings_input_dim"]
+    with atomic_folder(target) as tmp:
+        for part in ("vae", "text_encoder", "tokenizer", "scheduler"):
+            shutil.copytree(folder / part, tmp / part, symlinks=False)
+        (tmp / "unet").mkdir()
+        (tmp / "unet" / "config.json").write_text(json.dumps(config, indent=2))
+        save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "unet" / "diffusion_pytorch_model.safetensors")
+        (tmp / "model_index.json").write_text(derived_model_index(
+            folder, _class_name="StableDiffusionPipeline", unet=["diffusers", "UNet2DConditionModel"]))
+        table = StyleTable([Style(f"style-{i}", str(folder)) for i in range(n)],
+                           lineage=[{"converted_from": "MCG-NJU/DMM official layout", "source": str(folder)}])
+        (tmp / STYLES_FILE).write_text(table.to_json())
+    return target

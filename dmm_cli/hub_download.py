@@ -1,0 +1,160 @@
+"""Downloads from the Hugging Face Hub through huggingface_hub (its cache, resume, progress bars and
+HF_TOKEN / HF_ENDPOINT / HF_HUB_OFFLINE handling), limited to what an SD pipeline needs and verified
+against the Hub's sha256 of every LFS file."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from . import console
+from .checkpoint import sha256_file
+from .errors import BadInput, ModelError, NetworkError
+from .hub import PICKLE_SUFFIXES, PIPELINE_PARTS, Fetched, offline, record, single_file_folder, usable_folder
+
+TEXT_SUFFIXES = (".json", ".txt", ".model")
+
+
+def _errors(ref: str, e: Exception) -> Exception:
+    """One sentence for each way the Hub can say no."""
+    from huggingface_hub import errors
+
+    if isinstance(e, errors.LocalEntryNotFoundError) and offline():
+        return NetworkError(f"{ref}: not in the local cache, and HF_HUB_OFFLINE is set")
+    if isinstance(e, errors.GatedRepoError) or getattr(getattr(e, "response", None), "status_code", None) in (401,
+                                                                                                               403):
+        return NetworkError(f"{ref}: gated or private: accept the licence on the model page and set HF_TOKEN")
+    if isinstance(e, (errors.RepositoryNotFoundError, errors.RevisionNotFoundError, errors.EntryNotFoundError)):
+        return BadInput(f"{ref}: no such repo or file on the Hub")
+    if isinstance(e, errors.LocalEntryNotFoundError) or offline():
+        if offline():
+            return NetworkError(f"{ref}: not in the local cache, and HF_HUB_OFFLINE is set")
+        return NetworkError(f"{ref}: cannot reach the Hub; set HF_HUB_OFFLINE=1 to use the cache")
+    if isinstance(e, errors.HfHubHTTPError):
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status == 404:
+            return BadInput(f"{ref}: no such repo or file on the Hub")
+        return NetworkError(f"{ref}: the Hub answered {status or 'an error'}")
+    return NetworkError(f"{ref}: cannot reach the Hub; set HF_HUB_OFFLINE=1 to use the cache")
+
+
+def select_files(files: dict[str, object], parts: list[str], variant: str | None, allow_pickle: bool,
+                 ref: str) -> list[str]:
+    """The files of each needed component: configs and tokenizer files, and one set of weights."""
+    chosen = ["model_index.json"]
+    for part in parts:
+        inside = [f for f in files if f.startswith(part + "/") and "/" not in f[len(part) + 1:]]
+        chosen += [f for f in inside if f.endswith(TEXT_SUFFIXES) and ".index." not in f]
+        safetensors = [f for f in inside if f.endswith(".safetensors")]
+        plain = [f for f in safetensors if "." not in Path(f).name.removesuffix(".safetensors")]
+        wanted = [f for f in safetensors if f".{variant}" in Path(f).name] if variant else []
+        weights = wanted or plain or safetensors
+        if not weights:
+            pickles = [f for f in inside if f.endswith(PICKLE_SUFFIXES)]
+            if pickles and not allow_pickle:
+                raise ModelError(f"{ref}: {part}/ has only pickle weights ({Path(pickles[0]).name}), which can run "
+                                 "code when loaded; pass --allow-pickle to convert them (loaded with weights_only)")
+            weights = pickles
+        if not weights and part not in ("tokenizer", "tokenizer_2", "scheduler"):
+            raise ModelError(f"{ref}: {part}/ has no weights on the Hub")
+        index = [f for f in inside if f.endswith(".index.json") and any(w.split(".")[0] in f for w in weights)]
+        chosen += weights + index
+    return chosen
+
+
+def _download(repo: str, filename: str, commit: str, sha256: str | None, store: Path | None) -> Path:
+    """One verified file: a corrupt cached copy is detected and fetched again."""
+    from huggingface_hub import hf_hub_download
+
+    kwargs = {"local_dir": store} if store is not None else {}
+    for attempt in range(2):
+        path = Path(hf_hub_download(repo, filename, revision=commit, force_download=attempt > 0, **kwargs))
+        if sha256 is None or sha256_file(path) == sha256:
+            return path
+        console.warn(f"{repo}/{filename}: sha256 does not match the Hub's; downloading it again")
+        _evict(path)
+    raise NetworkError(f"{repo}/{filename}: downloaded twice and the sha256 still differs from the Hub's")
+
+
+def _evict(path: Path) -> None:
+    """Drop a bad file from the cache (the blob behind a snapshot link, too)."""
+    real = Path(os.path.realpath(path))
+    for p in {path, real}:
+        if p.exists() or p.is_symlink():
+            p.unlink()
+
+
+def fetch_hub(ref: str, repo: str, revision: str | None, path: str | None, *, allow_pickle: bool,
+              variant: str | None, store: Path | None) -> Fetched:
+    from huggingface_hub import HfApi, snapshot_download
+
+    store = Path(store) / repo.replace("/", "--") if store is not None else None
+    if offline():
+        patterns = [path] if path else ["model_index.json", *(f"{p}/*" for p in PIPELINE_PARTS)]
+        try:
+            folder = Path(snapshot_download(repo, revision=revision, allow_patterns=patterns, local_files_only=True,
+                                            **({"local_dir": store} if store else {})))
+        except Exception as e:  # every huggingface_hub failure becomes one sentence
+            raise _errors(ref, e) from e
+        if path:
+            return Fetched(ref, str(single_file_folder(folder / path, allow_pickle)), "hub", repo, revision)
+        return Fetched(ref, str(usable_folder(folder)), "hub", repo, revision, folder.name)
+    try:
+        info = HfApi().model_info(repo, revision=revision, files_metadata=True)
+    except Exception as e:  # same: one sentence per failure kind
+        raise _errors(ref, e) from e
+    files = {s.rfilename: s for s in info.siblings or []}
+    sha = {name: (s.lfs.sha256 if s.lfs else None) for name, s in files.items()}
+    try:
+        if path:
+            if path not in files:
+                raise BadInput(f"{ref}: no such repo or file on the Hub")
+            local = _download(repo, path, info.sha, sha[path], store)
+            fetched = Fetched(ref, str(single_file_folder(local, allow_pickle)), "single-file", repo, revision,
+                              info.sha)
+        else:
+            if "model_index.json" not in files:
+                singles = [f for f in files if f.endswith(".safetensors") and "/" not in f]
+                hint = f"; name a file, e.g. {repo}/{singles[0]}" if singles else ""
+                raise ModelError(f"{ref}: not a diffusers repo (no model_index.json){hint}")
+            # by revision name first, so the cache maps it to the commit and offline use finds it
+            index = json.loads(_download(repo, "model_index.json", revision or "main", None, store).read_text())
+            parts = [p for p in PIPELINE_PARTS if p in index and index[p] and index[p][0] is not None]
+            for name in select_files(files, parts, variant, allow_pickle, ref):
+                _download(repo, name, info.sha, sha.get(name), store)
+            folder = _download(repo, "model_index.json", info.sha, None, store).parent
+            if allow_pickle:
+                folder = _pickles_to_safetensors(folder)
+            fetched = Fetched(ref, str(usable_folder(folder)), "hub", repo, revision, info.sha)
+    except (BadInput, NetworkError, ModelError):
+        raise
+    except Exception as e:  # network trouble in the middle of a download
+        raise _errors(ref, e) from e
+    record(fetched)
+    return fetched
+
+
+def _pickles_to_safetensors(folder: Path) -> Path:
+    """A copy of `folder` whose pickle weights were loaded with weights_only=True and saved as safetensors."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from . import state
+    from .checkpoint import atomic_folder
+
+    pickles = [p for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES]
+    if not pickles:
+        return folder
+    target = state.home() / "converted" / f"{folder.parent.parent.name}-{folder.name}"
+    if (target / "model_index.json").is_file():
+        return target
+    with atomic_folder(target) as tmp:
+        shutil.copytree(folder, tmp, dirs_exist_ok=True, symlinks=False,
+                        ignore=shutil.ignore_patterns(*(f"*{s}" for s in PICKLE_SUFFIXES)))
+        for p in pickles:
+            weights = torch.load(p, map_location="cpu", weights_only=True)
+            name = "model.safetensors" if p.name.startswith("pytorch_model") else "diffusion_pytorch_model.safetensors"
+            save_file({k: v.contiguous() for k, v in weights.items()}, tmp / p.parent.relative_to(folder) / name)
+    return target

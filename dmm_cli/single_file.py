@@ -1,0 +1,173 @@
+"""Single-file checkpoints (the A1111 / ComfyUI layout) to and from diffusers folders, offline.
+
+Import goes through diffusers' own `from_single_file`, pointed at component configs that ship with
+dmm (or at the toy zoo's), so nothing is fetched. Export writes the original Stable Diffusion key
+names; a DMM student's style MLP goes to `label_emb.0.*`, where LDM-style UNets keep class
+embeddings, so a student round-trips.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .checkpoint import atomic_file, atomic_folder, weight_files
+from .errors import ModelError
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model.transformer."
+CONFIGS = Path(__file__).parent / "configs"
+
+_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _resnet(rest: str) -> str:
+    name, _, tail = rest.partition(".")
+    return f"{_RESNET[name]}.{tail}"
+
+
+def unet_key(key: str, config: dict) -> str:
+    """The original Stable Diffusion name of a diffusers UNet2DConditionModel tensor."""
+    per = config["layers_per_block"] + 1
+    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "class_embedding.linear_1": "label_emb.0.0", "class_embedding.linear_2": "label_emb.0.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    for src, dst in fixed.items():
+        if key.startswith(src + "."):
+            return dst + key[len(src):]
+    if m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        index = 1 + i * per + j
+        return f"input_blocks.{index}.0.{_resnet(rest)}" if kind == "resnets" else f"input_blocks.{index}.1.{rest}"
+    if m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+        return f"input_blocks.{(int(m[1]) + 1) * per}.0.op.{m[2]}"
+    if m := re.match(r"mid_block\.resnets\.(\d+)\.(.+)", key):
+        return f"middle_block.{2 * int(m[1])}.{_resnet(m[2])}"
+    if m := re.match(r"mid_block\.attentions\.0\.(.+)", key):
+        return f"middle_block.1.{m[1]}"
+    if m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        index = i * per + j
+        return f"output_blocks.{index}.0.{_resnet(rest)}" if kind == "resnets" else f"output_blocks.{index}.1.{rest}"
+    if m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+        i = int(m[1])
+        has_attention = "CrossAttn" in config["up_block_types"][i]
+        return f"output_blocks.{i * per + per - 1}.{2 if has_attention else 1}.conv.{m[2]}"
+    raise ModelError(f"unet tensor {key} has no single-file name (unsupported UNet layout)")
+
+
+def vae_key(key: str, config: dict) -> str:
+    """The original Stable Diffusion name of a diffusers AutoencoderKL tensor."""
+    levels = len(config["block_out_channels"])
+    key = key.replace("conv_norm_out", "norm_out")
+    if m := re.match(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
+        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+    if m := re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)", key):
+        name, _, tail = m[2].rpartition(".")
+        return f"{m[1]}.mid.attn_1.{_VAE_ATTENTION.get(name, name)}.{tail}"
+    if m := re.match(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+        return f"encoder.down.{m[1]}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+    if m := re.match(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+        return f"encoder.down.{m[1]}.downsample.conv.{m[2]}"
+    if m := re.match(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+        return f"decoder.up.{levels - 1 - int(m[1])}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+    if m := re.match(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+        return f"decoder.up.{levels - 1 - int(m[1])}.upsample.conv.{m[2]}"
+    return key
+
+
+def _read(component: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for f in weight_files(component):
+        with safe_open(str(f), framework="pt") as handle:
+            tensors.update({k: handle.get_tensor(k) for k in handle.keys()})
+    return tensors
+
+
+def export_single_file(folder: Path, path: Path, dtype: torch.dtype | None = None) -> Path:
+    """Write an SD1.x/2.x diffusers folder (a DMM student included) as one original-layout .safetensors file."""
+    index = json.loads((folder / "model_index.json").read_text())
+    if index.get("_class_name") != "StableDiffusionPipeline":
+        raise ModelError(f"{folder}: only Stable Diffusion 1.x/2.x pipelines can be exported as one file so far")
+    out: dict[str, torch.Tensor] = {}
+    unet_config = json.loads((folder / "unet" / "config.json").read_text())
+    for key, tensor in _read(folder / "unet").items():
+        out[UNET_PREFIX + unet_key(key, unet_config)] = tensor
+    vae_config = json.loads((folder / "vae" / "config.json").read_text())
+    for key, tensor in _read(folder / "vae").items():
+        if ".mid_block.attentions." in key and tensor.dim() == 2:
+            tensor = tensor[:, :, None, None]  # original VAE attention uses 1×1 convolutions
+        out[VAE_PREFIX + vae_key(key, vae_config)] = tensor
+    for key, tensor in _read(folder / "text_encoder").items():
+        # transformers >= 5.6 saves CLIPTextModel without its `text_model.` level; single files keep it
+        out[TEXT_PREFIX + (key if key.startswith("text_model.") else "text_model." + key)] = tensor
+    if dtype is not None:
+        out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
+    # The diffusers configs travel along, so a re-import rebuilds exactly this model (a toy or a student too).
+    configs = {part: json.loads((folder / part / "config.json").read_text()) for part in ("unet", "vae", "text_encoder")}
+    metadata = {"dmm.source": str(folder), "dmm.configs": json.dumps(configs)}
+    styles = folder / "styles.json"
+    if styles.is_file():
+        metadata["dmm.styles"] = styles.read_text()
+    with atomic_file(path) as tmp:
+        save_file({k: v.contiguous() for k, v in out.items()}, tmp, metadata=metadata)
+    return path
+
+
+def _inspect(path: Path) -> tuple[str, torch.dtype]:
+    """The checkpoint's family (sd15 or sdxl) and the dtype its UNet is stored in."""
+    with safe_open(str(path), framework="pt") as handle:
+        keys = list(handle.keys())
+        unet = [k for k in keys if k.startswith(UNET_PREFIX)]
+        if not unet:
+            raise ModelError(f"{path}: not a Stable Diffusion checkpoint (no {UNET_PREFIX}* tensors)")
+        dtype = handle.get_slice(unet[0]).get_dtype()
+    kind = "sdxl" if any(k.startswith("conditioner.embedders.1") for k in keys) else "sd15"
+    return kind, {"F16": torch.float16, "BF16": torch.bfloat16}.get(dtype, torch.float32)
+
+
+def _config_folder(kind: str, metadata: dict, workdir: Path) -> Path:
+    """Component configs for the import: shipped SD ones, or the toy zoo's, updated from the file's own metadata."""
+    from . import toy
+
+    configs = json.loads(metadata.get("dmm.configs", "{}"))
+    vocab = configs.get("text_encoder", {}).get("vocab_size", 49408)
+    template = CONFIGS / kind if vocab == 49408 else toy.ZOO / toy.manifest()["base"]
+    if not configs:
+        return template
+    folder = workdir / "config"
+    shutil.copytree(template, folder, symlinks=False,
+                    ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    for part, config in configs.items():
+        (folder / part / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def convert_to_diffusers(path: Path, folder: Path) -> Path:
+    """Convert a single-file SD1.x or SDXL checkpoint to a diffusers folder using shipped configs only."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    kind, dtype = _inspect(path)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
+    extra = {} if kind == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    with atomic_folder(folder) as tmp, tempfile.TemporaryDirectory() as work:
+        try:
+            pipe = cls.from_single_file(str(path), config=str(_config_folder(kind, metadata, Path(work))),
+                                        local_files_only=True, torch_dtype=dtype, **extra)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise ModelError(f"{path}: cannot convert this checkpoint ({str(e).splitlines()[0][:200]})") from e
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if "dmm.styles" in metadata:
+            (tmp / "styles.json").write_text(metadata["dmm.styles"])
+    return folder

@@ -1,0 +1,32 @@
+"""The GPU benchmarks run on the CPU with --tiny shapes: a smoke test of their code paths, no timing checked."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OFFICIAL = ROOT.parent / "shared" / "bench" / "official_step.py"
+
+
+def run(*args: str) -> list[dict]:
+    p = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+
+
+def test_distill_throughput_tiny():
+    rows = run("benchmarks/distill_throughput.py", "--tiny", "--batch", "2", "--teachers", "2", "--offload",
+               "--compile", "off", "--official-step", str(OFFICIAL))
+    ours = [r for r in rows if r.get("variant") == "dmm"]
+    assert [r["offload"] for r in ours] == [False, True]
+    assert all(r["samples_per_s"] > 0 and r["loss"] > 0 for r in ours)
+    if OFFICIAL.is_file():
+        official = [r for r in rows if r.get("variant") == "official"]
+        assert official and "samples_per_s" in official[0] and "speedup_vs_official" in ours[0]
+
+
+def test_generate_throughput_tiny():
+    result, = run("benchmarks/generate_throughput.py", "--tiny")
+    assert set(result["images_per_s"]) == {"diffusers", "dmm"} and result["dmm_over_diffusers_time"] > 0

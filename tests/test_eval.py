@@ -1,0 +1,125 @@
+"""`dmm eval`: FID matrices, the cache, the report, and bad input."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from conftest import assert_one_sentence_error
+from dmm_cli import state
+
+FAST = ["--steps", "8", "--guidance", "4", "-k", "12", "--batch-size", "12"]
+
+
+def write_recipe(folder: Path, teachers: list[str], **train) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    recipe = {"name": "pair", "base": "toy:base", "teachers": [{"name": t, "model": f"toy:{t}"} for t in teachers],
+              "data": {"folder": "toy:shapes"},
+              "train": {"max_steps": 150, "batch_size": 16, "lr": 1e-3, "checkpoint_every": 1000, "log_every": 50,
+                        **train},
+              "output": str(folder / "student")}
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    """A quickly distilled two-style student (night, checker): enough to tell the styles apart."""
+    from dmm_cli.cli import main
+
+    folder = tmp_path_factory.mktemp("pair")
+    recipe = write_recipe(folder, ["night", "checker"])
+    assert main(["-q", "distill", str(recipe)]) == 0
+    return folder / "student", recipe
+
+
+def permuted_copy(student: Path, folder: Path) -> Path:
+    """The same student with its style inputs swapped: style 0 now draws what style 1 drew."""
+    import shutil
+
+    shutil.copytree(student, folder, ignore=shutil.ignore_patterns("checkpoints", "logs"))
+    weights_file = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(weights_file)
+    weights["class_embedding.linear_1.weight"] = weights["class_embedding.linear_1.weight"][:, [1, 0]].contiguous()
+    save_file(weights, weights_file)
+    return folder
+
+
+def test_fid_of_a_set_with_itself_is_zero_on_the_diagonal():
+    from dmm_cli.evaluate import fid_matrix
+    from dmm_cli.features import features_of, toy_space
+    from dmm_cli.hub import resolve
+    from dmm_cli.pipeline import load_pipeline
+    from dmm_cli.samples import SamplerSettings, sample_set
+
+    space = toy_space()
+    prompts = ["a red circle", "a blue square", "a green triangle"] * 6
+    sets = []
+    for name in ("night", "checker", "outline"):
+        folder = resolve(f"toy:{name}")
+        sets.append(sample_set(lambda f=folder: load_pipeline(f, torch.device("cpu"), torch.float32), folder, None,
+                               prompts, SamplerSettings(8, 4.0, 0), 18, name))
+    feats = [features_of(s, space) for s in sets]
+    m = fid_matrix(feats, feats)
+    for i in range(3):
+        assert abs(m[i][i]) < 1e-3
+        assert all(m[i][j] > 1.0 for j in range(3) if j != i)
+
+
+def test_permuted_student_shows_the_permutation_and_the_cache_holds(dmm, student, tmp_path):
+    folder, recipe = student
+    swapped = permuted_copy(folder, tmp_path / "swapped")
+    r = dmm("eval", folder, swapped, "--recipe", recipe, "-o", tmp_path / "report", "--json", *FAST)
+    assert r.code == 0, r
+    metrics = json.loads(r.out)
+    rows = {m["name"]: m for m in metrics["models"]}
+    m, p = rows[str(folder)]["M"], rows[str(swapped)]["M"]
+    assert m[0][0] < m[0][1] and m[1][1] < m[1][0], m  # the student learned which style is which
+    assert p[0] == m[1] and p[1] == m[0]  # swapping the style inputs swaps the rows, exactly
+    assert rows[str(swapped)]["fid_t"] > rows[str(folder)]["fid_t"]
+    assert rows["reference"]["kind"] == "reference" and len(rows["reference"]["diag"]) == 2
+    report = tmp_path / "report"
+    assert {"metrics.json", "report.md"} <= {p.name for p in report.iterdir()}
+    assert len(list(report.glob("heatmap-*.png"))) == 3 and len(list(report.glob("samples-*.png"))) == 3
+    text = (report / "report.md").read_text()
+    assert "| reference | reference |" in text and "FID_t" in text
+
+    samples = state.home() / "samples"
+    before = {p: p.stat().st_mtime_ns for p in samples.rglob("*.png")}
+    again = dmm("eval", folder, swapped, "--recipe", recipe, "-o", tmp_path / "report2", *FAST)
+    assert again.code == 0, again
+    after = {p: p.stat().st_mtime_ns for p in samples.rglob("*.png")}
+    assert before == after  # nothing was regenerated
+    assert again.lines == [str(tmp_path / "report2" / "report.md")]
+    assert json.loads((tmp_path / "report2" / "metrics.json").read_text())["models"] == metrics["models"]
+
+
+def test_weight_merge_gets_one_row_against_every_teacher(dmm, student, tmp_path):
+    _, recipe = student
+    merged = dmm("baseline-merge", "--recipe", recipe, "-o", tmp_path / "avg")
+    assert merged.code == 0, merged
+    r = dmm("eval", tmp_path / "avg", "--recipe", recipe, "-o", tmp_path / "report", "--json", *FAST)
+    assert r.code == 0, r
+    entry = json.loads(r.out)["models"][1]
+    assert entry["kind"] == "model" and len(entry["M"]) == 1 and entry["diag"] == entry["M"][0]
+    assert entry["fid_t"] == pytest.approx(sum(entry["M"][0]))
+    assert 0 <= entry["style_accuracy"] <= 1 and 0 <= entry["colour_accuracy"] <= 1
+
+
+def test_bad_input(dmm, student, tmp_path):
+    folder, _ = student
+    four = write_recipe(tmp_path / "four", ["night", "outline", "stripes", "checker"])
+    out = tmp_path / "out"
+    assert_one_sentence_error(dmm("eval", folder, "--recipe", four, "-o", out), 2, "2 styles", "4 teachers")
+    assert_one_sentence_error(dmm("eval", "toy:night", "--recipe", four, "--prompts", tmp_path / "none.txt",
+                                  "-o", out), 2, "none.txt: no such file")
+    assert_one_sentence_error(dmm("eval", "toy:night", "--recipe", four, "-k", "1", "-o", out), 2,
+                              "--num-images must be at least 2")
+    assert_one_sentence_error(dmm("eval", "toy:night", "--recipe", four, "--features", "inception", "-o", out), 2,
+                              "pt_inception-2015-12-05-6726825d.pth")
+    assert not out.exists()

@@ -1,0 +1,60 @@
+"""Long checks, opt-in with `make test-slow`: SD1.5-sized single-file round trip, and the toy acceptance bars."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def test_sd15_shaped_checkpoint_round_trips_through_a_single_file(tmp_path):
+    """diffusers → one original-layout file → diffusers, with the shipped SD1.5 configs only (no network)."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from dmm_cli.single_file import CONFIGS, convert_to_diffusers, export_single_file
+
+    sd = CONFIGS / "sd15"
+    torch.manual_seed(0)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_config(AutoencoderKL.load_config(sd / "vae")),
+        text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(sd / "text_encoder")),
+        tokenizer=CLIPTokenizer.from_pretrained(sd / "tokenizer"),
+        unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(sd / "unet")),
+        scheduler=PNDMScheduler.from_pretrained(sd / "scheduler"), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False).to(torch.float16)
+    pipe.save_pretrained(tmp_path / "sd15", safe_serialization=True)
+    single = export_single_file(tmp_path / "sd15", tmp_path / "sd15.safetensors")
+    back = convert_to_diffusers(single, tmp_path / "back")
+    for part in ("unet", "vae", "text_encoder"):
+        a = load_file(next((tmp_path / "sd15" / part).glob("*.safetensors")))
+        b = load_file(next((back / part).glob("*.safetensors")))
+        assert a.keys() == b.keys()
+        assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a), part
+
+
+def test_toy_demo_meets_the_acceptance_bars(tmp_path):
+    """The README's main job, then the distill and eval acceptance figures on held-out prompts."""
+    env = dict(os.environ, DEMO_OUT=str(tmp_path / "demo"), DMM_HOME=str(tmp_path / "home"),
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    subprocess.run(["bash", "scripts/demo.sh"], cwd=ROOT, env=env, check=True, timeout=1800)
+    figures = subprocess.run([sys.executable, "benchmarks/toy_acceptance.py", str(tmp_path / "demo" / "toy_styles")],
+                             cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+    figures = json.loads(figures)
+    assert figures["student_mean_style_accuracy"] >= 0.90
+    assert figures["base_mean_as_teacher"] < 0.10
+    assert figures["mix"]["monotonic"]
+    metrics = json.loads((tmp_path / "demo" / "eval" / "metrics.json").read_text())
+    rows = {Path(m["name"]).name: m for m in metrics["models"]}
+    assert rows["toy_styles"]["fid_t"] < rows["ties"]["fid_t"] and rows["toy_styles"]["fid_t"] < rows["average"]["fid_t"]
+    assert rows["toy_styles"]["style_accuracy"] >= 0.90
+    assert rows["toy_styles"]["style_accuracy"] > rows["ties"]["style_accuracy"] + 0.3
+    assert rows["toy_styles"]["style_accuracy"] > rows["average"]["style_accuracy"] + 0.3
