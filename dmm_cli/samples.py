@@ -64,6 +64,7 @@ def sample_set(pipe_for, model: Path, style: torch.Tensor | None, prompts: list[
     missing = [k for k, p in enumerate(result.paths()) if not p.is_file()]
     if missing:
         pipe = pipe_for()
+        pipe.set_progress_bar_config(disable=True)  # one bar per sample set is enough
         bar = tqdm(total=len(prompts), initial=len(prompts) - len(missing), desc=f"samples {label}",
                    disable=console.progress_disabled(), leave=False)
         for start in range(0, len(missing), batch_size):
