@@ -152,3 +152,24 @@ def test_single_file_round_trip_and_hub_single_file(tmp_path, dmm):
         assert p.returncode == 0, p.stderr
         assert (Path(p.stdout.strip()) / "model_index.json").is_file()
         one_sentence(dmm_cli(tmp_path, server.url, "fetch", "toy-org/single"), 2, "toy-org/single/checker.safetensors")
+
+
+def test_anime_realism_recipe_dry_runs_against_the_local_hub(tmp_path):
+    """The real recipe's Hub ids, each served by the local Hub as a toy repo, resolve through fetch."""
+    import yaml
+
+    recipe = yaml.safe_load((Path(__file__).parent.parent / "recipes" / "anime_realism.yaml").read_text())
+    toys = ["night", "outline", "stripes", "checker"]
+    with FakeHub() as server:
+        server.add(recipe["base"], resolve("toy:base"))
+        for teacher, toy in zip(recipe["teachers"], toys):
+            server.add(teacher["model"], resolve(f"toy:{toy}"))
+        p = dmm_cli(tmp_path, server.url, "distill", str(Path(__file__).parent.parent / "recipes" / "anime_realism.yaml"),
+                    "--dry-run", "--json",
+                    "--set", "data.folder=toy:shapes", "--set", "data.resolution=32", "-o", str(tmp_path / "run"))
+    assert p.returncode == 0, p.stderr
+    plan = json.loads(p.stdout)
+    assert plan["base"]["ref"] == recipe["base"]
+    assert [t["ref"] for t in plan["teachers"]] == [t["model"] for t in recipe["teachers"]]
+    assert all(COMMIT in t["folder"] for t in plan["teachers"])
+    assert not (tmp_path / "run").exists()
