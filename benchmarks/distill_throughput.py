@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sd15  # noqa: E402
-from dmm_cli.cli import _quiet_libraries  # noqa: E402
+from dmm_cli.console import quiet_loading, set_debug  # noqa: E402
 from dmm_cli.distill.trainer import Models, Trainer  # noqa: E402
 from dmm_cli.recipe import Train  # noqa: E402
 from dmm_cli.student import make_student  # noqa: E402
@@ -108,7 +108,8 @@ def main() -> None:
                    default=Path(__file__).resolve().parents[2] / "shared" / "bench" / "official_step.py")
     p.add_argument("--json-out", type=Path)
     a = p.parse_args()
-    _quiet_libraries()
+    set_debug(False)
+    quiet_loading()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if a.tiny:
         a.steps, a.warmup = min(a.steps, 2), min(a.warmup, 1)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sd15  # noqa: E402
-from dmm_cli.cli import _quiet_libraries  # noqa: E402
+from dmm_cli.console import quiet_loading, set_debug  # noqa: E402
 from dmm_cli.pipeline import generate, make_scheduler  # noqa: E402
 from dmm_cli.student import make_student, one_hot  # noqa: E402
 
@@ -31,7 +31,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json-out", type=Path)
     a = p.parse_args()
-    _quiet_libraries()
+    set_debug(False)
+    quiet_loading()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
     steps, batch, repeats = (3, 2, 2) if a.tiny else (25, 4, a.repeats)

@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dmm_cli import hub, toy  # noqa: E402
-from dmm_cli.cli import _quiet_libraries  # noqa: E402
+from dmm_cli.console import quiet_loading, set_debug  # noqa: E402
 from dmm_cli.console import set_quiet  # noqa: E402
 from dmm_cli.pipeline import generate, load_pipeline  # noqa: E402
 from dmm_cli.student import StyleTable, mix, one_hot  # noqa: E402
@@ -27,7 +27,8 @@ from dmm_cli.toy.classifier import StyleClassifier, predict, to_pixels  # noqa: 
 
 
 def measure(student: Path, per_prompt: int, steps: int, guidance: float, seed: int) -> dict:
-    _quiet_libraries()
+    set_debug(False)
+    quiet_loading()
     set_quiet(True)
     cpu = torch.device("cpu")
     clf = StyleClassifier.load(toy.classifier_folder())

@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -87,13 +88,37 @@ def weight_files(component: Path) -> list[Path]:
 
 def read_header(path: Path) -> dict:
     """A safetensors file's header (tensor names → dtype, shape, offsets) without reading any tensor data."""
+    return _header_and_start(path)[0]
+
+
+def _header_and_start(path: Path) -> tuple[dict, int]:
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
         if size <= 0 or size > 100_000_000:
             raise ValueError(f"{path}: not a safetensors file")
         header = json.loads(f.read(size))
     header.pop("__metadata__", None)
-    return header
+    return header, 8 + size
+
+
+class TensorReader:
+    """Reads tensors one at a time with plain reads, not a memory map, so the resident set stays at the
+    tensors in hand however large the file (a mapped file's touched pages count as the process's memory)."""
+
+    def __init__(self, path: Path):
+        self.header, self.start = _header_and_start(path)
+        self.file = open(path, "rb")
+
+    def get(self, name: str) -> torch.Tensor:
+        entry = self.header[name]
+        begin, end = entry["data_offsets"]
+        raw = torch.empty(end - begin, dtype=torch.uint8)  # no zero-filling, unlike a bytearray
+        self.file.seek(self.start + begin)
+        self.file.readinto(memoryview(raw.numpy()))
+        return raw.view(TORCH_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def component_shapes(component: Path) -> dict[str, list[int]]:
@@ -103,29 +128,47 @@ def component_shapes(component: Path) -> dict[str, list[int]]:
     return shapes
 
 
-def component_sha256(component: Path) -> str:
-    """One hash for a component's weights; cached by path, size and mtime, since SD weights take seconds to hash."""
+_hash_cache_lock = threading.Lock()
+
+
+def _hash_cache() -> tuple[Path, dict]:
     from . import state
 
-    cache_file = state.home() / "sha256-cache.json"
+    path = state.home() / "sha256-cache.json"
     try:
-        cache = json.loads(cache_file.read_text())
+        return path, json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
-        cache = {}
+        return path, {}
+
+
+def component_sha256(component: Path) -> str:
+    """One hash for a component's weights; cached by path, size and mtime, since SD weights take seconds to hash.
+
+    Safe to call from several threads at once (hashing releases the GIL, so they run in parallel)."""
     digests = []
-    changed = False
     for f in weight_files(component):
         real = os.path.realpath(f)
         st = os.stat(real)
         key = f"{real}:{st.st_size}:{st.st_mtime_ns}"
-        if key not in cache:
-            cache[key] = sha256_file(Path(real))
-            changed = True
-        digests.append(cache[key])
-    if changed:
-        with atomic_file(cache_file) as tmp:
-            tmp.write_text(json.dumps(cache))
+        with _hash_cache_lock:
+            known = _hash_cache()[1].get(key)
+        if known is None:
+            known = sha256_file(Path(real))
+            with _hash_cache_lock:
+                path, cache = _hash_cache()
+                cache[key] = known
+                with atomic_file(path) as tmp:
+                    tmp.write_text(json.dumps(cache))
+        digests.append(known)
     return digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
+
+
+def component_sha256_many(components: list[Path]) -> list[str]:
+    """component_sha256 of several components, hashed side by side."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(pool.map(component_sha256, components))
 
 
 SAFETENSORS_DTYPES = {

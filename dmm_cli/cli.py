@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -362,28 +363,17 @@ def toy_list() -> None:
         console.result(f"toy:{name}")
 
 
-def _quiet_libraries() -> None:
-    """Library chatter (deprecations, load reports) is noise to a CLI user; --debug keeps it."""
-    import warnings
-
-    import diffusers
-    import transformers
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and map every failure to one sentence on stderr and an exit code."""
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("DMM_DEBUG") == "1"
-    if not debug:
-        _quiet_libraries()
+    # `kill` gets what Ctrl-C gets: cleanup runs (temporary outputs removed, a distill run checkpointed).
+    signal.signal(signal.SIGTERM, _interrupt)
+    console.set_debug(debug)
     try:
         app(args=argv, prog_name="dmm", standalone_mode=False)
         return 0

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from . import state
 from .checkpoint import atomic_folder, component_sha256
-from .pipeline import derived_model_index
+from .folders import derived_model_index
 from .single_file import _read
 from .student import STYLES_FILE, Style, StyleTable
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from . import console, state, toy
 from .checkpoint import atomic_file, sha256_file
 from .errors import ModelError
-from .pipeline import pipeline_class
+from .folders import check_pipeline_folder
 
 TOY_PREFIX = "toy:"
 HUB_REF = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@(?P<rev>[\w.-]+))?(?:/(?P<path>.+))?$")
@@ -47,7 +47,7 @@ def fetch(ref: str, *, allow_pickle: bool = False, variant: str | None = None, s
         if name not in names:
             raise ModelError(f"{ref}: no such toy model (the toy zoo has {', '.join(names)})")
         folder = toy.ZOO / name
-        pipeline_class(folder)
+        check_pipeline_folder(folder)
         return Fetched(ref, str(folder.resolve()), "toy")
     local = Path(ref).expanduser()
     if local.is_dir():
@@ -71,7 +71,7 @@ def usable_folder(folder: Path) -> Path:
     if dmm_official.is_official(folder):
         console.say(f"fetch: {folder} is in the released DMM layout; converting it to a dmm student")
         folder = dmm_official.student_folder(folder)
-    pipeline_class(folder)
+    check_pipeline_folder(folder)
     return folder
 
 
@@ -88,7 +88,7 @@ def single_file_folder(path: Path, allow_pickle: bool) -> Path:
     if not (folder / "model_index.json").is_file():
         console.say(f"fetch: converting single-file checkpoint {path} to diffusers layout")
         convert_to_diffusers(path, folder)
-    pipeline_class(folder)
+    check_pipeline_folder(folder)
     return folder
 
 

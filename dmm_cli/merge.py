@@ -10,19 +10,20 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from . import console, hub
-from .checkpoint import (TORCH_DTYPES, StreamingWriter, atomic_folder, component_sha256, read_header,
+from .checkpoint import (TORCH_DTYPES, StreamingWriter, TensorReader, atomic_folder, component_sha256_many,
                          weight_files)
 from .errors import BadInput, ModelError
-from .pipeline import derived_model_index
+from .folders import derived_model_index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,54 +53,87 @@ def register(name: str, *, needs_base: bool, min_teachers: int, help: str):
     return wrap
 
 
-def _stack(models: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(models)
+def disjoint_mean(delta, n: int, weights) -> torch.Tensor:
+    """TIES' sign election and disjoint mean over task vectors `delta(i)`, i < n, in two passes.
+
+    Each pass asks for one task vector at a time, so memory holds a few tensors whatever n is."""
+    total = None
+    for i in range(n):
+        d = delta(i)
+        total = d * weights[i] if total is None else total.add_(d, alpha=weights[i])
+    elected = torch.sign(total)
+    num = torch.zeros_like(elected)
+    den = torch.zeros_like(elected)
+    for i in range(n):
+        d = delta(i)
+        agree = (d * elected) > 0  # same sign as elected, and not trimmed or dropped away
+        num.add_(d.mul_(agree), alpha=weights[i])
+        den.add_(agree, alpha=weights[i])
+    return num.div_(den.masked_fill_(den == 0, 1.0))
 
 
-def _weights(params: MergeParams, like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(params.weights, dtype=like.dtype, device=like.device).view(-1, *[1] * (like.dim() - 1))
-
-
-def disjoint_mean(deltas: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """TIES' sign election and disjoint mean over stacked task vectors (N, ...)."""
-    elected = torch.sign((w * deltas).sum(0))
-    agree = (torch.sign(deltas) == elected) & (deltas != 0)
-    num = (w * deltas * agree).sum(0)
-    den = (w * agree).sum(0)
-    return num / torch.where(den == 0, torch.ones_like(den), den)
+# `models[i]` is teacher i's tensor in its stored dtype (fp16, say); sums are kept in fp32.
 
 
 @register("average", needs_base=False, min_teachers=2,
           help="Σ wᵢθᵢ / Σ wᵢ: the paper's weighted merging (equal weights by default).")
 def average(base, models, params, key):
-    thetas = _stack(models)
-    w = _weights(params, thetas)
-    return (w * thetas).sum(0) / w.sum()
+    total = None
+    for i in range(len(models)):
+        m = models[i]
+        total = torch.zeros(m.shape, dtype=torch.float32, device=m.device) if total is None else total
+        total.add_(m, alpha=params.weights[i])
+    return total.div_(sum(params.weights))
 
 
 @register("task-arithmetic", needs_base=True, min_teachers=1,
           help="base + λ·Σ wᵢ(θᵢ − base).")
 def task_arithmetic(base, models, params, key):
-    deltas = _stack(models) - base
-    return base + params.lam * (_weights(params, deltas) * deltas).sum(0)
+    total = torch.zeros_like(base)
+    for i in range(len(models)):
+        total.add_(models[i] - base, alpha=params.weights[i])
+    return base + params.lam * total
 
 
-def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the top `density` fraction of entries by magnitude (at least one), zero the rest."""
+def trim_threshold(delta: torch.Tensor, density: float) -> torch.Tensor | None:
+    """The magnitude of the k-th largest entry, k = ⌈density·numel⌉ (at least one); None keeps everything."""
     k = max(1, math.ceil(density * delta.numel()))
     if k >= delta.numel():
-        return delta
-    flat = delta.abs().flatten()
-    threshold = flat.kthvalue(flat.numel() - k + 1).values
-    return torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta))
+        return None
+    magnitude = delta.abs().view(-1)
+    return magnitude.kthvalue(magnitude.numel() - k + 1).values
+
+
+TIES_KEEP_BYTES = 256 << 20  # trimmed task vectors up to this size stay in memory between passes
 
 
 @register("ties", needs_base=True, min_teachers=2,
           help="Trim task vectors to the top `density` by magnitude, elect signs by Σ wᵢδᵢ, disjoint mean; "
                "base + λ·mean.")
 def ties(base, models, params, key):
-    deltas = torch.stack([trim(m - base, params.density) for m in models])
-    return base + params.lam * disjoint_mean(deltas, _weights(params, deltas))
+    n = len(models)
+    keep = base.numel() * base.element_size() * n <= TIES_KEEP_BYTES
+
+    def prepare(i):
+        d = models[i] - base
+        threshold = trim_threshold(d, params.density)
+        if threshold is not None:
+            d.mul_(d.abs() >= threshold)
+        return threshold, d if keep else None
+
+    # kthvalue runs on one core: trim teachers side by side, unless their tensors are large
+    workers = min(n, os.cpu_count() or 1) if keep else 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        prepared = list(pool.map(prepare, range(n)))
+
+    def trimmed(i):
+        threshold, d = prepared[i]
+        if d is not None:
+            return d
+        d = models[i] - base
+        return d if threshold is None else d.mul_(d.abs() >= threshold)
+
+    return base + params.lam * disjoint_mean(trimmed, n, params.weights)
 
 
 def dare_mask(shape, density: float, seed: int, key: str, index: int, device) -> torch.Tensor:
@@ -113,14 +147,16 @@ def dare_mask(shape, density: float, seed: int, key: str, index: int, device) ->
           help="Drop task-vector entries with a seeded Bernoulli keep-mask (p = density), rescale by 1/density, "
                "then base + λ·Σ wᵢδᵢ (or TIES' sign election with --dare-sign).")
 def dare(base, models, params, key):
-    deltas = torch.stack([
-        (m - base) * dare_mask(m.shape, params.density, params.seed, key, i, m.device) / params.density
-        for i, m in enumerate(models)
-    ])
-    w = _weights(params, deltas)
+    def dropped(i):
+        d = models[i] - base
+        return d.mul_(dare_mask(d.shape, params.density, params.seed, key, i, d.device)).div_(params.density)
+
     if params.dare_sign:
-        return base + params.lam * disjoint_mean(deltas, w)
-    return base + params.lam * (w * deltas).sum(0)
+        return base + params.lam * disjoint_mean(dropped, len(models), params.weights)
+    total = torch.zeros_like(base)
+    for i in range(len(models)):
+        total.add_(dropped(i), alpha=params.weights[i])
+    return base + params.lam * total
 
 
 def default_lambda(method: str, n: int, dare_sign: bool = False) -> float:
@@ -132,21 +168,15 @@ MERGED_PARTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 class _Inputs:
-    """Open safetensors handles of one component across several models, by tensor name."""
+    """One component's tensors (across its shard files), read one at a time by name."""
 
     def __init__(self, component: Path):
-        self.files = weight_files(component)
-        self.where = {}
-        for f in self.files:
-            for name in read_header(f):
-                self.where[name] = f
-        self.handles = {f: safe_open(str(f), framework="pt", device="cpu") for f in self.files}
-        self.header = {}
-        for f in self.files:
-            self.header.update(read_header(f))
+        self.readers = [TensorReader(f) for f in weight_files(component)]
+        self.where = {name: r for r in self.readers for name in r.header}
+        self.header = {name: entry for r in self.readers for name, entry in r.header.items()}
 
     def get(self, name: str) -> torch.Tensor:
-        return self.handles[self.where[name]].get_tensor(name)
+        return self.where[name].get(name)
 
     def shapes(self) -> dict[str, list[int]]:
         return {k: v["shape"] for k, v in self.header.items()}
@@ -191,17 +221,26 @@ def merge_component(method: str, base: Path | None, teachers: list[Path], out_di
     if config.is_file():
         shutil.copyfile(config, out_dir / "config.json")
     target = out_dir / _output_name(base or teachers[0])
-    with open(target, "wb") as f:
+    use_base = base_in is not None and METHODS[method].needs_base
+
+    def read(name):
+        return source.get(name), base_in.get(name) if use_base else None, [inp.get(name) for inp in teacher_in]
+
+    names = list(specs)
+    # The next tensor is read while this one is merged: file reads and torch both release the GIL.
+    with open(target, "wb") as f, ThreadPoolExecutor(max_workers=1) as reader:
         writer = StreamingWriter(f, specs, metadata)
-        for name in tqdm(specs, desc=f"{method} {out_dir.name}", unit="tensor", disable=console.progress_disabled(),
-                         leave=False):
-            first = source.get(name)
+        upcoming = reader.submit(read, names[0])
+        for k, name in enumerate(tqdm(names, desc=f"{method} {out_dir.name}", unit="tensor",
+                                      disable=console.progress_disabled(), leave=False)):
+            first, b, models = upcoming.result()
+            if k + 1 < len(names):
+                upcoming = reader.submit(read, names[k + 1])
             if not first.is_floating_point():
                 writer.write(name, first)
                 continue
-            models = [inp.get(name).to(device, torch.float32) for inp in teacher_in]
-            b = base_in.get(name).to(device, torch.float32) if base_in else None
-            merged = fn(b, models, params, name)
+            b = b.to(device, torch.float32) if b is not None else None
+            merged = fn(b, [m.to(device) for m in models], params, name)
             writer.write(name, merged.to(specs[name][0]))
     return target
 
@@ -224,8 +263,7 @@ def check_request(method: str, teachers: list[str], base: str | None, weights: l
 
 
 def _differs(folders: list[Path], part: str) -> bool:
-    present = [f / part for f in folders if (f / part).is_dir()]
-    return len({component_sha256(p) for p in present}) > 1
+    return len(set(component_sha256_many([f / part for f in folders if (f / part).is_dir()]))) > 1
 
 
 def baseline_merge(method: str, teachers: list[str], *, base: str | None = None, weights: list[float] | None = None,
@@ -250,8 +288,9 @@ def baseline_merge(method: str, teachers: list[str], *, base: str | None = None,
     template = base_dir or teacher_dirs[0]
     everyone = teacher_dirs + ([base_dir] if base_dir else [])
     parts = [p for p in MERGED_PARTS if (template / p).is_dir() and (p == "unet" or _differs(everyone, p))]
-    inputs = {"base": {"ref": base, "sha256": component_sha256(base_dir / "unet")} if base_dir else None,
-              "teachers": [{"ref": r, "sha256": component_sha256(f / "unet")} for r, f in zip(teachers, teacher_dirs)]}
+    unet_sha = component_sha256_many([f / "unet" for f in everyone])
+    inputs = {"base": {"ref": base, "sha256": unet_sha[-1]} if base_dir else None,
+              "teachers": [{"ref": r, "sha256": h} for r, h in zip(teachers, unet_sha)]}
     metadata = {"dmm.method": method, "dmm.params": json.dumps({"weights": weights, "density": density, "lambda": lam,
                                                                "dare_sign": dare_sign}),
                 "dmm.seed": str(seed), "dmm.inputs": json.dumps(inputs)}

@@ -26,9 +26,31 @@ class FeatureLoss(Strict):
     type: Literal["l2", "cos"] = "l2"
 
 
+class Synthesize(Strict):
+    """Distill on each teacher's own generations (paper §4.2, stage 2), cached like eval samples."""
+
+    images_per_teacher: int = Field(ge=1)
+    prompts: Optional[str] = Field(None, description="One prompt per line; default: the toy captions for toy "
+                                                     "teachers, else the shipped COCO-style captions.")
+    after_step: int = Field(0, ge=0, description="Train on data.folder until this step, then on the generations.")
+    steps: int = Field(25, ge=1, description="Sampling steps for the generations.")
+    guidance: float = Field(7.5, ge=0)
+    seed: int = Field(0, ge=0)
+
+
 class Data(Strict):
-    folder: str = Field(description="Image-caption folder (metadata.jsonl or .txt sidecars), or toy:shapes.")
+    folder: Optional[str] = Field(None, description="Image-caption folder (metadata.jsonl or .txt sidecars), or "
+                                                    "toy:shapes.")
     resolution: Optional[int] = Field(None, gt=0, description="Training resolution; default: the base's.")
+    synthesize: Optional[Synthesize] = None
+
+    @model_validator(mode="after")
+    def _some_data(self):
+        if self.folder is None and self.synthesize is None:
+            raise ValueError("needs a folder, synthesize, or both")
+        if self.synthesize is not None and self.synthesize.after_step and self.folder is None:
+            raise ValueError("synthesize.after_step needs a folder to train on first")
+        return self
 
     @field_validator("resolution")
     @classmethod
@@ -36,6 +58,14 @@ class Data(Strict):
         if v is not None and v % 8:
             raise ValueError(f"must be a multiple of 8 (got {v})")
         return v
+
+
+class Adversarial(Strict):
+    """Multi-class adversarial loss (paper Eq. 11-12): a 2N-class discriminator on re-noised x̂0 estimates."""
+
+    weight: float = Field(0.01, ge=0, description="λ_adv; the paper uses 0.01.")
+    lr: float = Field(1e-5, gt=0, description="Discriminator learning rate.")
+    start_step: int = Field(0, ge=0, description="First step with the adversarial terms.")
 
 
 class Train(Strict):
@@ -58,6 +88,11 @@ class Train(Strict):
                                                                       "on CUDA only.")
     teacher_offload: Literal["none", "cpu"] = Field("none", description="cpu: keep teachers in pinned host memory "
                                                                         "and stream each in when used.")
+    adversarial_loss: Optional[Adversarial] = None
+    old_style_fraction: Optional[float] = Field(None, ge=0, le=1, description="With init_from: share of each batch "
+                                                "for the old styles (0 = no regulariser); default proportional.")
+    new_style_init: Literal["mean", "zero", "random"] = Field("mean", description="With init_from: how the new "
+                                                                                  "styles' inputs start.")
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -72,6 +107,8 @@ class Recipe(Strict):
     data: Data
     train: Train = Train()
     output: str = Field(min_length=1, description="Run folder; the final student is written here.")
+    init_from: Optional[str] = Field(None, description="A dmm student to extend with new teachers (incremental "
+                                                        "merging); its styles must lead the teachers list.")
 
     @field_validator("teachers")
     @classmethod
@@ -96,6 +133,8 @@ class Recipe(Strict):
     def fingerprint(self) -> str:
         """Identifies the run's model: base, teachers and data (not step counts or logging)."""
         key = {"base": self.base, "teachers": [t.model_dump() for t in self.teachers], "data": self.data.model_dump()}
+        if self.init_from:
+            key["init_from"] = self.init_from
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 

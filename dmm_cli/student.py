@@ -40,6 +40,28 @@ def make_student(base: UNet2DConditionModel, num_styles: int, seed: int = 0) -> 
     return student
 
 
+def grow_student(student: UNet2DConditionModel, total: int, init: str, seed: int = 0) -> UNet2DConditionModel:
+    """The same student with `total` style inputs: old columns kept, new ones `mean` of the old, `zero`, or
+    `random` (nn.Linear's range). Everything else, the rest of the style MLP included, is copied."""
+    old = num_styles(student)
+    config = {k: v for k, v in student.config.items() if not k.startswith("_")}
+    config["projection_class_embeddings_input_dim"] = total
+    grown = UNet2DConditionModel.from_config(config).to(student.dtype)
+    weights = dict(student.state_dict())
+    w = weights["class_embedding.linear_1.weight"]
+    if init == "mean":
+        new = w.mean(1, keepdim=True).expand(-1, total - old)
+    elif init == "zero":
+        new = torch.zeros(w.shape[0], total - old, dtype=w.dtype)
+    else:
+        bound = 1 / math.sqrt(total)
+        g = torch.Generator().manual_seed(seed)
+        new = (torch.rand(w.shape[0], total - old, generator=g, device="cpu") * 2 * bound - bound).to(w.dtype)
+    weights["class_embedding.linear_1.weight"] = torch.cat([w, new.to(w.device)], 1)
+    grown.load_state_dict(weights)
+    return grown
+
+
 def num_styles(unet: UNet2DConditionModel) -> int:
     """How many styles a UNet takes (0 for a plain, style-less UNet)."""
     if unet.config.class_embed_type != "projection":

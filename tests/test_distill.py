@@ -86,11 +86,14 @@ def test_dry_run_prints_the_plan_and_writes_nothing(dmm, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_anime_realism_recipe_validates(dmm):
+def test_shipped_recipes_validate(dmm):
     from dmm_cli.recipe import load_recipe
 
-    recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "anime_realism.yaml")
-    assert len(recipe.teachers) >= 2 and all("/" in t.model for t in recipe.teachers)
+    recipes = Path(__file__).parent.parent / "recipes"
+    anime = load_recipe(recipes / "anime_realism.yaml")
+    assert len(anime.teachers) >= 2 and all("/" in t.model for t in anime.teachers)
+    incremental = load_recipe(recipes / "toy_incremental.yaml")
+    assert incremental.init_from and incremental.data.synthesize and incremental.train.adversarial_loss
 
 
 def bad(tmp_path, **changes):

@@ -88,7 +88,8 @@ def test_dare_masks_rescale_and_repeat(tensors):
         assert 0 < mask.float().mean() < 1
         expected += 0.5 * torch.where(mask, (m - base) / 0.3, torch.zeros_like(m))
     assert torch.allclose(got, expected, atol=1e-6)
-    signed = METHODS["dare"].fn(base, models, MergeParams((1.0, 1.0, 1.0), density=1.0, lam=1.0, dare_sign=True), "k")
+    signed = METHODS["dare"].fn(base, models, MergeParams((1.0, 1.0, 1.0), density=1.0, lam=1.0, dare_sign=True),
+                                "k")
     assert torch.allclose(signed, reference_ties(base, models, (1.0, 1.0, 1.0), 1.0, 1.0), atol=1e-6)
 
 

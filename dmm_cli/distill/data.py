@@ -112,10 +112,9 @@ def cache_key(items: list[tuple[Path, str]], vae_sha256: str, resolution: int) -
 
 
 @torch.inference_mode()
-def encode_folder(folder: Path, vae, vae_sha256: str, resolution: int, device: torch.device,
-                  batch_size: int = 16) -> LatentSet:
-    """Latents of every captioned image in `folder`, from the cache when the VAE, size and files are unchanged."""
-    items = read_captioned_folder(folder)
+def encode_items(items: list[tuple[Path, str]], vae, vae_sha256: str, resolution: int, device: torch.device,
+                 batch_size: int = 16) -> LatentSet:
+    """Latents of captioned images, from the cache when the VAE, size and files are unchanged."""
     key = cache_key(items, vae_sha256, resolution)
     path = state.home() / "latents" / f"{key}.safetensors"
     if path.is_file():

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +12,8 @@ import yaml
 
 from .. import console, hub, state
 from ..checkpoint import atomic_file, atomic_folder, component_sha256, component_shapes
-from ..errors import BadInput, DMMError, ModelError
-from ..pipeline import derived_model_index, pipeline_class
+from ..errors import BadInput, DMMError, ModelError, RecipeError
+from ..folders import check_pipeline_folder, derived_model_index
 from ..recipe import Recipe, load_recipe
 from ..student import STYLES_FILE, Style, StyleTable
 from . import data as data_mod
@@ -34,20 +33,25 @@ class RunPlan:
     recipe_path: Path
     output: Path
     base: Path
-    teachers: list[Path]
-    data: Path
+    teachers: list[Path | None]  # None: an old style of `previous`
+    data: Path | None
     num_images: int
     resume_from: Path | None
     overwrite: bool
+    previous: Path | None = None
+    previous_styles: StyleTable | None = None
 
     def describe(self) -> dict:
         t = self.recipe.train
         return {
             "recipe": str(self.recipe_path), "name": self.recipe.name, "output": str(self.output),
             "base": {"ref": self.recipe.base, "folder": str(self.base)},
-            "teachers": [{"style": i, "name": tc.name, "ref": tc.model, "folder": str(f)}
+            "teachers": [{"style": i, "name": tc.name, "ref": tc.model,
+                          "folder": str(f) if f else f"old style of {self.previous}"}
                          for i, (tc, f) in enumerate(zip(self.recipe.teachers, self.teachers))],
-            "data": {"folder": str(self.data), "images": self.num_images},
+            "init_from": str(self.previous) if self.previous else None,
+            "data": {"folder": str(self.data) if self.data else None, "images": self.num_images,
+                     "synthesize": self.recipe.data.synthesize.model_dump() if self.recipe.data.synthesize else None},
             "train": t.model_dump(),
             "samples_per_teacher_per_step": t.batch_size * t.grad_accum / len(self.teachers),
             "resume_from": str(self.resume_from) if self.resume_from else None,
@@ -80,13 +84,30 @@ def _check_output(output: Path, recipe: Recipe, resume: bool, overwrite: bool) -
     return None
 
 
-def _check_teacher_shapes(recipe: Recipe, base: Path, teachers: list[Path]) -> None:
-    if pipeline_class(base).__name__ != "StableDiffusionPipeline":
+def _previous_student(recipe: Recipe) -> tuple[Path, StyleTable]:
+    """The student an incremental recipe extends; its styles must lead the teachers list, in order."""
+    folder = hub.resolve(recipe.init_from)
+    table = StyleTable.read(folder)
+    if table is None:
+        raise ModelError(f"init_from {recipe.init_from}: not a dmm student (no {STYLES_FILE})")
+    names = [t.name for t in recipe.teachers]
+    if names[:len(table.names)] != table.names:
+        raise RecipeError(f"teachers: the first {len(table.names)} must be init_from's styles in order "
+                          f"({', '.join(table.names)}), got ({', '.join(names[:len(table.names)])})")
+    if len(names) == len(table.names):
+        raise RecipeError(f"teachers: add at least one new teacher after init_from's {len(table.names)} styles")
+    return folder, table
+
+
+def _check_teacher_shapes(recipe: Recipe, base: Path, teachers: list[Path | None]) -> None:
+    if check_pipeline_folder(base) != "StableDiffusionPipeline":
         raise ModelError(f"base {recipe.base}: only Stable Diffusion 1.x/2.x bases can be distilled so far")
     base_shapes = component_shapes(base / "unet")
     if any(k.startswith("class_embedding.") for k in base_shapes):
         raise ModelError(f"base {recipe.base}: is already a style student; a base must be a plain model")
     for spec, folder in zip(recipe.teachers, teachers):
+        if folder is None:
+            continue
         shapes = component_shapes(folder / "unet")
         for key in sorted(set(base_shapes) | set(shapes)):
             if base_shapes.get(key) != shapes.get(key):
@@ -104,11 +125,23 @@ def plan_run(recipe_path: Path, overrides: list[str] = (), *, output: Path | Non
     out = Path(output or recipe.output)
     resume_from = _check_output(out, recipe, resume, overwrite)
     base = hub.resolve(recipe.base)
-    teachers = [hub.resolve(t.model) for t in recipe.teachers]
+    previous, table = _previous_student(recipe) if recipe.init_from else (None, None)
+    old = len(table.names) if table else 0
+    teachers = [None if i < old else hub.resolve(t.model) for i, t in enumerate(recipe.teachers)]
     _check_teacher_shapes(recipe, base, teachers)
-    data_folder = data_mod.resolve_data(recipe.data.folder)
-    items = data_mod.read_captioned_folder(data_folder)
-    return RunPlan(recipe, Path(recipe_path), out, base, teachers, data_folder, len(items), resume_from, overwrite)
+    data_folder, count = None, 0
+    if recipe.data.folder is not None:
+        data_folder = data_mod.resolve_data(recipe.data.folder)
+        count = len(data_mod.read_captioned_folder(data_folder))
+    synth = recipe.data.synthesize
+    if synth is not None:
+        from ..evaluate import read_prompts
+
+        read_prompts(Path(synth.prompts) if synth.prompts else None, all(t.model.startswith("toy:")
+                                                                           for t in recipe.teachers[old:]))
+        count += synth.images_per_teacher * len(teachers)
+    return RunPlan(recipe, Path(recipe_path), out, base, teachers, data_folder, count, resume_from, overwrite,
+                   previous, table)
 
 
 def _accelerator(recipe: Recipe):
@@ -118,17 +151,13 @@ def _accelerator(recipe: Recipe):
                        cpu=not torch.cuda.is_available())
 
 
-def _raise_on_sigterm(signum, frame):
-    raise KeyboardInterrupt
-
-
 def run(plan: RunPlan) -> Path:
     """Train the student and write it into the run folder; returns that folder."""
     from tqdm.auto import tqdm
     from transformers import CLIPTokenizer
 
     from ..pipeline import choose_attention
-    from .trainer import MetricsLog, Trainer, load_models, load_vae, tokenize
+    from .trainer import MetricsLog, Trainer, load_models, tokenize
 
     recipe, out, cfg = plan.recipe, plan.output, plan.recipe.train
     accelerator = _accelerator(recipe)
@@ -140,26 +169,20 @@ def run(plan: RunPlan) -> Path:
         with atomic_file(out / RUN_FILE) as tmp:
             tmp.write_text(json.dumps({"name": recipe.name, "fingerprint": recipe.fingerprint(),
                                        "recipe": recipe.model_dump()}, indent=2))
-    with accelerator.main_process_first():
-        vae = load_vae(plan.base, accelerator.device)
-        resolution = recipe.data.resolution or vae.config.sample_size
-        latents = data_mod.encode_folder(plan.data, vae, component_sha256(plan.base / "vae"), resolution,
-                                         accelerator.device)
-        del vae
     tokenizer = CLIPTokenizer.from_pretrained(plan.base / "tokenizer")
-    models = load_models(recipe, plan.base, plan.teachers, accelerator.device)
+    with accelerator.main_process_first():
+        sources = data_sources(plan, tokenizer, accelerator.device)
+    models = load_models(recipe, plan.base, plan.teachers, accelerator.device, plan.previous)
     if choose_attention(cfg.attention, accelerator.device, models.teacher_dtype) == "xformers":
-        for unet in [models.student, *models.teachers]:
+        for unet in {id(u): u for u in [models.student, *models.teachers]}.values():
             unet.enable_xformers_memory_efficient_attention()
-    trainer = Trainer(cfg, models, latents.latents, tokenize(tokenizer, latents.captions),
-                      tokenize(tokenizer, [""])[0], accelerator, plan.resume_from)
+    trainer = Trainer(cfg, models, sources, tokenize(tokenizer, [""])[0], accelerator, plan.resume_from)
     start = trainer.step_done
     log = MetricsLog(out / "logs", start) if main else None
     if start:
         console.say(f"distill: resuming from {plan.resume_from} (step {start})")
     samples_per_step = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
     bar = tqdm(total=cfg.max_steps, initial=start, desc="distill", disable=not main or console.progress_disabled())
-    previous_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     step, last, tick = start, None, time.perf_counter()
     try:
         while step < cfg.max_steps:
@@ -171,6 +194,9 @@ def run(plan: RunPlan) -> Path:
                 done = step - (last["step"] if last else start)
                 last = {"step": step, "loss": losses.loss.item(), "score_loss": losses.score.item(),
                         "feature_loss": losses.feature.item(), "lr": trainer.lr_schedule.get_last_lr()[0],
+                        **({"adversarial_loss": losses.adversarial.item(),
+                            "discriminator_loss": losses.discriminator.item()} if losses.adversarial is not None
+                           else {}),
                         "samples_per_s": round(done * samples_per_step / max(now - tick, 1e-9), 2),
                         "processes": accelerator.num_processes}
                 if accelerator.device.type == "cuda":
@@ -188,7 +214,6 @@ def run(plan: RunPlan) -> Path:
         raise Interrupted(f"interrupted at step {step}; checkpoint saved in {out / CHECKPOINTS}; continue with "
                           "--resume") from None
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
         bar.close()
         if log is not None:
             log.close()
@@ -199,6 +224,46 @@ def run(plan: RunPlan) -> Path:
         state.remember_last_model(out)
     accelerator.wait_for_everyone()
     return out
+
+
+def data_sources(plan: RunPlan, tokenizer, device) -> list:
+    """The run's training data as latents: the image folder, then (or only) each teacher's own generations."""
+    from ..pipeline import load_pipeline
+    from ..samples import SamplerSettings, sample_set
+    from ..student import one_hot
+    from .trainer import DataSource, load_vae, tokenize
+
+    recipe = plan.recipe
+    vae = load_vae(plan.base, device)
+    vae_sha = component_sha256(plan.base / "vae")
+    resolution = recipe.data.resolution or vae.config.sample_size
+    sources = []
+    if plan.data is not None:
+        real = data_mod.encode_items(data_mod.read_captioned_folder(plan.data), vae, vae_sha, resolution, device)
+        sources.append(DataSource(real.latents, tokenize(tokenizer, real.captions)))
+    synth = recipe.data.synthesize
+    if synth is not None:
+        from ..evaluate import read_prompts
+
+        old = len(plan.previous_styles.names) if plan.previous_styles else 0
+        prompts = read_prompts(Path(synth.prompts) if synth.prompts else None,
+                               all(t.model.startswith("toy:") for t in recipe.teachers[old:]))
+        prompts = [prompts[k % len(prompts)] for k in range(synth.images_per_teacher)]
+        settings = SamplerSettings(synth.steps, synth.guidance, synth.seed)
+        latents, captions, labels = [], [], []
+        for i, (spec, folder) in enumerate(zip(recipe.teachers, plan.teachers)):
+            model = folder or plan.previous  # old styles come from the previous student itself
+            style = one_hot(i, old) if folder is None else None
+            samples = sample_set(lambda m=model: load_pipeline(m, device, torch.float32), model, style, prompts,
+                                 settings, 16, f"synthesize {spec.name}")
+            items = list(zip(samples.paths(), samples.prompts))
+            encoded = data_mod.encode_items(items, vae, vae_sha, resolution, device)
+            latents.append(encoded.latents)
+            captions += encoded.captions
+            labels += [i] * len(encoded.captions)
+        sources.append(DataSource(torch.cat(latents), tokenize(tokenizer, captions), torch.tensor(labels),
+                                  synth.after_step if plan.data is not None else 0))
+    return sources
 
 
 def _checkpoint(trainer, out: Path, step: int, keep: int, main: bool) -> None:
@@ -222,10 +287,16 @@ def write_student(plan: RunPlan, student, last: dict) -> None:
     for part in COPIED_PARTS:
         with atomic_folder(out / part) as tmp:
             shutil.copytree(plan.base / part, tmp, symlinks=False, dirs_exist_ok=True)
-    table = StyleTable([Style(t.name, t.model, component_sha256(folder / "unet"))
-                        for t, folder in zip(recipe.teachers, plan.teachers)],
-                       lineage=[{"recipe": recipe.name, "base": recipe.base, "steps": last.get("step"),
-                                 "styles": [t.name for t in recipe.teachers]}])
+    earlier = plan.previous_styles
+    old = earlier.styles if earlier else []
+    styles = old + [Style(t.name, t.model, component_sha256(folder / "unet"))
+                    for t, folder in zip(recipe.teachers[len(old):], plan.teachers[len(old):])]
+    entry = {"recipe": recipe.name, "base": recipe.base, "steps": last.get("step"),
+             "styles": [t.name for t in recipe.teachers]}
+    if earlier:
+        entry.update(init_from=recipe.init_from, new_styles=[s.name for s in styles[len(old):]],
+                     old_style_fraction=recipe.train.old_style_fraction)
+    table = StyleTable(styles, lineage=(earlier.lineage if earlier else []) + [entry])
     with atomic_file(out / STYLES_FILE) as tmp:
         tmp.write_text(table.to_json())
     with atomic_file(out / "README.md") as tmp:

@@ -20,7 +20,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from ..checkpoint import atomic_file, atomic_folder, component_sha256
 from ..pipeline import load_component
 from ..recipe import Recipe
-from ..student import FeatureTaps, make_student
+from ..student import FeatureTaps, grow_student, make_student, one_hot
+from .adversarial import Discriminator, discriminator_loss, generator_loss, x0_estimate
 from .losses import feature_loss, score_loss
 
 TRAIN_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -31,6 +32,8 @@ class StepLosses:
     loss: torch.Tensor
     score: torch.Tensor
     feature: torch.Tensor
+    adversarial: torch.Tensor | None = None  # generator term
+    discriminator: torch.Tensor | None = None
 
 
 @dataclass
@@ -38,6 +41,17 @@ class Teacher:
     unet: UNet2DConditionModel
     text_encoder_key: str
     taps: FeatureTaps = field(repr=False, default=None)
+    style: torch.Tensor | None = None  # a frozen previous student answers for an old style with this vector
+
+
+@dataclass
+class DataSource:
+    """Training items: latents and caption token ids; `labels` pins items to a teacher (its own generations)."""
+
+    latents: torch.Tensor
+    caption_ids: torch.Tensor
+    labels: torch.Tensor | None = None
+    from_step: int = 0
 
 
 @dataclass
@@ -51,6 +65,8 @@ class Models:
     student_text_key: str
     alphas_cumprod: torch.Tensor
     teacher_dtype: torch.dtype
+    teacher_styles: list[torch.Tensor | None] | None = None  # per teacher, for old-student slots
+    discriminator_base: UNet2DConditionModel | None = None  # frozen encoder of the adversarial loss
 
 
 def _seed_for(*parts: int) -> int:
@@ -72,17 +88,38 @@ def load_text_encoders(folders: dict[str, Path], device, dtype) -> tuple[dict[st
     return key_of, encoders
 
 
-def load_models(recipe: Recipe, base: Path, teachers: list[Path], device: torch.device) -> Models:
+def load_models(recipe: Recipe, base: Path, teachers: list[Path | None], device: torch.device,
+                previous: Path | None = None) -> Models:
+    """Models of a run. With `previous` (incremental merging), teachers given as None are the previous
+    student's styles, in order, answered by a frozen copy of that student."""
     dtype = TRAIN_DTYPES[recipe.train.precision]
-    folders = {"base": base, **{f"teacher{i}": f for i, f in enumerate(teachers)}}
-    key_of, encoders = load_text_encoders(folders, device, dtype)
+    new = {f"teacher{i}": f for i, f in enumerate(teachers) if f is not None}
+    key_of, encoders = load_text_encoders({"base": base, **new}, device, dtype)
     teacher_device = "cpu" if recipe.train.teacher_offload == "cpu" else device
-    teacher_unets = [load_component(UNet2DConditionModel, f, "unet", dtype).to(teacher_device) for f in teachers]
-    base_unet = load_component(UNet2DConditionModel, base, "unet", torch.float32)
-    student = make_student(base_unet, len(teachers), recipe.train.seed)
+    old_count = sum(f is None for f in teachers)
+    unets, keys, styles = [], [], []
+    if previous is not None:
+        earlier = load_component(UNet2DConditionModel, previous, "unet", torch.float32)
+        student = grow_student(earlier, len(teachers), recipe.train.new_style_init, recipe.train.seed)
+        frozen = earlier.to(dtype).to(teacher_device)
+    else:
+        base_unet = load_component(UNet2DConditionModel, base, "unet", torch.float32)
+        student = make_student(base_unet, len(teachers), recipe.train.seed)
+    for i, folder in enumerate(teachers):
+        if folder is None:
+            unets.append(frozen)
+            keys.append(key_of["base"])
+            styles.append(one_hot(i, old_count))
+        else:
+            unets.append(load_component(UNet2DConditionModel, folder, "unet", dtype).to(teacher_device))
+            keys.append(key_of[f"teacher{i}"])
+            styles.append(None)
     schedule = DDPMScheduler.from_pretrained(base / "scheduler")
-    return Models(student, teacher_unets, [key_of[f"teacher{i}"] for i in range(len(teachers))], encoders,
-                  key_of["base"], schedule.alphas_cumprod.clone(), dtype)
+    discriminator_base = None
+    if recipe.train.adversarial_loss is not None:
+        discriminator_base = load_component(UNet2DConditionModel, base, "unet", dtype)
+    return Models(student, unets, keys, encoders, key_of["base"], schedule.alphas_cumprod.clone(), dtype, styles,
+                  discriminator_base)
 
 
 class TextContexts:
@@ -113,16 +150,28 @@ class TextContexts:
             return {key: enc(ids.to(next(enc.parameters()).device))[0] for key, enc in self.encoders.items()}
 
 
+@dataclass
+class MicroBatch:
+    idx: torch.Tensor
+    labels: torch.Tensor
+    drop: torch.Tensor
+    noise: torch.Tensor
+    t: torch.Tensor
+    renoise: torch.Tensor  # for the adversarial loss: x̂0 is re-noised with this noise to timestep t2
+    t2: torch.Tensor
+    source: int
+
+
 class Trainer:
-    """Holds the models and the optimizer; `step(k)` performs optimizer update k.
+    """Holds the models and the optimizers; `step(k)` performs optimizer update k.
 
     Speed, on by default where it helps: teachers in the training dtype under inference_mode, one
     batched forward per teacher, cached latents and text contexts, channels_last and torch.compile on
     CUDA, fused AdamW, and no host synchronisation inside a step.
     """
 
-    def __init__(self, cfg, models: Models, latents: torch.Tensor, caption_ids: torch.Tensor,
-                 empty_ids: torch.Tensor, accelerator, checkpoint: Path | None = None):
+    def __init__(self, cfg, models: Models, sources: list[DataSource], empty_ids: torch.Tensor, accelerator,
+                 checkpoint: Path | None = None):
         self.train_cfg, self.accelerator = cfg, accelerator
         device = accelerator.device
         cuda = device.type == "cuda"
@@ -134,22 +183,32 @@ class Trainer:
         fast_layout = torch.channels_last if cuda else torch.contiguous_format
         self.memory_format = fast_layout
 
+        styles = models.teacher_styles or [None] * len(models.teachers)
+        self.old_styles = sum(style is not None for style in styles)
         self.teachers = []
-        for unet, key in zip(models.teachers, models.teacher_text_keys):
-            unet.eval().requires_grad_(False)
-            if self.offload:
-                unet.to(memory_format=fast_layout)
-                for p in unet.parameters():
-                    p.data = p.data.pin_memory()
-            else:
-                unet.to(device, memory_format=fast_layout)
-            self.teachers.append(Teacher(unet, key))
-        if self.offload:  # one device-side slot; each teacher's weights are copied in when its turn comes
-            slot = copy.deepcopy(models.teachers[0]).to(device)
-            self.slot = Teacher(slot, "", FeatureTaps(slot))
-        else:
+        prepared = set()
+        for unet, key, style in zip(models.teachers, models.teacher_text_keys, styles):
+            if id(unet) not in prepared:  # old-style slots share one frozen previous student
+                prepared.add(id(unet))
+                unet.eval().requires_grad_(False)
+                if self.offload:
+                    unet.to(memory_format=fast_layout)
+                    for p in unet.parameters():
+                        p.data = p.data.pin_memory()
+                else:
+                    unet.to(device, memory_format=fast_layout)
+            self.teachers.append(Teacher(unet, key, None, style))
+        if self.offload:  # one device-side slot per architecture; weights are copied in when their turn comes
+            self.slots = {}
             for t in self.teachers:
-                t.taps = FeatureTaps(t.unet)
+                kind = t.style is not None
+                if kind not in self.slots:
+                    slot = copy.deepcopy(t.unet).to(device)
+                    self.slots[kind] = Teacher(slot, "", FeatureTaps(slot))
+        else:
+            taps = {}
+            for t in self.teachers:
+                t.taps = taps.setdefault(id(t.unet), FeatureTaps(t.unet))
 
         student = models.student
         self.step_done = 0
@@ -163,39 +222,84 @@ class Trainer:
         compile_now = cfg.compile is True or cfg.compile == "auto" and cuda
         if compile_now:
             student.compile()
-            for t in ([self.slot] if self.offload else self.teachers):
-                t.unet.compile()
-        optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                      **({"fused": True} if cuda else {}))
+            for unet in {id(t.unet): t.unet for t in (self.slots.values() if self.offload else self.teachers)}.values():
+                unet.compile()
+        fused = {"fused": True} if cuda else {}
+        optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
         warmup = cfg.warmup_steps
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+        self.adversarial = cfg.adversarial_loss
+        discriminator = d_optimizer = None
+        if self.adversarial is not None:
+            with torch.random.fork_rng(devices=[]):  # the head's initial weights follow the run's seed
+                torch.manual_seed(cfg.seed)
+                discriminator = Discriminator(models.discriminator_base, len(self.teachers)).to(device)
+            if checkpoint is not None:
+                discriminator.head.load_state_dict(load_file(checkpoint / "discriminator.safetensors"))
+            d_optimizer = torch.optim.AdamW(discriminator.head.parameters(), lr=self.adversarial.lr, **fused)
         if state is not None:
             optimizer.load_state_dict(state["optimizer"])
             self.lr_schedule.load_state_dict(state["lr_schedule"])
             torch.set_rng_state(state["rng"])
+            if d_optimizer is not None:
+                d_optimizer.load_state_dict(state["discriminator_optimizer"])
         self.student, self.optimizer = accelerator.prepare(student, optimizer)
+        self.discriminator = self.d_optimizer = None
+        if discriminator is not None:
+            self.discriminator, self.d_optimizer = accelerator.prepare(discriminator, d_optimizer)
 
-        fits = latents.numel() * latents.element_size() <= 2 << 30
-        self.latents = latents.to(device) if fits else latents
-        self.num_items = len(latents)
-        self.contexts = TextContexts(models.text_encoders, caption_ids, empty_ids, device)
+        self.sources = []
+        for source in sources:
+            fits = source.latents.numel() * source.latents.element_size() <= 2 << 30
+            by_style = None
+            if source.labels is not None:
+                by_style = [(source.labels == i).nonzero().squeeze(1) for i in range(len(self.teachers))]
+            self.sources.append((source, source.latents.to(device) if fits else source.latents, by_style,
+                                 TextContexts(models.text_encoders, source.caption_ids, empty_ids, device)))
 
     @property
     def num_styles(self) -> int:
         return len(self.teachers)
 
-    def micro_batch(self, step: int, micro: int):
+    def _labels(self, b: int, rotate: int) -> torch.Tensor:
+        """A balanced split of the batch across styles, rotating the remainder; sorted so groups are contiguous.
+
+        With old styles (incremental merging) and train.old_style_fraction set, that share of the batch
+        goes to the old styles and the rest to the new ones."""
+        n, old = self.num_styles, self.old_styles
+
+        def spread(count, first, width):
+            return (torch.arange(count, device="cpu") * width // max(count, 1) + rotate) % width + first
+
+        fraction = self.train_cfg.old_style_fraction
+        if old and fraction is not None:
+            n_old = round(fraction * b) if old < n else b
+            labels = torch.cat([spread(n_old, 0, old), spread(b - n_old, old, n - old)])
+        else:
+            labels = spread(b, 0, n)
+        return labels.sort().values
+
+    def micro_batch(self, step: int, micro: int) -> MicroBatch:
         """Everything random about one micro-batch, drawn on the CPU from its own seeded generator."""
         cfg = self.train_cfg
-        b, n = cfg.batch_size, self.num_styles
+        b = cfg.batch_size
+        source = max(k for k, (s, *_) in enumerate(self.sources) if s.from_step <= step)
+        data, latents, by_style, _ = self.sources[source]
         g = torch.Generator().manual_seed(_seed_for(cfg.seed, step, micro, self.accelerator.process_index))
-        idx = torch.randint(0, self.num_items, (b,), generator=g, device="cpu")
-        # Balanced split of the batch across teachers, rotating the remainder; sorted so groups are contiguous.
-        labels = ((torch.arange(b, device="cpu") * n // b + step + micro) % n).sort().values
+        labels = self._labels(b, step + micro)
+        if by_style is None:
+            idx = torch.randint(0, len(data.latents), (b,), generator=g, device="cpu")
+        else:  # each teacher's share comes from its own generations
+            picks = torch.randint(0, 1 << 62, (b,), generator=g, device="cpu")
+            sizes = torch.tensor([len(by_style[i]) for i in range(self.num_styles)])
+            idx = torch.stack([by_style[int(l)][int(p % sizes[l])] for l, p in zip(labels, picks)])
         drop = torch.rand(b, generator=g, device="cpu") < cfg.caption_dropout
-        noise = torch.randn((b, *self.latents.shape[1:]), generator=g, device="cpu")
+        shape = (b, *latents.shape[1:])
+        noise = torch.randn(shape, generator=g, device="cpu")
         t = torch.randint(0, self.num_train_timesteps, (b,), generator=g, device="cpu")
-        return idx, labels, drop, noise, t
+        renoise = torch.randn(shape, generator=g, device="cpu")
+        t2 = torch.randint(0, self.num_train_timesteps, (b,), generator=g, device="cpu")
+        return MicroBatch(idx, labels, drop, noise, t, renoise, t2, source)
 
     def teacher_targets(self, xt, t, contexts, counts: list[int]):
         """Each teacher's ε and block features on its share of the batch, concatenated in batch order."""
@@ -209,12 +313,15 @@ class Trainer:
                 start += count
                 runner = teacher
                 if self.offload:
-                    for dst, src in zip(self.slot.unet.parameters(), teacher.unet.parameters()):
+                    runner = self.slots[teacher.style is not None]
+                    for dst, src in zip(runner.unet.parameters(), teacher.unet.parameters()):
                         dst.copy_(src, non_blocking=True)
-                    runner = self.slot
                 ctx = contexts[teacher.text_encoder_key][rows].to(self.teacher_dtype)
                 x = xt[rows].to(self.teacher_dtype).contiguous(memory_format=self.memory_format)
-                eps.append(runner.unet(x, t[rows], encoder_hidden_states=ctx).sample)
+                extra = {}
+                if teacher.style is not None:
+                    extra["class_labels"] = teacher.style.to(x.device, x.dtype).expand(count, -1)
+                eps.append(runner.unet(x, t[rows], encoder_hidden_states=ctx, **extra).sample)
                 feats.append(runner.taps.take())
         # Ops outside inference mode turn the inference tensors into ordinary ones the loss can keep.
         target = torch.cat(eps).float()
@@ -225,45 +332,75 @@ class Trainer:
         """Optimizer update number `step` (0-based), over `grad_accum` micro-batches."""
         cfg = self.train_cfg
         dev = self.accelerator.device
-        total = score_total = feat_total = 0.0
+        adversarial = self.adversarial is not None and step >= self.adversarial.start_step
+        sums = {"loss": 0.0, "score": 0.0, "feature": 0.0, "adversarial": 0.0, "discriminator": 0.0}
         for micro in range(cfg.grad_accum):
-            idx, labels, drop, noise, t = self.micro_batch(step, micro)
-            counts = torch.bincount(labels, minlength=self.num_styles).tolist()  # on the CPU: no device sync
-            latents = self.latents[idx.to(self.latents.device)].to(dev, non_blocking=True)
-            t, noise = t.to(dev, non_blocking=True), noise.to(dev, non_blocking=True)
+            mb = self.micro_batch(step, micro)
+            counts = torch.bincount(mb.labels, minlength=self.num_styles).tolist()  # on the CPU: no device sync
+            _, latents, _, text = self.sources[mb.source]
+            x0 = latents[mb.idx.to(latents.device)].to(dev, non_blocking=True)
+            t, noise = mb.t.to(dev, non_blocking=True), mb.noise.to(dev, non_blocking=True)
             a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-            xt = a.sqrt() * latents + (1 - a).sqrt() * noise
-            contexts = self.contexts(idx.to(dev, non_blocking=True), drop.to(dev, non_blocking=True))
+            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            contexts = text(mb.idx.to(dev, non_blocking=True), mb.drop.to(dev, non_blocking=True))
             target, teacher_feats = self.teacher_targets(xt, t, contexts, counts)
             ctx = contexts[self.student_text_key].clone().float()
-            style = torch.nn.functional.one_hot(labels.to(dev, non_blocking=True), self.num_styles).float()
+            labels = mb.labels.to(dev, non_blocking=True)
+            style = torch.nn.functional.one_hot(labels, self.num_styles).float()
             with self.accelerator.accumulate(self.student):
                 x = xt.contiguous(memory_format=self.memory_format)
                 eps = self.student(x, t, encoder_hidden_states=ctx, class_labels=style).sample
                 s_loss = score_loss(eps, target)
                 f_loss = feature_loss(self.student_taps.take(), teacher_feats, cfg.feature_loss.type)
                 loss = s_loss + cfg.feature_loss.weight * f_loss
+                if adversarial:
+                    t2 = mb.t2.to(dev, non_blocking=True)
+                    a2 = self.alphas_cumprod[t2].view(-1, 1, 1, 1)
+                    renoise = mb.renoise.to(dev, non_blocking=True)
+                    fake = a2.sqrt() * x0_estimate(xt, eps.float(), self.alphas_cumprod[t]) + (1 - a2).sqrt() * renoise
+                    real = a2.sqrt() * x0_estimate(xt, target, self.alphas_cumprod[t]) + (1 - a2).sqrt() * renoise
+                    g_loss = generator_loss(self.discriminator(fake, t2, ctx), labels)
+                    loss = loss + self.adversarial.weight * g_loss
                 self.accelerator.backward(loss)  # accelerate divides by the accumulation steps
                 if self.accelerator.sync_gradients:
                     self.accelerator.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            total, score_total, feat_total = total + loss.detach(), score_total + s_loss.detach(), \
-                feat_total + f_loss.detach()
+            if adversarial:  # the discriminator's own step, after the generator's
+                self.d_optimizer.zero_grad(set_to_none=True)
+                # one forward for both halves, as DDP expects one forward per backward
+                logits = self.discriminator(torch.cat([fake.detach(), real]), t2.repeat(2), ctx.repeat(2, 1, 1))
+                d_loss = discriminator_loss(*logits.chunk(2), labels, self.num_styles)
+                self.accelerator.backward(d_loss)
+                self.d_optimizer.step()
+                self.d_optimizer.zero_grad(set_to_none=True)
+                sums["adversarial"] = sums["adversarial"] + g_loss.detach()
+                sums["discriminator"] = sums["discriminator"] + d_loss.detach()
+            sums["loss"] = sums["loss"] + loss.detach()
+            sums["score"] = sums["score"] + s_loss.detach()
+            sums["feature"] = sums["feature"] + f_loss.detach()
         self.lr_schedule.step()
         k = cfg.grad_accum
-        return StepLosses(total / k, score_total / k, feat_total / k)
+        return StepLosses(sums["loss"] / k, sums["score"] / k, sums["feature"] / k,
+                          sums["adversarial"] / k if adversarial else None,
+                          sums["discriminator"] / k if adversarial else None)
 
     def unwrapped_student(self) -> UNet2DConditionModel:
         return self.accelerator.unwrap_model(self.student)
 
     def save_checkpoint(self, folder: Path, step: int) -> None:
-        """Model, optimizer, LR schedule and RNG state, written atomically (main process only)."""
+        """Models, optimizers, LR schedule and RNG state, written atomically (main process only)."""
         with atomic_folder(folder) as tmp:
             state = {k: v.detach().cpu().contiguous() for k, v in self.unwrapped_student().state_dict().items()}
             save_file(state, tmp / "student.safetensors")
+            extra = {}
+            if self.discriminator is not None:
+                head = self.accelerator.unwrap_model(self.discriminator).head
+                save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
+                          tmp / "discriminator.safetensors")
+                extra["discriminator_optimizer"] = self.d_optimizer.state_dict()
             torch.save({"step": step, "optimizer": self.optimizer.state_dict(),
-                        "lr_schedule": self.lr_schedule.state_dict(), "rng": torch.get_rng_state()},
+                        "lr_schedule": self.lr_schedule.state_dict(), "rng": torch.get_rng_state(), **extra},
                        tmp / "state.pt")
 
 

@@ -1,0 +1,120 @@
+"""Weight-space merge benchmark: `dmm baseline-merge` against sd-mecha on the same SD1.5-sized weights.
+
+Builds a base and 4 teachers with SD1.5's real shapes and random fp16 weights (a shared VAE, own
+UNets and text encoders), as diffusers folders for dmm and as single-file checkpoints (the format
+sd-mecha reads) holding the same tensors. Then, one after another on a warm page cache, it times:
+reading every input once, `dmm baseline-merge --method average|ties`, and sd-mecha's n_average
+and TIES. Wall time and the peak RSS of each run (from wait4) go to stdout as JSON.
+
+  python benchmarks/merge_bench.py --work /tmp/merge-bench --mecha-python /tmp/mecha/bin/python
+
+sd-mecha must live in its own environment (it is not a dmm dependency):
+  python -m venv /tmp/mecha && /tmp/mecha/bin/pip install torch==2.13.0 sd-mecha
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MECHA_SCRIPT = r"""
+import sys, sd_mecha
+method, out, base, *teachers = sys.argv[1:]
+models = [sd_mecha.model(t) for t in teachers]
+if method == "average":
+    recipe = sd_mecha.n_average(*models)
+else:
+    recipe = sd_mecha.add_difference_ties(sd_mecha.model(base), *models, alpha=1.0, k=0.2)
+sd_mecha.merge(recipe, output=out, threads=2)
+"""
+
+
+def build_inputs(work: Path, teachers: int) -> tuple[list[Path], list[Path]]:
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from dmm_cli.single_file import CONFIGS, export_single_file
+
+    sd = CONFIGS / "sd15"
+    folders, files = [], []
+    torch.manual_seed(0)
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(sd / "vae")).to(torch.float16)
+    for i in range(teachers + 1):
+        name = "base" if i == 0 else f"teacher{i}"
+        folder, single = work / name, work / f"{name}.safetensors"
+        if not (folder / "model_index.json").is_file():
+            torch.manual_seed(100 + i)
+            pipe = StableDiffusionPipeline(
+                vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(sd / "text_encoder")).half(),
+                tokenizer=CLIPTokenizer.from_pretrained(sd / "tokenizer"),
+                unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(sd / "unet")).half(),
+                scheduler=PNDMScheduler.from_pretrained(sd / "scheduler"), safety_checker=None,
+                feature_extractor=None, requires_safety_checker=False)
+            pipe.save_pretrained(folder, safe_serialization=True)
+            del pipe
+        if not single.is_file():
+            export_single_file(folder, single)
+        folders.append(folder)
+        files.append(single)
+    return folders, files
+
+
+def measured(cmd: list[str], label: str) -> dict:
+    """Run `cmd`, returning wall seconds and the child's peak RSS (wait4), or its error."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    row = {"run": label, "wall_s": round(time.perf_counter() - start, 2), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 3)}
+    if os.waitstatus_to_exitcode(status) != 0:
+        row["error"] = err.decode(errors="replace").strip().splitlines()[-1:]
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--teachers", type=int, default=4)
+    p.add_argument("--mecha-python", help="python of an environment with sd-mecha installed")
+    p.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    a.work.mkdir(parents=True, exist_ok=True)
+    if a.build_only:
+        build_inputs(a.work, a.teachers)
+        return
+    # Built in a child, so this process stays small: a child's peak RSS counts what it inherits at fork.
+    subprocess.run([sys.executable, __file__, "--work", str(a.work), "--teachers", str(a.teachers), "--build-only"],
+                   check=True)
+    folders = [a.work / "base", *(a.work / f"teacher{i}" for i in range(1, a.teachers + 1))]
+    files = [f.with_suffix(".safetensors") for f in folders]
+    inputs = [f for folder in folders for f in folder.rglob("*.safetensors")]
+    reader = [sys.executable, "-c", "import sys\nfor f in sys.argv[1:]:\n with open(f,'rb') as h:\n"
+              "  while h.read(1<<23): pass"]
+    measured(reader + [str(f) for f in inputs], "read dmm inputs once (warm-up)")
+    rows = [measured(reader + [str(f) for f in inputs], "read dmm inputs once"),
+            measured(reader + [str(f) for f in files], "read single files once")]
+    dmm = [sys.executable, "-m", "dmm_cli", "-q", "baseline-merge"]
+    teachers = [str(f) for f in folders[1:]]
+    # Both input sets do not fit in the page cache together: each tool's own inputs are read just before its run.
+    for method in ("average", "ties"):
+        measured(reader + [str(f) for f in inputs], "warm dmm inputs")
+        rows.append(measured(dmm + ["--method", method, "--base", str(folders[0]), *teachers, "--overwrite",
+                                    "-o", str(a.work / f"dmm-{method}")], f"dmm {method}"))
+        if a.mecha_python:
+            measured(reader + [str(f) for f in files], "warm single files")
+            rows.append(measured([a.mecha_python, "-c", MECHA_SCRIPT, method, str(a.work / f"mecha-{method}.safetensors"),
+                                  str(files[0]), *[str(f) for f in files[1:]]], f"sd-mecha {method}"))
+    print(json.dumps({"summary": rows, "input_gb": round(sum(f.stat().st_size for f in inputs) / 1e9, 2)}))
+
+
+if __name__ == "__main__":
+    main()

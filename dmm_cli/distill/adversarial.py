@@ -1,0 +1,65 @@
+"""The multi-class adversarial loss (paper Eq. 11-12, Algorithm 1).
+
+The discriminator is a frozen copy of the base UNet's encoder (input conv, timestep embedding, down
+blocks, mid block) under a small trainable head of conv + GroupNorm + SiLU layers with 2N logits.
+It sees one-step x̂0 estimates re-noised to a random timestep: class i is "teacher i's", class N+i
+is "the student's attempt at style i".
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from diffusers import UNet2DConditionModel
+from torch import nn
+from torch.nn import functional as F
+
+
+def x0_estimate(xt: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """x̂0 = (x_t − √(1−ᾱ_t)·ε) / √ᾱ_t."""
+    a = alpha_bar.view(-1, 1, 1, 1)
+    return (xt - (1 - a).sqrt() * eps) / a.sqrt()
+
+
+class Discriminator(nn.Module):
+    def __init__(self, base: UNet2DConditionModel, num_styles: int, width: int = 256):
+        super().__init__()
+        encoder = copy.deepcopy(base)
+        encoder.up_blocks = nn.ModuleList()  # only the encoder half is used
+        encoder.conv_norm_out = encoder.conv_out = None
+        self.encoder = encoder.eval().requires_grad_(False)
+        channels = base.config.block_out_channels[-1]
+        groups = 32 if width % 32 == 0 else 1
+        self.head = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1), nn.GroupNorm(groups, width), nn.SiLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.GroupNorm(groups, width), nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 2 * num_styles),
+        )
+
+    def features(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The frozen encoder's mid-block output; gradients still flow back to `x`."""
+        enc = self.encoder
+        dtype = next(enc.parameters()).dtype
+        x, context = x.to(dtype), context.to(dtype)
+        emb = enc.time_embedding(enc.time_proj(t).to(dtype))
+        h = enc.conv_in(x)
+        for block in enc.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=context)
+            else:
+                h, _ = block(hidden_states=h, temb=emb)
+        return enc.mid_block(h, emb, encoder_hidden_states=context)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x, t, context).float())
+
+
+def generator_loss(logits: torch.Tensor, styles: torch.Tensor) -> torch.Tensor:
+    """The student wants its style-i estimates taken for teacher i's: CE(D(x̂0_student), i)."""
+    return F.cross_entropy(logits, styles)
+
+
+def discriminator_loss(fake_logits: torch.Tensor, real_logits: torch.Tensor, styles: torch.Tensor,
+                       num_styles: int) -> torch.Tensor:
+    """CE(D(x̂0_student), N+i) + CE(D(x̂0_teacher), i)."""
+    return F.cross_entropy(fake_logits, styles + num_styles) + F.cross_entropy(real_logits, styles)
