@@ -228,7 +228,7 @@ def run(plan: RunPlan) -> Path:
 
 def data_sources(plan: RunPlan, tokenizer, device) -> list:
     """The run's training data as latents: the image folder, then (or only) each teacher's own generations."""
-    from ..pipeline import load_pipeline
+    from ..pipeline import load_pipeline, pick_dtype
     from ..samples import SamplerSettings, sample_set
     from ..student import one_hot
     from .trainer import DataSource, load_vae, tokenize
@@ -254,8 +254,8 @@ def data_sources(plan: RunPlan, tokenizer, device) -> list:
         for i, (spec, folder) in enumerate(zip(recipe.teachers, plan.teachers)):
             model = folder or plan.previous  # old styles come from the previous student itself
             style = one_hot(i, old) if folder is None else None
-            samples = sample_set(lambda m=model: load_pipeline(m, device, torch.float32), model, style, prompts,
-                                 settings, 16, f"synthesize {spec.name}")
+            samples = sample_set(lambda m=model: load_pipeline(m, device, pick_dtype("auto", device)), model, style,
+                                 prompts, settings, 16, f"synthesize {spec.name}")
             items = list(zip(samples.paths(), samples.prompts))
             encoded = data_mod.encode_items(items, vae, vae_sha, resolution, device)
             latents.append(encoded.latents)
