@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sd15  # noqa: E402
 from dmm_cli.console import quiet_loading, set_debug  # noqa: E402
-from dmm_cli.distill.trainer import Models, Trainer  # noqa: E402
+from dmm_cli.distill.trainer import DataSource, Models, Trainer  # noqa: E402
 from dmm_cli.recipe import Train  # noqa: E402
 from dmm_cli.student import make_student  # noqa: E402
 
@@ -71,7 +71,7 @@ def ours(batch: int, teachers: int, steps: int, warmup: int, tiny: bool, device:
     ids = torch.randint(0, 49408, (256, 77))
     cfg = Train(batch_size=batch, lr=1e-5, precision="bf16" if cuda else "no", compile=compile_ == "on" or
                 ("auto" if compile_ == "auto" else False), teacher_offload="cpu" if offload else "none")
-    trainer = Trainer(cfg, models, latents, ids, ids[0], accelerator)
+    trainer = Trainer(cfg, models, [DataSource(latents, ids)], ids[0], accelerator)
     for k in range(warmup):
         trainer.step(k)
     if cuda:

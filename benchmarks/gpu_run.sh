@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU measurement in one go (device time is scarce): throughput vs the released step, 8 teachers and
-# offload, generation parity, the SD1.5-scale CLI run, then torch.compile. Results land in $OUT (or ./gpu-out).
+# Every GPU measurement in one go (device time is scarce): throughput vs the released step, generation
+# parity, 8 teachers with offload, torch.compile, then the SD1.5-scale CLI run. Results land in $OUT
+# (or ./gpu-out): one JSON-lines file per step, stderr of all steps in errors.log.
 # Usage: benchmarks/gpu_run.sh [path/to/official_step.py]
 set -u
 out=${OUT:-gpu-out}
@@ -13,12 +14,17 @@ if [ -d .whl ]; then  # packages the GPU image lacks, carried as wheels
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-step() { local name=$1 limit=$2; shift 2; echo "== $name"; timeout "$limit" "$@" 2>"$out/$name.err" | tee "$out/$name.jsonl"; echo "rc=$?" >>"$out/$name.err"; }
-step distill_b16_b32 130 python3 benchmarks/distill_throughput.py --batch 16 32 --teachers 4 --compile off \
+step() {
+  local name=$1 limit=$2; shift 2
+  echo "== $name" | tee -a "$out/errors.log"
+  timeout "$limit" "$@" 2>>"$out/errors.log" | tee "$out/$name.jsonl"
+  echo "rc=${PIPESTATUS[0]}" | tee -a "$out/errors.log"
+}
+step distill_b16_b32 120 python3 benchmarks/distill_throughput.py --batch 16 32 --teachers 4 --compile off \
   --official-step "$official"
 step generate 60 python3 benchmarks/generate_throughput.py
-step distill_8teachers_offload 90 python3 benchmarks/distill_throughput.py --batch 16 --teachers 8 --compile off \
+step distill_8teachers_offload 80 python3 benchmarks/distill_throughput.py --batch 16 --teachers 8 --compile off \
   --offload --no-official
-step sd15_cli 110 python3 benchmarks/sd15_distill_smoke.py --work /tmp/sd15 --teachers 4 --steps 20
-step distill_compile 150 python3 benchmarks/distill_throughput.py --batch 16 --teachers 4 --compile on \
+step distill_compile 120 python3 benchmarks/distill_throughput.py --batch 16 --teachers 4 --compile on \
   --no-official
+step sd15_cli 90 python3 benchmarks/sd15_distill_smoke.py --work /tmp/sd15 --teachers 4 --steps 20 --compile false

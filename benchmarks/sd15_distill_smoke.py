@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--precision", default="bf16")
+    p.add_argument("--compile", default="auto", choices=["auto", "true", "false"])
     a = p.parse_args()
     started = time.perf_counter()
     folders = sd15.write_model_folders(a.work / "models", a.teachers, a.tiny)
@@ -43,7 +44,8 @@ def main() -> None:
         "teachers": [{"name": f"style{i}", "model": str(folders[f"teacher{i}"])} for i in range(a.teachers)],
         "data": {"folder": str(data), "resolution": size},
         "train": {"max_steps": a.steps, "batch_size": a.batch, "lr": 1e-5, "precision": a.precision,
-                  "log_every": 5, "checkpoint_every": 1000},
+                  "log_every": 5, "checkpoint_every": 1000,
+                  "compile": {"auto": "auto", "true": True, "false": False}[a.compile]},
         "output": str(a.work / "run"),
     }
     recipe_path = a.work / "recipe.yaml"

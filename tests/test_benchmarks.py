@@ -19,6 +19,7 @@ def run(*args: str) -> list[dict]:
 def test_distill_throughput_tiny():
     rows = run("benchmarks/distill_throughput.py", "--tiny", "--batch", "2", "--teachers", "2", "--offload",
                "--compile", "off", "--official-step", str(OFFICIAL))
+    assert not [r for r in rows if "error" in r], rows
     ours = [r for r in rows if r.get("variant") == "dmm"]
     assert [r["offload"] for r in ours] == [False, True]
     assert all(r["samples_per_s"] > 0 and r["loss"] > 0 for r in ours)
