@@ -61,7 +61,7 @@ def disjoint_mean(delta, n: int, weights) -> torch.Tensor:
     for i in range(n):
         d = delta(i)
         total = d * weights[i] if total is None else total.add_(d, alpha=weights[i])
-    elected = torch.sign(total)
+    elected = total.sign_()
     num = torch.zeros_like(elected)
     den = torch.zeros_like(elected)
     for i in range(n):
@@ -92,7 +92,7 @@ def task_arithmetic(base, models, params, key):
     total = torch.zeros_like(base)
     for i in range(len(models)):
         total.add_(models[i] - base, alpha=params.weights[i])
-    return base + params.lam * total
+    return total.mul_(params.lam).add_(base)
 
 
 def trim_threshold(delta: torch.Tensor, density: float) -> torch.Tensor | None:
@@ -101,7 +101,12 @@ def trim_threshold(delta: torch.Tensor, density: float) -> torch.Tensor | None:
     if k >= delta.numel():
         return None
     magnitude = delta.abs().view(-1)
-    return magnitude.kthvalue(magnitude.numel() - k + 1).values
+    index = magnitude.numel() - k
+    if magnitude.device.type == "cpu":
+        # numpy selects in place; kthvalue would also hold an int64 index per entry (2× an fp32 tensor)
+        magnitude.numpy().partition(index)
+        return magnitude[index].clone()
+    return magnitude.kthvalue(index + 1).values
 
 
 TIES_KEEP_BYTES = 256 << 20  # trimmed task vectors up to this size stay in memory between passes
@@ -133,7 +138,7 @@ def ties(base, models, params, key):
         d = models[i] - base
         return d if threshold is None else d.mul_(d.abs() >= threshold)
 
-    return base + params.lam * disjoint_mean(trimmed, n, params.weights)
+    return disjoint_mean(trimmed, n, params.weights).mul_(params.lam).add_(base)
 
 
 def dare_mask(shape, density: float, seed: int, key: str, index: int, device) -> torch.Tensor:
@@ -152,11 +157,11 @@ def dare(base, models, params, key):
         return d.mul_(dare_mask(d.shape, params.density, params.seed, key, i, d.device)).div_(params.density)
 
     if params.dare_sign:
-        return base + params.lam * disjoint_mean(dropped, len(models), params.weights)
+        return disjoint_mean(dropped, len(models), params.weights).mul_(params.lam).add_(base)
     total = torch.zeros_like(base)
     for i in range(len(models)):
         total.add_(dropped(i), alpha=params.weights[i])
-    return base + params.lam * total
+    return total.mul_(params.lam).add_(base)
 
 
 def default_lambda(method: str, n: int, dare_sign: bool = False) -> float:
