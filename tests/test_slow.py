@@ -1,4 +1,5 @@
-"""Long checks, opt-in with `make test-slow`: SD1.5-sized single-file round trip, and the toy acceptance bars."""
+"""Long checks, opt-in with `make test-slow`: SD1.5-sized single-file round trip, and the toy acceptance bars
+(demo, then incremental merging with and without the old-student regulariser)."""
 from __future__ import annotations
 
 import json
@@ -58,3 +59,15 @@ def test_toy_demo_meets_the_acceptance_bars(tmp_path):
     assert rows["toy_styles"]["style_accuracy"] >= 0.90
     assert rows["toy_styles"]["style_accuracy"] > rows["ties"]["style_accuracy"] + 0.3
     assert rows["toy_styles"]["style_accuracy"] > rows["average"]["style_accuracy"] + 0.3
+
+
+def test_incremental_merging_keeps_old_styles_only_with_the_regulariser(tmp_path):
+    """2 styles, then 2 more: old styles kept (≥ 90%, ≥ 20 points above no regulariser), new ones learnt (≥ 90%)."""
+    p = subprocess.run([sys.executable, "benchmarks/ablation.py", "--work", str(tmp_path / "work"), "--tables", "2",
+                        "--docs", str(tmp_path / "docs")], cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = {r["setting"]: r for r in json.loads((tmp_path / "docs" / "ablation.json").read_text())["table2"]}
+    without, regularised = rows["2 + 2, no regulariser"], rows["2 + 2, old-student regulariser"]
+    assert regularised["old_style_accuracy"] >= 0.90
+    assert regularised["old_style_accuracy"] >= without["old_style_accuracy"] + 0.20
+    assert without["new_style_accuracy"] >= 0.90 and regularised["new_style_accuracy"] >= 0.90
