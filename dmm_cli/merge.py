@@ -65,10 +65,9 @@ def disjoint_mean(delta, n: int, weights) -> torch.Tensor:
     num = torch.zeros_like(elected)
     den = torch.zeros_like(elected)
     for i in range(n):
-        d = delta(i)
-        agree = (d * elected) > 0  # same sign as elected, and not trimmed or dropped away
-        num.add_(d.mul_(agree), alpha=weights[i])
-        den.add_(agree, alpha=weights[i])
+        d = delta(i).mul_(elected)  # in place, no temporary: |δᵢ| where δᵢ agrees with the elected sign, else ≤ 0
+        den.add_(d > 0, alpha=weights[i])
+        num.addcmul_(d.clamp_(min=0), elected, value=weights[i])
     return num.div_(den.masked_fill_(den == 0, 1.0))
 
 
