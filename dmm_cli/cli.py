@@ -242,8 +242,8 @@ def baseline_merge(
       dmm baseline-merge --method ties --recipe recipes/toy_styles.yaml --density 0.2 -o runs/ties
       dmm baseline-merge --method dare --base toy:base toy:night toy:outline --seed 3 -o runs/dare
     """
+    from .devices import DTYPES, pick_device
     from .merge import baseline_merge as merge
-    from .pipeline import DTYPES
     from .recipe import load_recipe
 
     teachers = list(teachers or [])
@@ -259,8 +259,6 @@ def baseline_merge(
     except ValueError:
         raise BadInput(f"--weights {weights!r}: expected comma-separated numbers") from None
     if device.startswith("cuda"):
-        from .pipeline import pick_device
-
         pick_device(device)
     folder = merge(method, teachers, base=base, weights=weight_list, density=density, lam=lam, seed=seed,
                    dare_sign=dare_sign, output=output or Path(f"merged-{method}"), vae=vae,

@@ -107,7 +107,8 @@ def evaluate(models: list[str], recipe_path: Path, *, prompts_file: Path | None 
              clip: Path | None = None, output: Path = Path("eval-out"), device: str = "auto", dtype: str = "auto",
              scheduler: str | None = None) -> dict:
     """Sample, measure and report; returns the metrics dict also written to `output/metrics.json`."""
-    from .pipeline import check_generation_args, load_pipeline, pick_device, pick_dtype
+    from .devices import pick_device, pick_dtype
+    from .pipeline import check_generation_args, load_pipeline
 
     if num_images < 2:
         raise BadInput(f"--num-images must be at least 2: FID needs two samples or more (got {num_images})")

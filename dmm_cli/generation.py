@@ -5,9 +5,10 @@ import os
 from pathlib import Path
 
 from . import console, hub, state
+from .devices import pick_device, pick_dtype
 from .errors import BadInput
 from .images import grid, save_png, slug
-from .pipeline import check_generation_args, generate, load_pipeline, output_paths, pick_device, pick_dtype
+from .pipeline import check_generation_args, generate, load_pipeline, output_paths
 from .student import StyleTable, num_styles, parse_style
 
 

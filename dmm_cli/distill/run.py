@@ -228,7 +228,8 @@ def run(plan: RunPlan) -> Path:
 
 def data_sources(plan: RunPlan, tokenizer, device) -> list:
     """The run's training data as latents: the image folder, then (or only) each teacher's own generations."""
-    from ..pipeline import load_pipeline, pick_dtype
+    from ..devices import pick_dtype
+    from ..pipeline import load_pipeline
     from ..samples import SamplerSettings, sample_set
     from ..student import one_hot
     from .trainer import DataSource, load_vae, tokenize
