@@ -40,6 +40,7 @@ class RunPlan:
     overwrite: bool
     previous: Path | None = None
     previous_styles: StyleTable | None = None
+    synthesis_prompts: list[str] | None = None  # data.synthesize's prompts, read once while planning
 
     def describe(self) -> dict:
         t = self.recipe.train
@@ -133,15 +134,15 @@ def plan_run(recipe_path: Path, overrides: list[str] = (), *, output: Path | Non
     if recipe.data.folder is not None:
         data_folder = data_mod.resolve_data(recipe.data.folder)
         count = len(data_mod.read_captioned_folder(data_folder))
-    synth = recipe.data.synthesize
+    synth, prompts = recipe.data.synthesize, None
     if synth is not None:
         from ..evaluate import read_prompts
 
-        read_prompts(Path(synth.prompts) if synth.prompts else None, all(t.model.startswith("toy:")
-                                                                           for t in recipe.teachers[old:]))
+        prompts = read_prompts(Path(synth.prompts) if synth.prompts else None,
+                               all(t.model.startswith("toy:") for t in recipe.teachers[old:]))
         count += synth.images_per_teacher * len(teachers)
     return RunPlan(recipe, Path(recipe_path), out, base, teachers, data_folder, count, resume_from, overwrite,
-                   previous, table)
+                   previous, table, prompts)
 
 
 def _accelerator(recipe: Recipe):
@@ -244,12 +245,8 @@ def data_sources(plan: RunPlan, tokenizer, device) -> list:
         sources.append(DataSource(real.latents, tokenize(tokenizer, real.captions)))
     synth = recipe.data.synthesize
     if synth is not None:
-        from ..evaluate import read_prompts
-
         old = len(plan.previous_styles.names) if plan.previous_styles else 0
-        prompts = read_prompts(Path(synth.prompts) if synth.prompts else None,
-                               all(t.model.startswith("toy:") for t in recipe.teachers[old:]))
-        prompts = [prompts[k % len(prompts)] for k in range(synth.images_per_teacher)]
+        prompts = [plan.synthesis_prompts[k % len(plan.synthesis_prompts)] for k in range(synth.images_per_teacher)]
         settings = SamplerSettings(synth.steps, synth.guidance, synth.seed)
         latents, captions, labels = [], [], []
         for i, (spec, folder) in enumerate(zip(recipe.teachers, plan.teachers)):
