@@ -129,36 +129,28 @@ def component_shapes(component: Path) -> dict[str, list[int]]:
 
 
 _hash_cache_lock = threading.Lock()
-
-
-def _hash_cache() -> tuple[Path, dict]:
-    from . import state
-
-    path = state.home() / "sha256-cache.json"
-    try:
-        return path, json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return path, {}
+HASH_CACHE = "sha256-cache.json"
 
 
 def component_sha256(component: Path) -> str:
     """One hash for a component's weights; cached by path, size and mtime, since SD weights take seconds to hash.
 
     Safe to call from several threads at once (hashing releases the GIL, so they run in parallel)."""
+    from . import state
+
     digests = []
     for f in weight_files(component):
         real = os.path.realpath(f)
         st = os.stat(real)
         key = f"{real}:{st.st_size}:{st.st_mtime_ns}"
         with _hash_cache_lock:
-            known = _hash_cache()[1].get(key)
+            known = state.read_record(HASH_CACHE).get(key)
         if known is None:
             known = sha256_file(Path(real))
             with _hash_cache_lock:
-                path, cache = _hash_cache()
+                cache = state.read_record(HASH_CACHE)
                 cache[key] = known
-                with atomic_file(path) as tmp:
-                    tmp.write_text(json.dumps(cache))
+                state.write_record(HASH_CACHE, cache)
         digests.append(known)
     return digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
 

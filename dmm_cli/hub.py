@@ -7,14 +7,13 @@ Hub's sha256; nothing from a repo is executed; pickle weights are refused unless
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import console, state, toy
-from .checkpoint import atomic_file, sha256_file
+from .checkpoint import sha256_file
 from .errors import ModelError
 from .folders import check_pipeline_folder
 
@@ -94,14 +93,9 @@ def single_file_folder(path: Path, allow_pickle: bool) -> Path:
 
 def record(fetched: Fetched) -> None:
     """Remember where each reference came from (resolved commit included) in $DMM_HOME/fetched.json."""
-    path = state.home() / "fetched.json"
-    try:
-        known = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        known = {}
+    known = state.read_record("fetched.json")
     known[fetched.ref] = asdict(fetched)
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(known, indent=2))
+    state.write_record("fetched.json", known)
 
 
 def offline() -> bool:
