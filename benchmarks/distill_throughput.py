@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sd15  # noqa: E402
 from dmm_cli.console import quiet_loading, set_debug  # noqa: E402
 from dmm_cli.distill.trainer import DataSource, Models, Trainer  # noqa: E402
+from dmm_cli.models.student import make_student  # noqa: E402
 from dmm_cli.recipe import Train  # noqa: E402
-from dmm_cli.student import make_student  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 

@@ -21,8 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sd15  # noqa: E402
 from dmm_cli.console import quiet_loading, set_debug  # noqa: E402
-from dmm_cli.pipeline import generate, make_scheduler  # noqa: E402
-from dmm_cli.student import make_student, one_hot  # noqa: E402
+from dmm_cli.generate.sampling import generate  # noqa: E402
+from dmm_cli.models.pipeline import make_scheduler  # noqa: E402
+from dmm_cli.models.student import make_student, one_hot  # noqa: E402
 
 
 def main() -> None:

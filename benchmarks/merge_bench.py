@@ -41,7 +41,7 @@ def build_inputs(work: Path, teachers: int) -> tuple[list[Path], list[Path]]:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from dmm_cli.single_file import CONFIGS, export_single_file
+    from dmm_cli.models.single_file import CONFIGS, export_single_file
 
     sd = CONFIGS / "sd15"
     folders, files = [], []

@@ -17,11 +17,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dmm_cli import hub, toy  # noqa: E402
+from dmm_cli import toy  # noqa: E402
 from dmm_cli.console import quiet_loading, set_debug  # noqa: E402
 from dmm_cli.console import set_quiet  # noqa: E402
-from dmm_cli.pipeline import generate, load_pipeline  # noqa: E402
-from dmm_cli.student import StyleTable, mix, one_hot  # noqa: E402
+from dmm_cli.generate.sampling import generate  # noqa: E402
+from dmm_cli.models import references  # noqa: E402
+from dmm_cli.models.pipeline import load_pipeline  # noqa: E402
+from dmm_cli.models.student import StyleTable, mix, one_hot  # noqa: E402
 from dmm_cli.toy import shapes  # noqa: E402
 from dmm_cli.toy.classifier import StyleClassifier, predict, to_pixels  # noqa: E402
 
@@ -44,7 +46,7 @@ def measure(student: Path, per_prompt: int, steps: int, guidance: float, seed: i
     for i, name in enumerate(names):
         probs = probabilities(pipe, one_hot(i, len(names)))
         per_style[name] = float((probs.argmax(-1) == clf.styles.index(name)).float().mean())
-    base_probs = probabilities(load_pipeline(hub.resolve("toy:base"), cpu, torch.float32, attention="sdpa"), None)
+    base_probs = probabilities(load_pipeline(references.resolve("toy:base"), cpu, torch.float32, attention="sdpa"), None)
     base_as = {name: float((base_probs.argmax(-1) == clf.styles.index(name)).float().mean()) for name in names}
     a, b = names[0], names[-1]
     curve = []

@@ -84,19 +84,19 @@ def fetch(
     import json
     from dataclasses import asdict
 
-    from .hub import fetch as fetch_ref
+    from .models.references import fetch as fetch_ref, scheme_of
 
     if export_single_file is not None and len(refs) != 1:
         raise BadInput("--export-single-file takes exactly one REF")
     manifest = []
     for ref in refs:
-        if revision and "@" not in ref and not ref.startswith("toy:") and not Path(ref).exists():
+        if revision and "@" not in ref and scheme_of(ref) is None and not Path(ref).exists():
             head, _, tail = ref.partition("/")
             name, _, path = tail.partition("/")
             ref = f"{head}/{name}@{revision}" + (f"/{path}" if path else "")
         manifest.append(fetch_ref(ref, allow_pickle=allow_pickle, variant=variant, store=store))
     if export_single_file is not None:
-        from .single_file import export_single_file as export
+        from .models.single_file import export_single_file as export
 
         export(Path(manifest[0].folder), export_single_file)
     if as_json:
@@ -143,9 +143,9 @@ def generate(
       dmm generate --style night:0.7,outline:0.3 "a blue square" --model runs/toy_styles
       dmm generate "a cat" --model ./sd15 --steps 25 --scheduler dpm++ -o cat.png
     """
-    from . import generation
+    from .generate.run import run
 
-    paths = generation.run(
+    paths = run(
         prompt, model=model, style=style, negative=negative, steps=steps, guidance=guidance, seed=seed, width=width,
         height=height, num_images=num_images, scheduler=scheduler, output=output, device=device, dtype=dtype,
         attention=attention, batch_size=batch_size,
@@ -242,8 +242,8 @@ def baseline_merge(
       dmm baseline-merge --method ties --recipe recipes/toy_styles.yaml --density 0.2 -o runs/ties
       dmm baseline-merge --method dare --base toy:base toy:night toy:outline --seed 3 -o runs/dare
     """
-    from .devices import DTYPES, pick_device
     from .merge import baseline_merge as merge
+    from .models.devices import DTYPES, pick_device
     from .recipe import load_recipe
 
     teachers = list(teachers or [])
@@ -296,7 +296,7 @@ def eval_(
     """
     import json
 
-    from .evaluate import evaluate
+    from .eval.run import evaluate
 
     metrics = evaluate(models, recipe, prompts_file=prompts, num_images=num_images, seed=seed, steps=steps,
                        guidance=guidance, batch_size=batch_size, features=features, clip=clip, output=output,
@@ -321,7 +321,7 @@ def grid(
     """
     from PIL import Image, UnidentifiedImageError
 
-    from .images import grid as make_grid, save_png
+    from .files.images import grid as make_grid, save_png
 
     label_list = labels.split(",") if labels else None
     if label_list is not None and len(label_list) != len(images):

@@ -16,8 +16,8 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
 from conftest import assert_one_sentence_error
-from dmm_cli.hub import resolve
-from dmm_cli.student import StyleTable
+from dmm_cli.models.references import resolve
+from dmm_cli.models.student import StyleTable
 
 TEACHERS = [{"name": n, "model": f"toy:{n}"} for n in ("night", "outline", "stripes", "checker")]
 

@@ -8,9 +8,9 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
-from dmm_cli.dmm_official import convert_unet
-from dmm_cli.hub import resolve
-from dmm_cli.student import StyleTable
+from dmm_cli.models.official import convert_unet
+from dmm_cli.models.references import resolve
+from dmm_cli.models.student import StyleTable
 
 N = 3
 

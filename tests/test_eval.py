@@ -10,7 +10,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from conftest import assert_one_sentence_error
-from dmm_cli import state
+from dmm_cli.files import state
 
 FAST = ["--steps", "8", "--guidance", "4", "-k", "12", "--batch-size", "12"]
 
@@ -51,11 +51,12 @@ def permuted_copy(student: Path, folder: Path) -> Path:
 
 
 def test_fid_of_a_set_with_itself_is_zero_on_the_diagonal():
-    from dmm_cli.evaluate import fid_matrix
-    from dmm_cli.features import features_of, toy_space
-    from dmm_cli.hub import resolve
-    from dmm_cli.pipeline import load_pipeline
-    from dmm_cli.samples import SamplerSettings, sample_set
+    from dmm_cli.eval.fid import fid_matrix
+    from dmm_cli.eval.features import features_of
+    from dmm_cli.toy.plugin import toy_space
+    from dmm_cli.models.references import resolve
+    from dmm_cli.models.pipeline import load_pipeline
+    from dmm_cli.generate.samples import SamplerSettings, sample_set
 
     space = toy_space()
     prompts = ["a red circle", "a blue square", "a green triangle"] * 6

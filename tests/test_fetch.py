@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dmm_cli.hub import resolve
+from dmm_cli.models.references import resolve
 from hub_server import COMMIT, FakeHub
 
 UNET = "unet/diffusion_pytorch_model.safetensors"

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import assert_one_sentence_error
-from dmm_cli.hub import resolve
+from dmm_cli.models.references import resolve
 from dmm_cli.merge import METHODS, MergeParams
 
 UNET_FILE = Path("unet") / "diffusion_pytorch_model.safetensors"

@@ -21,7 +21,7 @@ def test_sd15_shaped_checkpoint_round_trips_through_a_single_file(tmp_path):
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from dmm_cli.single_file import CONFIGS, convert_to_diffusers, export_single_file
+    from dmm_cli.models.single_file import CONFIGS, convert_to_diffusers, export_single_file
 
     sd = CONFIGS / "sd15"
     torch.manual_seed(0)

@@ -6,8 +6,8 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from dmm_cli.errors import BadInput
-from dmm_cli.hub import resolve
-from dmm_cli.student import FeatureTaps, make_student, mix, num_styles, one_hot, parse_style
+from dmm_cli.models.references import resolve
+from dmm_cli.models.student import FeatureTaps, make_student, mix, num_styles, one_hot, parse_style
 
 NAMES = ["night", "outline", "stripes", "checker"]
 

@@ -8,8 +8,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from dmm_cli import toy
-from dmm_cli.hub import resolve
-from dmm_cli.pipeline import generate
+from dmm_cli.models.references import resolve
+from dmm_cli.generate.sampling import generate
 from dmm_cli.toy import classifier as style_classifier
 from dmm_cli.toy import shapes
 from dmm_cli.toy.build import colour_following

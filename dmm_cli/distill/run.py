@@ -10,13 +10,18 @@ from pathlib import Path
 import torch
 import yaml
 
-from .. import console, hub, state
-from ..checkpoint import atomic_file, atomic_folder, component_sha256, component_shapes
+from .. import console
+from ..data.sources import read_captioned_folder, resolve_data
 from ..errors import BadInput, DMMError, ModelError, RecipeError
-from ..folders import check_pipeline_folder, derived_model_index
+from ..files import state
+from ..files.atomic import atomic_file, atomic_folder
+from ..files.hashing import component_sha256
+from ..files.safetensors_io import component_shapes
+from ..models import references
+from ..models.folders import check_pipeline_folder, derived_model_index
+from ..models.student import STYLES_FILE, Style, StyleTable
 from ..recipe import Recipe, load_recipe
-from ..student import STYLES_FILE, Style, StyleTable
-from . import data as data_mod
+from .latents import encode_items
 
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
@@ -87,7 +92,7 @@ def _check_output(output: Path, recipe: Recipe, resume: bool, overwrite: bool) -
 
 def _previous_student(recipe: Recipe) -> tuple[Path, StyleTable]:
     """The student an incremental recipe extends; its styles must lead the teachers list, in order."""
-    folder = hub.resolve(recipe.init_from)
+    folder = references.resolve(recipe.init_from)
     table = StyleTable.read(folder)
     if table is None:
         raise ModelError(f"init_from {recipe.init_from}: not a dmm student (no {STYLES_FILE})")
@@ -125,21 +130,21 @@ def plan_run(recipe_path: Path, overrides: list[str] = (), *, output: Path | Non
         raise BadInput("--resume and --overwrite contradict each other; pick one")
     out = Path(output or recipe.output)
     resume_from = _check_output(out, recipe, resume, overwrite)
-    base = hub.resolve(recipe.base)
+    base = references.resolve(recipe.base)
     previous, table = _previous_student(recipe) if recipe.init_from else (None, None)
     old = len(table.names) if table else 0
-    teachers = [None if i < old else hub.resolve(t.model) for i, t in enumerate(recipe.teachers)]
+    teachers = [None if i < old else references.resolve(t.model) for i, t in enumerate(recipe.teachers)]
     _check_teacher_shapes(recipe, base, teachers)
     data_folder, count = None, 0
     if recipe.data.folder is not None:
-        data_folder = data_mod.resolve_data(recipe.data.folder)
-        count = len(data_mod.read_captioned_folder(data_folder))
+        data_folder = resolve_data(recipe.data.folder)
+        count = len(read_captioned_folder(data_folder))
     synth, prompts = recipe.data.synthesize, None
     if synth is not None:
-        from ..evaluate import read_prompts
+        from ..data.prompts import read_prompts
 
         prompts = read_prompts(Path(synth.prompts) if synth.prompts else None,
-                               all(t.model.startswith("toy:") for t in recipe.teachers[old:]))
+                               [t.model for t in recipe.teachers[old:]])
         count += synth.images_per_teacher * len(teachers)
     return RunPlan(recipe, Path(recipe_path), out, base, teachers, data_folder, count, resume_from, overwrite,
                    previous, table, prompts)
@@ -157,7 +162,7 @@ def run(plan: RunPlan) -> Path:
     from tqdm.auto import tqdm
     from transformers import CLIPTokenizer
 
-    from ..pipeline import choose_attention
+    from ..models.pipeline import choose_attention
     from .trainer import MetricsLog, Trainer, load_models, tokenize
 
     recipe, out, cfg = plan.recipe, plan.output, plan.recipe.train
@@ -229,10 +234,10 @@ def run(plan: RunPlan) -> Path:
 
 def data_sources(plan: RunPlan, tokenizer, device) -> list:
     """The run's training data as latents: the image folder, then (or only) each teacher's own generations."""
-    from ..devices import pick_dtype
-    from ..pipeline import load_pipeline
-    from ..samples import SamplerSettings, sample_set
-    from ..student import one_hot
+    from ..generate.samples import SamplerSettings, sample_set
+    from ..models.devices import pick_dtype
+    from ..models.pipeline import load_pipeline
+    from ..models.student import one_hot
     from .trainer import DataSource, load_vae, tokenize
 
     recipe = plan.recipe
@@ -241,7 +246,7 @@ def data_sources(plan: RunPlan, tokenizer, device) -> list:
     resolution = recipe.data.resolution or vae.config.sample_size
     sources = []
     if plan.data is not None:
-        real = data_mod.encode_items(data_mod.read_captioned_folder(plan.data), vae, vae_sha, resolution, device)
+        real = encode_items(read_captioned_folder(plan.data), vae, vae_sha, resolution, device)
         sources.append(DataSource(real.latents, tokenize(tokenizer, real.captions)))
     synth = recipe.data.synthesize
     if synth is not None:
@@ -255,7 +260,7 @@ def data_sources(plan: RunPlan, tokenizer, device) -> list:
             samples = sample_set(lambda m=model: load_pipeline(m, device, pick_dtype("auto", device)), model, style,
                                  prompts, settings, 16, f"synthesize {spec.name}")
             items = list(zip(samples.paths(), samples.prompts))
-            encoded = data_mod.encode_items(items, vae, vae_sha, resolution, device)
+            encoded = encode_items(items, vae, vae_sha, resolution, device)
             latents.append(encoded.latents)
             captions += encoded.captions
             labels += [i] * len(encoded.captions)
@@ -333,7 +338,7 @@ dmm generate --model {plan.output} --style {first}:0.5,{recipe.teachers[-1].name
 ```
 
 In Python, load it with `StableDiffusionPipeline.from_pretrained` and pass the style vector as the
-UNet's `class_labels` (see `dmm_cli.pipeline.style_conditioning`).
+UNet's `class_labels` (see `dmm_cli.generate.sampling.style_conditioning`).
 
 ## Recipe
 

@@ -17,10 +17,11 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ..checkpoint import atomic_file, atomic_folder, component_sha256
-from ..pipeline import load_component
+from ..files.atomic import atomic_file, atomic_folder
+from ..files.hashing import component_sha256
+from ..models.pipeline import load_component
+from ..models.student import FeatureTaps, grow_student, make_student, one_hot
 from ..recipe import Recipe
-from ..student import FeatureTaps, grow_student, make_student, one_hot
 from .adversarial import Discriminator, discriminator_loss, generator_loss, x0_estimate
 from .losses import feature_loss, score_loss
 

@@ -16,8 +16,8 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .. import console
-from ..checkpoint import atomic_folder
-from ..pipeline import generate
+from ..files.atomic import atomic_folder
+from ..generate.sampling import generate
 from . import classifier as style_classifier
 from . import components, shapes
 

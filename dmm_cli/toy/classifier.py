@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..checkpoint import atomic_folder
+from ..files.atomic import atomic_folder
 
 FEATURES = 64
 

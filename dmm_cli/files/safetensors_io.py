@@ -1,79 +1,11 @@
-"""Atomic writes and hashing: a crash or Ctrl-C never leaves a half-written file where a good one was."""
+"""safetensors files read and written one tensor at a time, so memory holds a tensor, not a model."""
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
-import threading
 from pathlib import Path
 
 import torch
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path):
-    """Yield a temporary path beside `path`; on success it replaces `path` in one rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes private files; outputs get the usual permissions
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-@contextlib.contextmanager
-def atomic_folder(path: Path):
-    """Yield a temporary folder beside `path`; on success it takes the place of `path`.
-
-    An existing folder at `path` is moved aside first and deleted only once the new one is in place.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
-    try:
-        yield tmp
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def writable_folder(path: Path) -> bool:
-    """True if `path` exists as a writable folder or could be created as one; creates nothing."""
-    path = Path(path).absolute()
-    while not path.exists():
-        path = path.parent
-    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
 
 
 def weight_files(component: Path) -> list[Path]:
@@ -126,41 +58,6 @@ def component_shapes(component: Path) -> dict[str, list[int]]:
     for f in weight_files(component):
         shapes.update({k: v["shape"] for k, v in read_header(f).items()})
     return shapes
-
-
-_hash_cache_lock = threading.Lock()
-HASH_CACHE = "sha256-cache.json"
-
-
-def component_sha256(component: Path) -> str:
-    """One hash for a component's weights; cached by path, size and mtime, since SD weights take seconds to hash.
-
-    Safe to call from several threads at once (hashing releases the GIL, so they run in parallel)."""
-    from . import state
-
-    digests = []
-    for f in weight_files(component):
-        real = os.path.realpath(f)
-        st = os.stat(real)
-        key = f"{real}:{st.st_size}:{st.st_mtime_ns}"
-        with _hash_cache_lock:
-            known = state.read_record(HASH_CACHE).get(key)
-        if known is None:
-            known = sha256_file(Path(real))
-            with _hash_cache_lock:
-                cache = state.read_record(HASH_CACHE)
-                cache[key] = known
-                state.write_record(HASH_CACHE, cache)
-        digests.append(known)
-    return digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
-
-
-def component_sha256_many(components: list[Path]) -> list[str]:
-    """component_sha256 of several components, hashed side by side."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        return list(pool.map(component_sha256, components))
 
 
 SAFETENSORS_DTYPES = {

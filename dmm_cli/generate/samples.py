@@ -14,9 +14,12 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import console, state
-from .checkpoint import atomic_file, component_sha256
-from .images import save_png
+from .. import console
+from ..files import state
+from ..files.atomic import atomic_file
+from ..files.hashing import component_sha256
+from ..files.images import save_png
+from .sampling import generate
 
 
 @dataclass(frozen=True)
@@ -53,8 +56,6 @@ def sample_key(model: Path, style: torch.Tensor | None, prompts: list[str], sett
 def sample_set(pipe_for, model: Path, style: torch.Tensor | None, prompts: list[str], settings: SamplerSettings,
                batch_size: int, label: str) -> SampleSet:
     """The cached set, completing whatever is missing; `pipe_for()` loads the pipeline only if needed."""
-    from .pipeline import generate
-
     folder = state.home() / "samples" / sample_key(model, style, prompts, settings)
     result = SampleSet(folder, prompts)
     done = folder / "done.json"

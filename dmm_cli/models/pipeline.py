@@ -1,7 +1,6 @@
-"""Load any Stable Diffusion family folder and generate pictures with it, optionally under a style vector."""
+"""Load any Stable Diffusion family folder as a ready diffusers pipeline: samplers, attention backend, components."""
 from __future__ import annotations
 
-import contextlib
 import functools
 from pathlib import Path
 
@@ -16,10 +15,10 @@ from diffusers import (
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
-from PIL import Image
 
-from . import console
-from .errors import BadInput, ModelError
+from .. import console
+from ..errors import BadInput, ModelError
+from ..files.safetensors_io import weight_files
 from .folders import check_pipeline_folder
 
 PIPELINE_CLASSES = {cls.__name__: cls for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline)}
@@ -118,102 +117,9 @@ def use_attention(pipe_or_model, requested: str, device: torch.device, dtype: to
     return backend
 
 
-@contextlib.contextmanager
-def style_conditioning(unet, style: torch.Tensor | None):
-    """Feed a style vector to a style-promptable UNet on every call, through a forward pre-hook.
-
-    The pipeline itself stays stock diffusers; both halves of a classifier-free-guidance batch get the style.
-    """
-    if style is None:
-        yield
-        return
-
-    def hook(module, args, kwargs):
-        sample = args[0] if args else kwargs["sample"]
-        kwargs["class_labels"] = style.to(sample.device, sample.dtype).expand(sample.shape[0], -1)
-        return args, kwargs
-
-    handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def default_size(pipe) -> int:
-    return pipe.unet.config.sample_size * pipe.vae_scale_factor
-
-
-def generate(
-    pipe,
-    prompts: list[str],
-    *,
-    negative: str | None = None,
-    steps: int = 30,
-    guidance: float = 7.5,
-    seed: int = 0,
-    width: int | None = None,
-    height: int | None = None,
-    style: torch.Tensor | None = None,
-    batch_size: int = 8,
-    seeds: list[int] | None = None,
-) -> list[Image.Image]:
-    """One picture per prompt; picture i is seeded with seeds[i] (default seed + i), whatever the batch size."""
-    size = default_size(pipe)
-    seeds = seeds if seeds is not None else [seed + i for i in range(len(prompts))]
-    images: list[Image.Image] = []
-    with style_conditioning(pipe.unet, style), torch.inference_mode():
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[start:start + batch_size]]
-            out = pipe(
-                prompt=chunk,
-                negative_prompt=[negative] * len(chunk) if negative else None,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                width=width or size,
-                height=height or size,
-                generator=generators,
-            )
-            images.extend(out.images)
-    return images
-
-
-def check_generation_args(*, steps: int, guidance: float, width: int | None, height: int | None,
-                          num_images: int, batch_size: int) -> None:
-    if steps < 1:
-        raise BadInput(f"--steps must be at least 1 (got {steps})")
-    if guidance < 0:
-        raise BadInput(f"--guidance must be 0 or more (got {guidance})")
-    for flag, value in (("--width", width), ("--height", height)):
-        if value is not None and (value <= 0 or value % 8):
-            raise BadInput(f"{flag} must be a positive multiple of 8 (got {value})")
-    if num_images < 1:
-        raise BadInput(f"--num-images must be at least 1 (got {num_images})")
-    if batch_size < 1:
-        raise BadInput(f"--batch-size must be at least 1 (got {batch_size})")
-
-
-def output_paths(output: Path, names: list[str]) -> list[Path]:
-    """Where pictures go: `output` itself if it names a .png (one picture only), else `names` inside it."""
-    from .checkpoint import writable_folder
-
-    if output.suffix.lower() == ".png":
-        if len(names) != 1:
-            raise BadInput(f"--output {output} names one file, but {len(names)} pictures will be made; give a folder")
-        folder, paths = output.parent, [output]
-    else:
-        folder, paths = output, [output / name for name in names]
-    if folder.exists() and not folder.is_dir() or not writable_folder(folder):
-        raise BadInput(f"--output {output}: cannot write to {folder}")
-    return paths
-
-
 def load_component(cls, folder: Path, part: str, dtype: torch.dtype | None = None):
     """One pipeline component (unet, vae, text_encoder...) from safetensors, taking the fp16 variant if it is the
     only one present."""
-    from .checkpoint import weight_files
-
     sub = Path(folder) / part
     try:
         files = weight_files(sub)

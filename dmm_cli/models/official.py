@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from . import state
-from .checkpoint import atomic_folder, component_sha256
+from ..files import state
+from ..files.atomic import atomic_folder
+from ..files.hashing import component_sha256
 from .folders import derived_model_index
 from .single_file import _read
 from .student import STYLES_FILE, Style, StyleTable

@@ -4,12 +4,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import console, hub, state
-from .devices import pick_device, pick_dtype
-from .errors import BadInput
-from .images import grid, save_png, slug
-from .pipeline import check_generation_args, generate, load_pipeline, output_paths
-from .student import StyleTable, num_styles, parse_style
+from .. import console
+from ..errors import BadInput
+from ..files import state
+from ..files.atomic import writable_folder
+from ..files.images import grid, save_png, slug
+from ..models import references
+from ..models.devices import pick_device, pick_dtype
+from ..models.pipeline import load_pipeline
+from ..models.student import StyleTable, num_styles, parse_style
+from .sampling import check_generation_args, generate
 
 
 def default_model() -> tuple[str, str]:
@@ -22,6 +26,19 @@ def default_model() -> tuple[str, str]:
     return last, "the last model dmm distill wrote"
 
 
+def output_paths(output: Path, names: list[str]) -> list[Path]:
+    """Where pictures go: `output` itself if it names a .png (one picture only), else `names` inside it."""
+    if output.suffix.lower() == ".png":
+        if len(names) != 1:
+            raise BadInput(f"--output {output} names one file, but {len(names)} pictures will be made; give a folder")
+        folder, paths = output.parent, [output]
+    else:
+        folder, paths = output, [output / name for name in names]
+    if folder.exists() and not folder.is_dir() or not writable_folder(folder):
+        raise BadInput(f"--output {output}: cannot write to {folder}")
+    return paths
+
+
 def run(prompt: str, *, model: str | None, style: str | None = None, negative: str | None = None, steps: int = 30,
         guidance: float = 7.5, seed: int = 0, width: int | None = None, height: int | None = None,
         num_images: int = 1, scheduler: str | None = None, output: Path = Path("dmm-out"), device: str = "auto",
@@ -30,7 +47,7 @@ def run(prompt: str, *, model: str | None, style: str | None = None, negative: s
     check_generation_args(steps=steps, guidance=guidance, width=width, height=height, num_images=num_images,
                           batch_size=batch_size)
     ref, source = (model, "") if model else default_model()
-    folder = hub.resolve(ref)
+    folder = references.resolve(ref)
     notes = [n for n in (source, str(folder) if str(folder) != ref else "") if n]
     console.say(f"model: {ref}" + (f" ({'; '.join(notes)})" if notes else ""))
     table = StyleTable.read(folder)

@@ -1,4 +1,4 @@
-"""`dmm eval`: the paper's FID_t protocol (§4.1), CLIP score, toy accuracies, and a report.
+"""`dmm eval`: the paper's FID_t protocol (§4.1), CLIP score, plug-ins' measures, and a report.
 
 M(i, j) = FID(model samples under style i, teacher j samples), on the same prompts; FID_t = trace(M).
 The reference row compares each teacher with itself under other seeds; its FID_t is the upper bound.
@@ -13,15 +13,17 @@ from pathlib import Path
 
 import torch
 
-from . import console, hub, toy
-from .checkpoint import atomic_file
-from .errors import BadInput
-from .features import feature_space, features_of, fid
-from .recipe import load_recipe
-from .samples import SampleSet, SamplerSettings, sample_set
-from .student import StyleTable, one_hot
-
-PROMPTS_FILE = Path(__file__).parent / "data" / "coco_prompts.txt"
+from .. import console
+from ..data.prompts import read_prompts
+from ..errors import BadInput
+from ..files.atomic import atomic_file
+from ..generate.samples import SampleSet, SamplerSettings, sample_set
+from ..models import references
+from ..models.student import StyleTable, one_hot
+from ..recipe import load_recipe
+from .features import feature_space, features_of
+from .fid import fid_matrix
+from .measures import measures_for
 OTHER_SEEDS = 1_000_003  # offset of the seeds of the reference and of evaluated models
 SCHEMA = "dmm-eval/1"
 
@@ -43,49 +45,6 @@ class Row:
         return float(sum(self.diag))
 
 
-def read_prompts(path: Path | None, toy_teachers: bool) -> list[str]:
-    if path is None:
-        if toy_teachers:
-            from .toy import shapes
-            return [shapes.caption(c, s) for c, s in shapes.HELD_OUT] + \
-                   [shapes.caption(c, s) for c, s in shapes.training_pairs()]
-        path = PROMPTS_FILE
-    if not Path(path).is_file():
-        raise BadInput(f"--prompts {path}: no such file")
-    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise BadInput(f"--prompts {path}: no prompts in the file")
-    return prompts
-
-
-def _toy_name(ref: str) -> str | None:
-    return ref[len("toy:"):] if ref.startswith("toy:") else None
-
-
-def _toy_extras(row: Row, teacher_styles: list[str | None]) -> dict:
-    """Style accuracy (classifier top-1 is the intended style) and prompt-colour accuracy."""
-    from .toy import shapes
-    from .toy.classifier import StyleClassifier, predict, to_pixels
-
-    clf = StyleClassifier.load(toy.classifier_folder())
-    hits = []
-    colour_hits = colour_total = 0
-    for i, samples in enumerate(row.sets):
-        images = samples.images()
-        predicted = [clf.styles[k] for k in predict(clf, to_pixels([im.resize((32, 32)) for im in images])).argmax(-1)]
-        targets = [teacher_styles[i]] if len(row.sets) > 1 else teacher_styles
-        for target in targets:
-            if target is not None:
-                hits.append(sum(p == target for p in predicted) / len(predicted))
-        for image, prompt in zip(images, samples.prompts):
-            words = prompt.split()
-            if len(words) > 1 and words[1] in shapes.COLOURS:
-                colour_total += 1
-                colour_hits += shapes.dominant_colour(image.resize((32, 32))) == words[1]
-    return {"style_accuracy": sum(hits) / len(hits) if hits else None,
-            "colour_accuracy": colour_hits / colour_total if colour_total else None}
-
-
 def _clip_score(row: Row, clip: Path) -> float:
     from torchmetrics.multimodal.clip_score import CLIPScore
 
@@ -97,18 +56,14 @@ def _clip_score(row: Row, clip: Path) -> float:
     return float(metric.compute())
 
 
-def fid_matrix(real: list[torch.Tensor], fake: list[torch.Tensor]) -> list[list[float]]:
-    """M[i][j] = FID(fake set i, real set j)."""
-    return [[fid(r, f) for r in real] for f in fake]
-
-
 def evaluate(models: list[str], recipe_path: Path, *, prompts_file: Path | None = None, num_images: int = 50,
              seed: int = 0, steps: int = 25, guidance: float = 7.5, batch_size: int = 16, features: str = "auto",
              clip: Path | None = None, output: Path = Path("eval-out"), device: str = "auto", dtype: str = "auto",
              scheduler: str | None = None) -> dict:
     """Sample, measure and report; returns the metrics dict also written to `output/metrics.json`."""
-    from .devices import pick_device, pick_dtype
-    from .pipeline import check_generation_args, load_pipeline
+    from ..generate.sampling import check_generation_args
+    from ..models.devices import pick_device, pick_dtype
+    from ..models.pipeline import load_pipeline
 
     if num_images < 2:
         raise BadInput(f"--num-images must be at least 2: FID needs two samples or more (got {num_images})")
@@ -117,23 +72,21 @@ def evaluate(models: list[str], recipe_path: Path, *, prompts_file: Path | None 
     recipe = load_recipe(recipe_path)
     teacher_refs = [t.model for t in recipe.teachers]
     names = [t.name for t in recipe.teachers]
-    toy_styles = [_toy_name(r) for r in teacher_refs]
-    all_toy = all(s is not None for s in toy_styles)
-    prompts = read_prompts(prompts_file, all_toy)
+    prompts = read_prompts(prompts_file, teacher_refs)
     prompts = [prompts[k % len(prompts)] for k in range(num_images)]
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
     if clip is not None and not Path(clip).is_dir():
         raise BadInput(f"--clip {clip}: no such CLIP model folder")
-    space = feature_space(features, all_toy, torch_device)
+    space = feature_space(features, teacher_refs, torch_device)
 
-    model_dirs = [hub.resolve(m) for m in models]
+    model_dirs = [references.resolve(m) for m in models]
     tables = [StyleTable.read(d) for d in model_dirs]
     for ref, table in zip(models, tables):
         if table is not None and len(table.names) != len(names):
             raise BadInput(f"{ref}: a student with {len(table.names)} styles cannot be evaluated against "
                            f"{recipe_path}'s {len(names)} teachers")
-    teacher_dirs = [hub.resolve(r) for r in teacher_refs]
+    teacher_dirs = [references.resolve(r) for r in teacher_refs]
 
     def loader(folder: Path):
         cache = {}
@@ -166,8 +119,8 @@ def evaluate(models: list[str], recipe_path: Path, *, prompts_file: Path | None 
     real = [features_of(s, space) for s in teacher_sets]
     for row in rows:
         row.M = fid_matrix(real, [features_of(s, space) for s in row.sets])
-        if all_toy:
-            row.extras.update(_toy_extras(row, toy_styles))
+        for measure in measures_for(teacher_refs):
+            row.extras.update(measure.measure(row.sets, teacher_refs))
         if clip is not None:
             row.extras["clip_score"] = _clip_score(row, Path(clip))
     if clip is None:
@@ -192,7 +145,7 @@ def evaluate(models: list[str], recipe_path: Path, *, prompts_file: Path | None 
 
 
 def write_report(metrics: dict, rows: list[Row], names: list[str], output: Path) -> Path:
-    from .report import heatmap, sample_grid, markdown
+    from .report import heatmap, markdown, sample_grid
 
     output.mkdir(parents=True, exist_ok=True)
     pictures = {}

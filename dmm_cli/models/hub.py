@@ -5,14 +5,38 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import console
-from .checkpoint import sha256_file
-from .errors import BadInput, ModelError, NetworkError
-from .hub import PICKLE_SUFFIXES, PIPELINE_PARTS, Fetched, offline, record, single_file_folder, usable_folder
+from .. import console
+from ..errors import BadInput, ModelError, NetworkError
+from ..files import state
+from ..files.hashing import sha256_file
+from .local import PICKLE_SUFFIXES, single_file_folder, usable_folder
 
+PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2")
 TEXT_SUFFIXES = (".json", ".txt", ".model")
+
+
+@dataclass
+class Fetched:
+    ref: str
+    folder: str
+    source: str  # local | single-file | hub, or the plug-in scheme (toy)
+    repo: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+
+
+def record(fetched: Fetched) -> None:
+    """Remember where each reference came from (resolved commit included) in $DMM_HOME/fetched.json."""
+    known = state.read_record("fetched.json")
+    known[fetched.ref] = asdict(fetched)
+    state.write_record("fetched.json", known)
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _errors(ref: str, e: Exception) -> Exception:
@@ -141,8 +165,7 @@ def _pickles_to_safetensors(folder: Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from . import state
-    from .checkpoint import atomic_folder
+    from ..files.atomic import atomic_folder
 
     pickles = [p for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES]
     if not pickles:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 
-from .errors import BadInput, ModelError
+from ..errors import BadInput, ModelError
 
 STYLES_FILE = "styles.json"
 

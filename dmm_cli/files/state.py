@@ -5,7 +5,7 @@ import json
 import os
 from pathlib import Path
 
-from .checkpoint import atomic_file
+from .atomic import atomic_file
 
 
 def home() -> Path:

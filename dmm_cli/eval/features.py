@@ -1,8 +1,5 @@
-"""Feature spaces for FID: the standard Inception features, or the toy zoo classifier's penultimate layer.
-
-Features of a sample set are computed once and cached beside its pictures; FID itself is
-torchmetrics' FrechetInceptionDistance, fed those cached features.
-"""
+"""Feature spaces for FID: the standard Inception features, or one a plug-in registers (the toy zoo's
+classifier). Features of a sample set are computed once and cached beside its pictures."""
 from __future__ import annotations
 
 import os
@@ -14,12 +11,13 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from torch import nn
 
-from . import state, toy
-from .checkpoint import atomic_file, sha256_file
-from .errors import BadInput
-from .samples import SampleSet
+from .. import plugins
+from ..errors import BadInput
+from ..files import state
+from ..files.atomic import atomic_file
+from ..files.hashing import sha256_file
+from ..generate.samples import SampleSet
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
@@ -32,21 +30,6 @@ class FeatureSpace:
     num_features: int
     extract: Callable[[list[Image.Image]], torch.Tensor]
     batch_size: int = 64
-
-
-def toy_space() -> FeatureSpace:
-    from .toy.classifier import StyleClassifier, to_pixels
-
-    folder = toy.classifier_folder()
-    clf = StyleClassifier.load(folder)
-    size = 32
-
-    @torch.inference_mode()
-    def extract(images):
-        pixels = to_pixels([i.convert("RGB").resize((size, size), Image.BICUBIC) for i in images])
-        return clf.features(pixels).double()
-
-    return FeatureSpace("toy", "toy-" + sha256_file(folder / "model.safetensors")[:12], clf.head.in_features, extract)
 
 
 def inception_weights(path: str | None) -> Path:
@@ -79,14 +62,34 @@ def inception_space(path: str | None, device: torch.device) -> FeatureSpace:
     return FeatureSpace("inception", "inception-" + sha256_file(weights)[:12], 2048, extract, batch_size=32)
 
 
-def feature_space(choice: str, all_toy: bool, device: torch.device) -> FeatureSpace:
-    if choice == "toy" or choice == "auto" and all_toy:
-        return toy_space()
-    if choice in ("inception", "auto"):
-        return inception_space(None, device)
+@dataclass(frozen=True)
+class Registered:
+    make: Callable[[torch.device], FeatureSpace]
+    default_for: Callable[[list[str]], bool] | None  # `--features auto` picks it for these teacher references
+
+
+FEATURE_SPACES: dict[str, Registered] = {}
+
+
+def register_feature_space(name: str, make: Callable[[torch.device], FeatureSpace],
+                           default_for: Callable[[list[str]], bool] | None = None) -> None:
+    FEATURE_SPACES[name] = Registered(make, default_for)
+
+
+register_feature_space("inception", lambda device: inception_space(None, device))
+
+
+def feature_space(choice: str, teacher_refs: list[str], device: torch.device) -> FeatureSpace:
+    """The space `--features` names; `auto` is the first registered space made for these teachers, else Inception."""
+    plugins.load()
+    if choice == "auto":
+        choice = next((name for name, r in FEATURE_SPACES.items() if r.default_for and r.default_for(teacher_refs)),
+                      "inception")
+    if choice in FEATURE_SPACES:
+        return FEATURE_SPACES[choice].make(device)
     if Path(choice).is_file():
         return inception_space(choice, device)
-    raise BadInput(f"--features: {choice!r} is not auto, inception, toy, or an Inception weights file")
+    raise BadInput(f"--features: {choice!r} is not auto, {', '.join(FEATURE_SPACES)}, or an Inception weights file")
 
 
 def features_of(samples: SampleSet, space: FeatureSpace) -> torch.Tensor:
@@ -101,23 +104,3 @@ def features_of(samples: SampleSet, space: FeatureSpace) -> torch.Tensor:
     with atomic_file(path) as tmp:
         save_file({"features": features.contiguous()}, tmp)
     return features
-
-
-class _Precomputed(nn.Module):
-    """Hands cached features to torchmetrics' FID unchanged."""
-
-    def __init__(self, num_features: int):
-        super().__init__()
-        self.num_features = num_features
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return features
-
-
-def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]), reset_real_features=True)
-    metric.update(real, real=True)
-    metric.update(fake, real=False)
-    return float(metric.compute())

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import BadInput
+from ..errors import BadInput
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

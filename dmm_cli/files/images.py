@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .checkpoint import atomic_file
+from .atomic import atomic_file
 
 
 def slug(text: str, limit: int = 48) -> str:

@@ -1,8 +1,4 @@
-"""Training data: an image-caption folder, encoded once by the VAE into a latent cache on disk.
-
-Folders follow the Hugging Face imagefolder convention: `metadata.jsonl` lines with `file_name` and
-`text`, or an `image.txt` caption beside each `image.png`. `toy:shapes` is the toy zoo's own set.
-"""
+"""Training images encoded once by the VAE into a latent cache on disk, keyed by VAE, size and files."""
 from __future__ import annotations
 
 import hashlib
@@ -16,68 +12,10 @@ from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .. import console, state
-from ..checkpoint import atomic_file, atomic_folder
+from .. import console
 from ..errors import BadInput
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-TOY_DATA = "toy:shapes"
-TOY_IMAGES_PER_PAIR = 12
-
-
-def toy_folder() -> Path:
-    """The toy zoo's image set, written on first use: like a web-scale set it mixes every rendering style,
-    and it leaves the held-out colour/shape pairs out."""
-    from ..toy import shapes
-
-    folder = state.home() / "toy-data" / f"shapes-all-styles-{TOY_IMAGES_PER_PAIR}"
-    if (folder / "metadata.jsonl").is_file():
-        return folder
-    with atomic_folder(folder) as tmp:
-        lines = []
-        items = [item for style in shapes.STYLES
-                 for item in shapes.dataset(style, shapes.training_pairs(), TOY_IMAGES_PER_PAIR, seed=1234)]
-        for k, (image, text) in enumerate(items):
-            name = f"{k:05d}.png"
-            image.save(tmp / name)
-            lines.append(json.dumps({"file_name": name, "text": text}))
-        (tmp / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return folder
-
-
-def resolve_data(ref: str) -> Path:
-    if ref == TOY_DATA:
-        return toy_folder()
-    folder = Path(ref).expanduser()
-    if not folder.is_dir():
-        raise BadInput(f"data.folder {ref}: no such folder")
-    return folder
-
-
-def read_captioned_folder(folder: Path) -> list[tuple[Path, str]]:
-    """(image path, caption) pairs, in a stable order."""
-    meta = folder / "metadata.jsonl"
-    items: list[tuple[Path, str]] = []
-    if meta.is_file():
-        for n, line in enumerate(meta.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                items.append((folder / row["file_name"], str(row["text"])))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise BadInput(f"{meta}: line {n} needs JSON with file_name and text") from None
-        for path, _ in items:
-            if not path.is_file():
-                raise BadInput(f"{meta}: {path.name} is listed but missing")
-    else:
-        for path in sorted(folder.rglob("*")):
-            if path.suffix.lower() in IMAGE_SUFFIXES and path.with_suffix(".txt").is_file():
-                items.append((path, path.with_suffix(".txt").read_text().strip()))
-    if not items:
-        raise BadInput(f"data folder {folder}: no captioned images (need metadata.jsonl or .txt captions "
-                       "beside the images)")
-    return items
+from ..files import state
+from ..files.atomic import atomic_file
 
 
 def _load_image(path: Path, resolution: int) -> torch.Tensor:

@@ -12,13 +12,16 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import atomic_file, atomic_folder, weight_files
-from .errors import ModelError
+from .. import plugins
+from ..errors import ModelError
+from ..files.atomic import atomic_file, atomic_folder
+from ..files.safetensors_io import weight_files
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -135,13 +138,20 @@ def _inspect(path: Path) -> tuple[str, torch.dtype]:
     return kind, {"F16": torch.float16, "BF16": torch.bfloat16}.get(dtype, torch.float32)
 
 
-def _config_folder(kind: str, metadata: dict, workdir: Path) -> Path:
-    """Component configs for the import: shipped SD ones, or the toy zoo's, updated from the file's own metadata."""
-    from . import toy
+CONFIG_TEMPLATES: list[tuple[Callable[[dict], bool], Callable[[], Path]]] = []
 
+
+def register_config_template(matches: Callable[[dict], bool], folder: Callable[[], Path]) -> None:
+    """Import files whose `dmm.configs` metadata `matches` with the pipeline folder `folder()` as the template
+    (for tokenizers and configs that are not Stable Diffusion's own, as a plug-in's models have)."""
+    CONFIG_TEMPLATES.append((matches, folder))
+
+
+def _config_folder(kind: str, metadata: dict, workdir: Path) -> Path:
+    """Component configs for the import: shipped SD ones, or a plug-in's, updated from the file's own metadata."""
     configs = json.loads(metadata.get("dmm.configs", "{}"))
-    vocab = configs.get("text_encoder", {}).get("vocab_size", 49408)
-    template = CONFIGS / kind if vocab == 49408 else toy.ZOO / toy.manifest()["base"]
+    plugins.load()
+    template = next((folder() for matches, folder in CONFIG_TEMPLATES if matches(configs)), CONFIGS / kind)
     if not configs:
         return template
     folder = workdir / "config"

@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .checkpoint import atomic_file
-from .images import grid, save_png
+from ..files.atomic import atomic_file
+from ..files.images import grid, save_png
 
 GRID_COLUMNS = 8
 

@@ -1,0 +1,1 @@
+"""Where training images and prompts come from: captioned folders, named image sets, prompt lists."""

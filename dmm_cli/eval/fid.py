@@ -1,0 +1,30 @@
+"""FID between two sets of features: torchmetrics' FrechetInceptionDistance, fed precomputed features."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class _Precomputed(nn.Module):
+    """Hands cached features to torchmetrics' FID unchanged."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]), reset_real_features=True)
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    return float(metric.compute())
+
+
+def fid_matrix(real: list[torch.Tensor], fake: list[torch.Tensor]) -> list[list[float]]:
+    """M[i][j] = FID(fake set i, real set j)."""
+    return [[fid(r, f) for r in real] for f in fake]

@@ -1,0 +1,50 @@
+"""sha256 of weight files and components, cached under $DMM_HOME since SD weights take seconds to hash."""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from . import state
+from .safetensors_io import weight_files
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+_hash_cache_lock = threading.Lock()
+HASH_CACHE = "sha256-cache.json"
+
+
+def component_sha256(component: Path) -> str:
+    """One hash for a component's weights; cached by path, size and mtime, since SD weights take seconds to hash.
+
+    Safe to call from several threads at once (hashing releases the GIL, so they run in parallel)."""
+    digests = []
+    for f in weight_files(component):
+        real = os.path.realpath(f)
+        st = os.stat(real)
+        key = f"{real}:{st.st_size}:{st.st_mtime_ns}"
+        with _hash_cache_lock:
+            known = state.read_record(HASH_CACHE).get(key)
+        if known is None:
+            known = sha256_file(Path(real))
+            with _hash_cache_lock:
+                cache = state.read_record(HASH_CACHE)
+                cache[key] = known
+                state.write_record(HASH_CACHE, cache)
+        digests.append(known)
+    return digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
+
+
+def component_sha256_many(components: list[Path]) -> list[str]:
+    """component_sha256 of several components, hashed side by side."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(pool.map(component_sha256, components))

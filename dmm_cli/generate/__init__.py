@@ -1,0 +1,1 @@
+"""Generation: sampling with a style vector, cached sample sets, and `dmm generate`."""

@@ -1,0 +1,110 @@
+"""`dmm baseline-merge` as a function: check the request, then merge a whole pipeline folder atomically."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from .. import console
+from ..errors import BadInput
+from ..files.atomic import atomic_folder
+from ..files.hashing import component_sha256_many
+from ..models import references
+from ..models.folders import derived_model_index
+from .registry import METHODS, MergeParams
+from .stream import merge_component
+
+MERGED_PARTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+
+def default_lambda(method: str, n: int, dare_sign: bool = False) -> float:
+    """1/N where the method sums task vectors (so equal weights give their mean), else 1."""
+    return 1.0 / n if method == "task-arithmetic" or method == "dare" and not dare_sign else 1.0
+
+
+def check_request(method: str, teachers: list[str], base: str | None, weights: list[float] | None,
+                  density: float) -> None:
+    if method not in METHODS:
+        raise BadInput(f"--method: unknown method {method!r} (use {', '.join(METHODS)})")
+    spec = METHODS[method]
+    if len(teachers) < spec.min_teachers:
+        raise BadInput(f"--method {method} needs at least {spec.min_teachers} teachers (got {len(teachers)})")
+    if spec.needs_base and base is None:
+        raise BadInput(f"--method {method} needs --base (the model the teachers were fine-tuned from)")
+    if not 0 < density <= 1:
+        raise BadInput(f"--density must be in (0, 1] (got {density})")
+    if weights is not None and len(weights) != len(teachers):
+        raise BadInput(f"--weights: {len(weights)} weights for {len(teachers)} teachers")
+    if weights is not None and sum(weights) == 0 and method == "average":
+        raise BadInput("--weights must not add up to 0 for average")
+
+
+def _differs(folders: list[Path], part: str) -> bool:
+    return len(set(component_sha256_many([f / part for f in folders if (f / part).is_dir()]))) > 1
+
+
+def baseline_merge(method: str, teachers: list[str], *, base: str | None = None, weights: list[float] | None = None,
+                   density: float = 0.2, lam: float | None = None, seed: int = 0, dare_sign: bool = False,
+                   output: Path, vae: str | None = None, dtype: torch.dtype | None = None, device: str = "cpu",
+                   overwrite: bool = False) -> Path:
+    """Merge the teachers' weights with `method` into a diffusers pipeline folder at `output`."""
+    check_request(method, teachers, base, weights, density)
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise BadInput(f"--output {output}: already exists; pass --overwrite to replace it")
+    base_dir = references.resolve(base) if base else None
+    teacher_dirs = [references.resolve(t) for t in teachers]
+    vae_dir = references.resolve(vae) if vae else None
+    classes = {json.loads((f / "model_index.json").read_text())["_class_name"]
+               for f in teacher_dirs + ([base_dir] if base_dir else [])}
+    if len(classes) > 1:
+        raise BadInput(f"teachers of different architectures ({', '.join(sorted(classes))}) cannot be merged")
+    weights = list(weights) if weights is not None else [1.0] * len(teachers)
+    lam = default_lambda(method, len(teachers), dare_sign) if lam is None else lam
+    params = MergeParams(tuple(weights), density, lam, seed, dare_sign)
+    template = base_dir or teacher_dirs[0]
+    everyone = teacher_dirs + ([base_dir] if base_dir else [])
+    parts = [p for p in MERGED_PARTS if (template / p).is_dir() and (p == "unet" or _differs(everyone, p))]
+    unet_sha = component_sha256_many([f / "unet" for f in everyone])
+    inputs = {"base": {"ref": base, "sha256": unet_sha[-1]} if base_dir else None,
+              "teachers": [{"ref": r, "sha256": h} for r, h in zip(teachers, unet_sha)]}
+    metadata = {"dmm.method": method, "dmm.params": json.dumps({"weights": weights, "density": density, "lambda": lam,
+                                                               "dare_sign": dare_sign}),
+                "dmm.seed": str(seed), "dmm.inputs": json.dumps(inputs)}
+    console.say(f"merge: {method} of {len(teachers)} teachers; merging {', '.join(parts)}")
+    with atomic_folder(output) as tmp:
+        for part in parts:
+            merge_component(method, base_dir / part if base_dir else None, [f / part for f in teacher_dirs],
+                            tmp / part, params, metadata, dtype=dtype, device=device, labels=teachers)
+        for part in sorted(p.name for p in template.iterdir() if p.is_dir() and p.name not in parts):
+            source = vae_dir / "vae" if part == "vae" and vae_dir else template / part
+            shutil.copytree(source, tmp / part, symlinks=False)
+        (tmp / "model_index.json").write_text(derived_model_index(template))
+        (tmp / "README.md").write_text(_card(method, params, base, teachers, parts, vae))
+    return output
+
+
+def _card(method, params: MergeParams, base, teachers, parts, vae) -> str:
+    rows = "\n".join(f"| `{t}` | {w:g} |" for t, w in zip(teachers, params.weights))
+    return f"""---
+library_name: diffusers
+tags: [stable-diffusion, model-merging, {method}]
+---
+
+# Weight-space merge: {method}
+
+A `dmm baseline-merge` of {len(teachers)} teachers{f" over the base `{base}`" if base else ""}.
+{METHODS[method].help}
+
+| teacher | weight |
+|---|---|
+{rows}
+
+density {params.density:g}, λ {params.lam:g}, seed {params.seed}{", TIES sign election" if params.dare_sign else ""}.
+Merged components: {", ".join(parts)}; the rest{f" (VAE from `{vae}`)" if vae else ""} is copied from
+{"the base" if base else "the first teacher"}. The safetensors `__metadata__` records the method, its
+parameters and every input's sha256.
+"""

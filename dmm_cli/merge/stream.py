@@ -1,0 +1,93 @@
+"""The streaming driver: one component merged tensor by tensor, from the inputs' safetensors files
+straight into the output file, so memory stays at a few tensors x N whatever the model size."""
+from __future__ import annotations
+
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import console
+from ..errors import ModelError
+from ..files.safetensors_io import TORCH_DTYPES, StreamingWriter, TensorReader, weight_files
+from .registry import METHODS, MergeParams
+
+
+class _Inputs:
+    """One component's tensors (across its shard files), read one at a time by name."""
+
+    def __init__(self, component: Path):
+        self.readers = [TensorReader(f) for f in weight_files(component)]
+        self.where = {name: r for r in self.readers for name in r.header}
+        self.header = {name: entry for r in self.readers for name, entry in r.header.items()}
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.where[name].get(name)
+
+    def shapes(self) -> dict[str, list[int]]:
+        return {k: v["shape"] for k, v in self.header.items()}
+
+
+def _first_mismatch(reference: dict, other: dict) -> str | None:
+    for key in sorted(set(reference) | set(other)):
+        if reference.get(key) != other.get(key):
+            return key
+    return None
+
+
+def _output_name(component: Path) -> str:
+    first = weight_files(component)[0].name
+    return "diffusion_pytorch_model.safetensors" if first.startswith("diffusion_pytorch_model") else "model.safetensors"
+
+
+def merge_component(method: str, base: Path | None, teachers: list[Path], out_dir: Path, params: MergeParams,
+                    metadata: dict[str, str], *, dtype: torch.dtype | None = None, device: str = "cpu",
+                    labels: list[str] | None = None) -> Path:
+    """Merge one component (e.g. unet/) tensor by tensor into `out_dir`, which gets the config and weights."""
+    fn = METHODS[method].fn
+    base_in = _Inputs(base) if base is not None else None
+    teacher_in = [_Inputs(t) for t in teachers]
+    labels = labels or [str(t) for t in teachers]
+    reference = (base_in or teacher_in[0]).shapes()
+    against = "the base's" if base_in else "the first teacher's"
+    for label, inputs in zip(labels, teacher_in):
+        shapes = inputs.shapes()
+        bad = _first_mismatch(reference, shapes)
+        if bad is not None:
+            raise ModelError(f"teacher {label}: its {out_dir.name}/ differs from {against} at key {bad} "
+                             f"({shapes.get(bad, 'missing')} vs {reference.get(bad, 'missing')})")
+    source = base_in or teacher_in[0]
+    specs = {}
+    for name in sorted(reference):
+        stored = TORCH_DTYPES[source.header[name]["dtype"]]
+        out = dtype if dtype is not None and stored.is_floating_point else stored
+        specs[name] = (out, reference[name])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = (base or teachers[0]) / "config.json"
+    if config.is_file():
+        shutil.copyfile(config, out_dir / "config.json")
+    target = out_dir / _output_name(base or teachers[0])
+    use_base = base_in is not None and METHODS[method].needs_base
+
+    def read(name):
+        return source.get(name), base_in.get(name) if use_base else None, [inp.get(name) for inp in teacher_in]
+
+    names = list(specs)
+    # The next tensor is read while this one is merged: file reads and torch both release the GIL.
+    with open(target, "wb") as f, ThreadPoolExecutor(max_workers=1) as reader:
+        writer = StreamingWriter(f, specs, metadata)
+        upcoming = reader.submit(read, names[0])
+        for k, name in enumerate(tqdm(names, desc=f"{method} {out_dir.name}", unit="tensor",
+                                      disable=console.progress_disabled(), leave=False)):
+            first, b, models = upcoming.result()
+            if k + 1 < len(names):
+                upcoming = reader.submit(read, names[k + 1])
+            if not first.is_floating_point():
+                writer.write(name, first)
+                continue
+            b = b.to(device, torch.float32) if b is not None else None
+            merged = fn(b, [m.to(device) for m in models], params, name)
+            writer.write(name, merged.to(specs[name][0]))
+    return target

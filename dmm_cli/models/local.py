@@ -1,0 +1,41 @@
+"""Local models: a diffusers folder (the released DMM layout converted), or a single-file checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import console
+from ..errors import ModelError
+from ..files import state
+from ..files.hashing import sha256_file
+from .folders import check_pipeline_folder
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+
+
+def usable_folder(folder: Path) -> Path:
+    """`folder` itself, or its student-format conversion if it holds the released DMM checkpoint's layout."""
+    from . import official
+
+    if official.is_official(folder):
+        console.say(f"fetch: {folder} is in the released DMM layout; converting it to a dmm student")
+        folder = official.student_folder(folder)
+    check_pipeline_folder(folder)
+    return folder
+
+
+def single_file_folder(path: Path, allow_pickle: bool) -> Path:
+    """A diffusers folder converted (once, cached by content hash) from a single-file checkpoint."""
+    if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+        raise ModelError(f"{path}: pickle checkpoints can run code when loaded; convert it to .safetensors or pass "
+                         "--allow-pickle")
+    if path.suffix.lower() not in WEIGHT_SUFFIXES:
+        raise ModelError(f"{path}: not a model folder or a .safetensors checkpoint")
+    from .single_file import convert_to_diffusers
+
+    folder = state.home() / "converted" / sha256_file(path)[:24]
+    if not (folder / "model_index.json").is_file():
+        console.say(f"fetch: converting single-file checkpoint {path} to diffusers layout")
+        convert_to_diffusers(path, folder)
+    check_pipeline_folder(folder)
+    return folder

@@ -1,0 +1,70 @@
+"""Turn a model reference into a local diffusers folder, fetching from the Hugging Face Hub when needed.
+
+References: a local diffusers folder, a local single-file `.safetensors`, a Hub repo `org/name` or
+`org/name@revision`, a single file inside a repo `org/name/sub/file.safetensors`, or `SCHEME:NAME`
+for a scheme a plug-in registered (the toy zoo's `toy:<name>`). Only what an SD pipeline needs is
+downloaded, safetensors first; LFS files are checked against the Hub's sha256; nothing from a repo
+is executed; pickle weights are refused unless allowed.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .. import plugins
+from ..errors import ModelError
+from .folders import check_pipeline_folder
+from .hub import Fetched, fetch_hub
+from .local import single_file_folder, usable_folder
+
+HUB_REF = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@(?P<rev>[\w.-]+))?(?:/(?P<path>.+))?$")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """Models named `prefix:NAME`: `folder(NAME)` gives the model's folder (or raises ModelError naming it)."""
+
+    folder: Callable[[str], Path]
+    names: Callable[[], list[str]]
+
+
+SCHEMES: dict[str, Scheme] = {}
+
+
+def register_scheme(prefix: str, folder: Callable[[str], Path], names: Callable[[], list[str]]) -> None:
+    SCHEMES[prefix] = Scheme(folder, names)
+
+
+def scheme_of(ref: str) -> str | None:
+    """The registered scheme a reference uses (`toy` for `toy:base`), or None."""
+    prefix, sep, _ = ref.partition(":")
+    if not sep:
+        return None
+    plugins.load()
+    return prefix if prefix in SCHEMES else None
+
+
+def resolve(ref: str, *, allow_pickle: bool = False, variant: str | None = None, store: Path | None = None) -> Path:
+    """The local folder of a model reference, checked to be a complete SD-family pipeline folder."""
+    return Path(fetch(ref, allow_pickle=allow_pickle, variant=variant, store=store).folder)
+
+
+def fetch(ref: str, *, allow_pickle: bool = False, variant: str | None = None, store: Path | None = None) -> Fetched:
+    scheme = scheme_of(ref)
+    if scheme is not None:
+        folder = SCHEMES[scheme].folder(ref[len(scheme) + 1:])
+        check_pipeline_folder(folder)
+        return Fetched(ref, str(folder.resolve()), scheme)
+    local = Path(ref).expanduser()
+    if local.is_dir():
+        folder = usable_folder(local)
+        return Fetched(ref, str(folder.resolve()), "local")
+    if local.is_file():
+        return Fetched(ref, str(single_file_folder(local, allow_pickle)), "single-file")
+    match = HUB_REF.match(ref)
+    if match is None or ref.startswith((".", "/", "~")):
+        raise ModelError(f"{ref}: no such model folder or file, and not a Hub reference (org/name[@revision])")
+    return fetch_hub(ref, match["repo"], match["rev"], match["path"], allow_pickle=allow_pickle, variant=variant,
+                     store=store)
