@@ -74,6 +74,7 @@ def fetch(
     Hub's sha256. HF_TOKEN, HF_ENDPOINT and HF_HUB_OFFLINE are honoured. Single-file checkpoints are
     converted to diffusers layout offline.
 
+    \b
     Examples:
       dmm fetch toy:base toy:night
       dmm fetch stable-diffusion-v1-5/stable-diffusion-v1-5 --variant fp16
@@ -134,9 +135,14 @@ def generate(
     attention: str = typer.Option("auto", "--attention",
                                   help="auto (xformers if a real test op runs, else SDPA), sdpa, xformers."),
     batch_size: int = typer.Option(8, "--batch-size", help="Pictures per forward pass."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace pictures that already exist."),
 ) -> None:
-    """Generate pictures with a Stable Diffusion family model and print their paths.
+    """Generate pictures with a Stable Diffusion family model and print their paths, each as it is written.
 
+    File names carry the prompt, a digest of the request (model, prompts, sampler, size) and the seed,
+    so different requests never collide; an existing picture is replaced only with --overwrite.
+
+    \b
     Examples:
       dmm generate "a red circle" --model toy:night --num-images 4
       dmm generate --style all "a red circle"          # after dmm distill: one picture per style
@@ -145,13 +151,10 @@ def generate(
     """
     from .generate.run import run
 
-    paths = run(
-        prompt, model=model, style=style, negative=negative, steps=steps, guidance=guidance, seed=seed, width=width,
+    run(prompt, model=model, style=style, negative=negative, steps=steps, guidance=guidance, seed=seed, width=width,
         height=height, num_images=num_images, scheduler=scheduler, output=output, device=device, dtype=dtype,
-        attention=attention, batch_size=batch_size,
-    )
-    for path in paths:
-        console.result(str(path))
+        attention=attention, batch_size=batch_size, overwrite=overwrite,
+        on_written=lambda path: console.result(str(path)))
 
 
 @app.command()
@@ -170,6 +173,7 @@ def distill(
     The run folder is a diffusers pipeline with styles.json, a model card, logs/ and checkpoints/.
     Ctrl-C saves a checkpoint; --resume continues exactly where it stopped.
 
+    \b
     Examples:
       dmm distill recipes/toy_styles.yaml
       dmm distill recipes/anime_realism.yaml --dry-run
@@ -215,28 +219,35 @@ def baseline_merge(
     teachers: Optional[list[str]] = typer.Argument(None, metavar="[TEACHER...]", help="Teacher model references."),
     method: str = typer.Option("average", "--method",
                                help="average: Σwθ/Σw (default weights equal). task-arithmetic: base + λΣw(θ−base), "
-                                    "λ default 1/N. ties: trim to top --density by magnitude, elect sign, disjoint "
-                                    "mean, base + λ·mean, λ default 1. dare: seeded Bernoulli(--density) keep-mask, "
-                                    "rescale 1/density, base + λΣwδ, λ default 1/N (1 with --dare-sign)."),
+                                    "λ default 1/N. ties: per tensor, keep each task vector's ⌈density·n⌉ largest "
+                                    "magnitudes (ties at the threshold kept), elect the sign of Σwδ, average the "
+                                    "kept entries that agree with it (a zero sign sum keeps the base value), base + "
+                                    "λ·mean, λ default 1. dare: seeded Bernoulli(--density) keep-mask, rescale "
+                                    "1/density, base + λΣwδ, λ default 1/N (1 with --dare-sign). Every method: a key "
+                                    "missing in a teacher is an error; non-float tensors are copied from the base."),
     base: Optional[str] = typer.Option(None, "--base", help="The model the teachers were fine-tuned from "
                                                              "(needed by task-arithmetic, ties, dare)."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="Take base and teachers from a distill recipe."),
     weights: Optional[str] = typer.Option(None, "--weights", help="Comma-separated, one per teacher. Default: 1 each."),
-    density: float = typer.Option(0.2, "--density", help="ties: fraction kept per tensor; dare: keep probability. "
-                                                         "In (0, 1]. Default 0.2."),
+    density: Optional[float] = typer.Option(None, "--density", help="ties: fraction kept per tensor; dare: keep "
+                                                                    "probability. In (0, 1]. Default 0.2."),
     lam: Optional[float] = typer.Option(None, "--lambda", help="Scale of the merged task vector (see --method)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the DARE masks."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the DARE masks. Default 0."),
     dare_sign: bool = typer.Option(False, "--dare-sign", help="dare: add TIES' sign election."),
     vae: Optional[str] = typer.Option(None, "--vae", help="Take the VAE from this model instead of the base."),
-    dtype: str = typer.Option("auto", "--dtype", help="Output dtype: auto (the inputs'), fp32, fp16, bf16."),
+    dtype: str = typer.Option("auto", "--dtype", help="Output dtype: auto (per tensor, the widest of the inputs'), "
+                                                      "fp32, fp16, bf16."),
     device: str = typer.Option("cpu", "--device", help="Compute on cpu or cuda."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder. Default: merged-METHOD."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder that dmm "
+                                                              "baseline-merge wrote (never any other folder)."),
 ) -> None:
     """Merge teachers in weight space (the baselines DMM is compared with); print the output folder.
 
-    Streams tensor by tensor, so memory stays small whatever the model size.
+    Streams tensor by tensor, so memory stays small whatever the model size. Options a method does not
+    use (--density with average, say) are refused.
 
+    \b
     Examples:
       dmm baseline-merge toy:night toy:outline toy:stripes toy:checker -o runs/average
       dmm baseline-merge --method ties --recipe recipes/toy_styles.yaml --density 0.2 -o runs/ties
@@ -290,6 +301,7 @@ def eval_(
 
     Samples are cached, so re-running or adding a model regenerates nothing already made.
 
+    \b
     Examples:
       dmm eval runs/toy_styles runs/ties runs/average --recipe recipes/toy_styles.yaml -k 100
       dmm eval runs/anime_realism --recipe recipes/anime_realism.yaml --clip ./clip-vit-l14 --json
@@ -316,6 +328,7 @@ def grid(
 ) -> None:
     """Tile PNG files into one labelled grid and print its path.
 
+    \b
     Example:
       dmm grid a.png b.png --labels night,outline -o grid.png
     """
@@ -343,6 +356,7 @@ def toy_build(
 ) -> None:
     """Build the toy zoo from scratch (about 15 minutes on 2 CPU cores) and print its folder.
 
+    \b
     Example:
       dmm toy build -o /tmp/zoo && cat /tmp/zoo/zoo.json
     """
@@ -373,12 +387,14 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     console.set_debug(debug)
     try:
-        app(args=argv, prog_name="dmm", standalone_mode=False)
-        return 0
+        code = app(args=argv, prog_name="dmm", standalone_mode=False)
+        if code == 130:  # typer answers an interrupt it caught with its exit code
+            print("dmm: interrupted", file=sys.stderr)
+        return code if isinstance(code, int) else 0
     except _EXIT as e:
         return e.exit_code
     except _ABORT:
-        console.say("dmm: interrupted")
+        print("dmm: interrupted", file=sys.stderr)
         return 130
     except _USAGE as e:
         if type(e).__name__ == "NoArgsIsHelpError":  # bare `dmm` or `dmm toy`: the help is the message
@@ -391,10 +407,10 @@ def main(argv: list[str] | None = None) -> int:
     except DMMError as e:
         if debug:
             traceback.print_exc()
-        print(f"dmm: error: {e}", file=sys.stderr)
+        print(f"dmm: {e}" if e.exit_code == 130 else f"dmm: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        console.say("dmm: interrupted")
+        print("dmm: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # the last resort: one line, the traceback only with --debug
         if debug:

@@ -174,7 +174,8 @@ def _message(err: dict) -> str:
         text = "must not be empty"
     else:
         text = err["msg"]
-    return f"{text} (got {got!r})"
+    shown = repr(got)
+    return f"{text} (got {shown if len(shown) <= 60 else shown[:57] + '...'})"
 
 
 def set_override(data: dict, assignment: str, source: str) -> None:
@@ -198,11 +199,35 @@ def set_override(data: dict, assignment: str, source: str) -> None:
     node[keys[-1]] = value
 
 
+MAX_BYTES = 1 << 20
+MAX_NODES = 10_000  # after expanding YAML aliases: a recipe is a few dozen values, an alias bomb billions
+MAX_DEPTH = 32
+
+
+def _expanded_size(node, depth: int = 0, busy: frozenset = frozenset(), memo: dict | None = None) -> int:
+    """How many values `node` holds once its aliases are expanded; stops early past the limits."""
+    memo = {} if memo is None else memo
+    if not isinstance(node, (dict, list)):
+        return 1
+    if id(node) in busy or depth > MAX_DEPTH:
+        return MAX_NODES + 1  # a cycle, or nested too deep
+    if id(node) not in memo:
+        total = 1
+        for child in (node.values() if isinstance(node, dict) else node):
+            total += _expanded_size(child, depth + 1, busy | {id(node)}, memo)
+            if total > MAX_NODES:
+                break
+        memo[id(node)] = total
+    return memo[id(node)]
+
+
 def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:
     """Read, override and validate a recipe; raises RecipeError naming the file and field."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file")
+    if path.stat().st_size > MAX_BYTES:
+        raise RecipeError(f"{path}: {path.stat().st_size} bytes is too large for a recipe (at most {MAX_BYTES})")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -214,6 +239,9 @@ def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:
         raise RecipeError(f"{path}: not a text file") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a YAML mapping of keys to values")
+    if _expanded_size(data) > MAX_NODES:
+        raise RecipeError(f"{path}: too large or too deeply nested once its YAML aliases are expanded (at most "
+                          f"{MAX_NODES} values, {MAX_DEPTH} levels)")
     for assignment in overrides:
         set_override(data, assignment, str(path))
     try:

@@ -10,7 +10,7 @@ sample=(--steps 20 --guidance 4)
 # The teachers themselves, side by side.
 pictures=() labels=()
 for name in $(dmm toy list); do
-  pictures+=("$(dmm -q generate "a blue triangle" --model "$name" "${sample[@]}" --seed 7 -o "$out/${name#toy:}.png")")
+  pictures+=("$(dmm -q generate "a blue triangle" --model "$name" "${sample[@]}" --seed 7 --overwrite -o "$out/${name#toy:}.png")")
   labels+=("${name#toy:}")
 done
 dmm grid "${pictures[@]}" --labels "$(IFS=,; echo "${labels[*]}")" -o "$out/teachers.png"
@@ -19,8 +19,8 @@ dmm grid "${pictures[@]}" --labels "$(IFS=,; echo "${labels[*]}")" -o "$out/teac
 run="$out/toy_styles"
 resume=(); [ -d "$run/checkpoints" ] && resume=(--resume)
 [ -f "$run/model_index.json" ] || dmm distill recipes/toy_styles.yaml -o "$run" "${resume[@]}"
-dmm -q generate --model "$run" --style all "a blue triangle" "${sample[@]}" --seed 7 -o "$out/student" | tail -n 1
-dmm -q generate --model "$run" --style night:0.5,checker:0.5 "a yellow square" "${sample[@]}" -o "$out/mix.png"
+dmm -q generate --model "$run" --style all "a blue triangle" "${sample[@]}" --seed 7 --overwrite -o "$out/student" | tail -n 1
+dmm -q generate --model "$run" --style night:0.5,checker:0.5 "a yellow square" "${sample[@]}" --overwrite -o "$out/mix.png"
 
 # The weight-space baselines, and the evaluation of all three against the reference.
 for method in average ties; do

@@ -18,6 +18,11 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 LFS_SUFFIXES = (".safetensors", ".bin", ".ckpt")
 
 
+def git_blob_id(data: bytes) -> str:
+    """What the Hub names a plain (non-LFS) file by: its git blob id."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
 class FakeHub:
     def __init__(self):
         self.repos: dict[str, Path] = {}
@@ -106,7 +111,7 @@ class FakeHub:
                 siblings = []
                 for name, path in sorted(hub.files(repo).items()):
                     data = path.read_bytes()
-                    entry = {"rfilename": name, "size": len(data), "blobId": hashlib.sha1(data).hexdigest()}
+                    entry = {"rfilename": name, "size": len(data), "blobId": git_blob_id(data)}
                     if name.endswith(LFS_SUFFIXES):
                         entry["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
                                         "pointerSize": 134}
@@ -122,7 +127,7 @@ class FakeHub:
                     return
                 data = files[name].read_bytes()
                 lfs = name.endswith(LFS_SUFFIXES)
-                etag = hashlib.sha256(data).hexdigest() if lfs else hashlib.sha1(data).hexdigest()
+                etag = hashlib.sha256(data).hexdigest() if lfs else git_blob_id(data)
                 headers = {"ETag": f'"{etag}"', "X-Repo-Commit": COMMIT, "Accept-Ranges": "bytes",
                            "Content-Type": "application/octet-stream"}
                 if lfs:

@@ -173,12 +173,17 @@ def test_mismatched_teachers_are_named(dmm, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_existing_output_needs_overwrite(dmm, tmp_path):
+def test_existing_output_needs_overwrite_and_only_a_merge_is_replaced(dmm, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    r = dmm("baseline-merge", "toy:night", "toy:outline", "-o", out)
+    assert dmm("baseline-merge", "toy:night", "toy:outline", "-o", out).code == 0
+    r = dmm("baseline-merge", "toy:night", "toy:stripes", "-o", out)
     assert_one_sentence_error(r, 2, "already exists", "--overwrite")
-    assert (out / "keep.txt").read_text() == "mine"
-    r = dmm("baseline-merge", "toy:night", "toy:outline", "-o", out, "--overwrite")
-    assert r.code == 0 and not (out / "keep.txt").exists() and (out / UNET_FILE).is_file()
+    r = dmm("baseline-merge", "toy:night", "toy:stripes", "-o", out, "--overwrite")
+    assert r.code == 0, r
+    assert "toy:stripes" in (out / "README.md").read_text()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    r = dmm("baseline-merge", "toy:night", "toy:outline", "-o", mine, "--overwrite")
+    assert_one_sentence_error(r, 2, "not a dmm baseline-merge output")
+    assert (mine / "keep.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["mine", "out"]

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .. import console
-from ..errors import BadInput
+from ..errors import BadInput, DMMError
 from ..files import state
 from ..files.atomic import atomic_file
 
@@ -68,8 +68,11 @@ def encode_items(items: list[tuple[Path, str]], vae, vae_sha256: str, resolution
         chunks.append((mean.float() * vae.config.scaling_factor).cpu())
     latents = torch.cat(chunks)
     captions = [text for _, text in items]
-    with atomic_file(path.with_suffix(".json")) as tmp:
-        tmp.write_text(json.dumps(captions))
-    with atomic_file(path) as tmp:
-        save_file({"latents": latents.contiguous()}, tmp)
+    try:  # a cache: a read-only or full $DMM_HOME costs a warning, not the run
+        with atomic_file(path.with_suffix(".json")) as tmp:
+            tmp.write_text(json.dumps(captions))
+        with atomic_file(path) as tmp:
+            save_file({"latents": latents.contiguous()}, tmp)
+    except (OSError, DMMError) as e:
+        console.warn(f"latent cache not written ({e}); the images will be encoded again next time")
     return LatentSet(latents, captions)

@@ -1,6 +1,7 @@
 """`dmm distill` as functions: check everything up front (plan), then train and write the student (run)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -14,11 +15,12 @@ from .. import console
 from ..data.sources import read_captioned_folder, resolve_data
 from ..errors import BadInput, DMMError, ModelError, RecipeError
 from ..files import state
-from ..files.atomic import atomic_file, atomic_folder
+from ..files.atomic import atomic_file, atomic_folder, clear_temporaries, output_lock
 from ..files.hashing import component_sha256
-from ..files.safetensors_io import component_shapes
+from ..files.safetensors_header import component_shapes
+from ..interrupts import deferred
 from ..models import references
-from ..models.folders import check_pipeline_folder, derived_model_index
+from ..models.folders import check_pipeline_folder, copy_part, derived_model_index, model_root
 from ..models.student import STYLES_FILE, Style, StyleTable
 from ..recipe import Recipe, load_recipe
 from .latents import encode_items
@@ -79,14 +81,17 @@ def _check_output(output: Path, recipe: Recipe, resume: bool, overwrite: bool) -
         if previous.get("fingerprint") != recipe.fingerprint():
             raise BadInput(f"output {output}: holds a run of another recipe ({previous.get('name')!r}, different "
                            "base, teachers or data); choose another --output")
-        if not resume and not overwrite:
+        started = bool(checkpoints(output)) or (output / "model_index.json").is_file()
+        if started and not resume and not overwrite:
             raise BadInput(f"output {output}: already holds a run of this recipe; continue it with --resume or "
                            "start over with --overwrite")
     if resume:
         found = checkpoints(output) if output.is_dir() else []
-        if not found:
+        if found:
+            return found[-1]
+        if not run_file.is_file():
             raise BadInput(f"--resume: no checkpoint under {output / CHECKPOINTS}")
-        return found[-1]
+        console.say(f"distill: {output} has no checkpoint yet; starting from the beginning")
     return None
 
 
@@ -159,6 +164,13 @@ def _accelerator(recipe: Recipe):
 
 def run(plan: RunPlan) -> Path:
     """Train the student and write it into the run folder; returns that folder."""
+    accelerator = _accelerator(plan.recipe)
+    # One writer per run folder: only the main process writes it, and it holds the lock.
+    with output_lock(plan.output) if accelerator.is_main_process else contextlib.nullcontext():
+        return _train(plan, accelerator)
+
+
+def _train(plan: RunPlan, accelerator) -> Path:
     from tqdm.auto import tqdm
     from transformers import CLIPTokenizer
 
@@ -166,10 +178,11 @@ def run(plan: RunPlan) -> Path:
     from .trainer import MetricsLog, Trainer, load_models, tokenize
 
     recipe, out, cfg = plan.recipe, plan.output, plan.recipe.train
-    accelerator = _accelerator(recipe)
     main = accelerator.is_main_process
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        for folder in (out, out / CHECKPOINTS):  # what a killed run left half-written
+            clear_temporaries(folder)
         if plan.overwrite and (out / CHECKPOINTS).exists():
             shutil.rmtree(out / CHECKPOINTS)
         with atomic_file(out / RUN_FILE) as tmp:
@@ -192,8 +205,17 @@ def run(plan: RunPlan) -> Path:
     step, last, tick = start, None, time.perf_counter()
     try:
         while step < cfg.max_steps:
-            losses = trainer.step(step)
-            step += 1
+            with deferred():  # a Ctrl-C lands between steps, so a checkpoint never holds half a step
+                losses = trainer.step(step)
+                step += 1
+            finite = torch.isfinite(losses.loss).float()
+            if accelerator.num_processes > 1:  # every rank stops together
+                finite = accelerator.reduce(finite, "sum") / accelerator.num_processes
+            if finite.item() < 1:
+                kept = checkpoints(out)
+                raise DMMError(f"distill: the loss became {losses.loss.item()} at step {step}, so the run stopped "
+                               f"({f'its last good checkpoint is {kept[-1]}' if kept else 'no checkpoint was saved'});"
+                               " lower train.lr or check the teachers")
             bar.update()
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 now = time.perf_counter()
@@ -212,11 +234,13 @@ def run(plan: RunPlan) -> Path:
                 if main:
                     log.write(last)
             if step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
-                _checkpoint(trainer, out, step, cfg.keep_checkpoints, main)
+                with deferred():
+                    _checkpoint(trainer, out, step, cfg.keep_checkpoints, main)
                 accelerator.wait_for_everyone()
     except KeyboardInterrupt:
         bar.close()
-        _checkpoint(trainer, out, step, cfg.keep_checkpoints, main)
+        with deferred(reraise=False):  # a second Ctrl-C must not cost the first one's checkpoint
+            _checkpoint(trainer, out, step, cfg.keep_checkpoints, main)
         raise Interrupted(f"interrupted at step {step}; checkpoint saved in {out / CHECKPOINTS}; continue with "
                           "--resume") from None
     finally:
@@ -289,7 +313,7 @@ def write_student(plan: RunPlan, student, last: dict) -> None:
         student.to(torch.float32)
     for part in COPIED_PARTS:
         with atomic_folder(out / part) as tmp:
-            shutil.copytree(plan.base / part, tmp, symlinks=False, dirs_exist_ok=True)
+            copy_part(plan.base / part, tmp, model_root(plan.base))
     earlier = plan.previous_styles
     old = earlier.styles if earlier else []
     styles = old + [Style(t.name, t.model, component_sha256(folder / "unet"))

@@ -68,7 +68,7 @@ def evaluate(models: list[str], recipe_path: Path, *, prompts_file: Path | None 
     if num_images < 2:
         raise BadInput(f"--num-images must be at least 2: FID needs two samples or more (got {num_images})")
     check_generation_args(steps=steps, guidance=guidance, width=None, height=None, num_images=num_images,
-                          batch_size=batch_size)
+                          batch_size=batch_size, seed=seed, seed_span=OTHER_SEEDS)
     recipe = load_recipe(recipe_path)
     teacher_refs = [t.model for t in recipe.teachers]
     names = [t.name for t in recipe.teachers]

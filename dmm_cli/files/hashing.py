@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import state
-from .safetensors_io import weight_files
+from .safetensors_header import weight_files
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -23,24 +23,27 @@ _hash_cache_lock = threading.Lock()
 HASH_CACHE = "sha256-cache.json"
 
 
-def component_sha256(component: Path) -> str:
-    """One hash for a component's weights; cached by path, size and mtime, since SD weights take seconds to hash.
+def cached_sha256(path: Path) -> str:
+    """sha256 of a file, remembered by its real path, size and mtime, since SD weights take seconds to hash.
 
     Safe to call from several threads at once (hashing releases the GIL, so they run in parallel)."""
-    digests = []
-    for f in weight_files(component):
-        real = os.path.realpath(f)
-        st = os.stat(real)
-        key = f"{real}:{st.st_size}:{st.st_mtime_ns}"
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    key = f"{real}:{st.st_size}:{st.st_mtime_ns}"
+    with _hash_cache_lock:
+        known = state.read_record(HASH_CACHE).get(key)
+    if known is None:
+        known = sha256_file(Path(real))
         with _hash_cache_lock:
-            known = state.read_record(HASH_CACHE).get(key)
-        if known is None:
-            known = sha256_file(Path(real))
-            with _hash_cache_lock:
-                cache = state.read_record(HASH_CACHE)
-                cache[key] = known
-                state.write_record(HASH_CACHE, cache)
-        digests.append(known)
+            cache = state.read_record(HASH_CACHE)
+            cache[key] = known
+            state.write_record(HASH_CACHE, cache)
+    return known
+
+
+def component_sha256(component: Path) -> str:
+    """One hash for a component's weights (a hash of the shards' hashes when it has several)."""
+    digests = [cached_sha256(f) for f in weight_files(component)]
     return digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
 
 

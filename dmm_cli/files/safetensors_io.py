@@ -7,30 +7,8 @@ from pathlib import Path
 
 import torch
 
-
-def weight_files(component: Path) -> list[Path]:
-    """The safetensors files of one pipeline component folder (e.g. unet/), sharded or not, sorted."""
-    files = sorted(Path(component).glob("*.safetensors"))
-    plain = [f for f in files if "." not in f.name.removesuffix(".safetensors")]
-    files = plain or files  # a variant (name.fp16.safetensors) only when it is all there is
-    if not files:
-        raise FileNotFoundError(f"{component}: no .safetensors weights")
-    return files
-
-
-def read_header(path: Path) -> dict:
-    """A safetensors file's header (tensor names → dtype, shape, offsets) without reading any tensor data."""
-    return _header_and_start(path)[0]
-
-
-def _header_and_start(path: Path) -> tuple[dict, int]:
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        if size <= 0 or size > 100_000_000:
-            raise ValueError(f"{path}: not a safetensors file")
-        header = json.loads(f.read(size))
-    header.pop("__metadata__", None)
-    return header, 8 + size
+from ..errors import ModelError
+from .safetensors_header import read_header_and_start
 
 
 class TensorReader:
@@ -38,26 +16,23 @@ class TensorReader:
     tensors in hand however large the file (a mapped file's touched pages count as the process's memory)."""
 
     def __init__(self, path: Path):
-        self.header, self.start = _header_and_start(path)
+        self.path = Path(path)
+        self.header, _, self.start = read_header_and_start(path)
         self.file = open(path, "rb")
 
     def get(self, name: str) -> torch.Tensor:
         entry = self.header[name]
         begin, end = entry["data_offsets"]
+        if entry["dtype"] not in TORCH_DTYPES:
+            raise ModelError(f"{self.path}: tensor {name} has dtype {entry['dtype']}, which dmm does not merge")
         raw = torch.empty(end - begin, dtype=torch.uint8)  # no zero-filling, unlike a bytearray
         self.file.seek(self.start + begin)
-        self.file.readinto(memoryview(raw.numpy()))
+        if self.file.readinto(memoryview(raw.numpy())) != end - begin:
+            raise ModelError(f"{self.path}: tensor {name} is cut short (the file changed while being read)")
         return raw.view(TORCH_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
     def close(self) -> None:
         self.file.close()
-
-
-def component_shapes(component: Path) -> dict[str, list[int]]:
-    shapes: dict[str, list[int]] = {}
-    for f in weight_files(component):
-        shapes.update({k: v["shape"] for k, v in read_header(f).items()})
-    return shapes
 
 
 SAFETENSORS_DTYPES = {
@@ -66,6 +41,12 @@ SAFETENSORS_DTYPES = {
     torch.bool: "BOOL",
 }
 TORCH_DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+def check_finite(tensor: torch.Tensor, where: Path, name: str) -> None:
+    """NaN or Inf in an input weight is an error naming the file and the tensor."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise ModelError(f"{where}: tensor {name} holds NaN or Inf values")
 
 
 class StreamingWriter:

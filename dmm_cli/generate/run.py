@@ -1,19 +1,31 @@
-"""`dmm generate` as a function: pick the model, check the arguments, make the pictures, write them."""
+"""`dmm generate` as a function: pick the model, check the arguments, make the pictures, write each at once.
+
+File names carry the prompt, a digest of the whole request (model, prompt, negative prompt, sampler,
+size) and the seed, so different requests never collide; an existing file is replaced only with
+`overwrite`. Pictures are written as their batch finishes, so a long run keeps what it made and holds
+one batch in memory.
+"""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
+from typing import Callable
 
 from .. import console
 from ..errors import BadInput
 from ..files import state
 from ..files.atomic import writable_folder
 from ..files.images import grid, save_png, slug
+from ..interrupts import deferred
 from ..models import references
 from ..models.devices import pick_device, pick_dtype
 from ..models.pipeline import load_pipeline
 from ..models.student import StyleTable, num_styles, parse_style
-from .sampling import check_generation_args, generate
+from .sampling import batches, check_generation_args
+
+GRID_ROWS = 8  # the `--style all` grid shows the first pictures of each style
 
 
 def default_model() -> tuple[str, str]:
@@ -26,7 +38,7 @@ def default_model() -> tuple[str, str]:
     return last, "the last model dmm distill wrote"
 
 
-def output_paths(output: Path, names: list[str]) -> list[Path]:
+def output_paths(output: Path, names: list[str], overwrite: bool = False) -> list[Path]:
     """Where pictures go: `output` itself if it names a .png (one picture only), else `names` inside it."""
     if output.suffix.lower() == ".png":
         if len(names) != 1:
@@ -36,16 +48,29 @@ def output_paths(output: Path, names: list[str]) -> list[Path]:
         folder, paths = output, [output / name for name in names]
     if folder.exists() and not folder.is_dir() or not writable_folder(folder):
         raise BadInput(f"--output {output}: cannot write to {folder}")
+    if not overwrite:
+        taken = next((p for p in paths if p.exists()), None)
+        if taken is not None:
+            raise BadInput(f"--output: {taken} already exists; pass --overwrite to replace it, or choose another "
+                           "--output")
     return paths
+
+
+def request_digest(folder: Path, **settings) -> str:
+    """8 hex digits that tell requests apart: the model folder and every setting that shapes the pictures."""
+    key = json.dumps({"model": str(Path(folder).resolve()), **settings}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
 def run(prompt: str, *, model: str | None, style: str | None = None, negative: str | None = None, steps: int = 30,
         guidance: float = 7.5, seed: int = 0, width: int | None = None, height: int | None = None,
         num_images: int = 1, scheduler: str | None = None, output: Path = Path("dmm-out"), device: str = "auto",
-        dtype: str = "auto", attention: str = "auto", batch_size: int = 8) -> list[Path]:
-    """Make `num_images` pictures per requested style and return the files written (a grid last for `all`)."""
+        dtype: str = "auto", attention: str = "auto", batch_size: int = 8, overwrite: bool = False,
+        on_written: Callable[[Path], None] | None = None) -> list[Path]:
+    """Make `num_images` pictures per requested style and return the files written (a grid last for `all`);
+    `on_written` hears of each file as soon as it is on disk."""
     check_generation_args(steps=steps, guidance=guidance, width=width, height=height, num_images=num_images,
-                          batch_size=batch_size)
+                          batch_size=batch_size, seed=seed)
     ref, source = (model, "") if model else default_model()
     folder = references.resolve(ref)
     notes = [n for n in (source, str(folder) if str(folder) != ref else "") if n]
@@ -58,11 +83,13 @@ def run(prompt: str, *, model: str | None, style: str | None = None, negative: s
                        "an index, `all`, or a mix like a:0.5,b:0.5)")
     styles = parse_style(style, table.names) if table is not None else [(None, None)]
 
-    stem = slug(prompt)
-    names = [f"{stem}{'-' + slug(label) if label else ''}-s{seed}-{k:03d}.png" for label, _ in styles
+    digest = request_digest(folder, prompt=prompt, negative=negative, steps=steps, guidance=guidance,
+                            scheduler=scheduler, width=width, height=height)
+    stem, width_k = f"{slug(prompt)}-{digest}", max(3, len(str(num_images - 1)))
+    names = [f"{stem}{'-' + slug(label) if label else ''}-s{seed}-{k:0{width_k}d}.png" for label, _ in styles
              for k in range(num_images)]
     want_grid = style is not None and style.strip() == "all"
-    paths = output_paths(Path(output), names + ([f"{stem}-s{seed}-styles.png"] if want_grid else []))
+    paths = output_paths(Path(output), names + ([f"{stem}-s{seed}-styles.png"] if want_grid else []), overwrite)
 
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
@@ -70,14 +97,25 @@ def run(prompt: str, *, model: str | None, style: str | None = None, negative: s
     if table is not None and num_styles(pipe.unet) != len(table.names):
         raise BadInput(f"{folder}: styles.json lists {len(table.names)} styles but the UNet takes "
                        f"{num_styles(pipe.unet)}")
-    images = []
+    written, shown = [], []
+    targets = iter(paths)
     for _, vector in styles:
-        images += generate(pipe, [prompt] * num_images, negative=negative, steps=steps, guidance=guidance,
-                           seed=seed, width=width, height=height, style=vector, batch_size=batch_size)
-    written = [save_png(image, path) for image, path in zip(images, paths)]
+        kept = []
+        for batch in batches(pipe, [prompt] * num_images, negative=negative, steps=steps, guidance=guidance,
+                             seed=seed, width=width, height=height, style=vector, batch_size=batch_size):
+            for image in batch:
+                with deferred():  # a picture on disk is a picture reported
+                    written.append(save_png(image, next(targets)))
+                    if on_written is not None:
+                        on_written(written[-1])
+            kept += batch[:max(0, GRID_ROWS - len(kept))]
+        shown.append(kept)
     if want_grid:
         # one column per style, one row per picture
-        order = [s * num_images + k for k in range(num_images) for s in range(len(styles))]
-        labels = [styles[i // num_images][0] for i in order]
-        written.append(save_png(grid([images[i] for i in order], labels, columns=len(styles)), paths[-1]))
+        rows = len(shown[0])
+        images = [shown[s][k] for k in range(rows) for s in range(len(styles))]
+        labels = [styles[s][0] for k in range(rows) for s in range(len(styles))]
+        written.append(save_png(grid(images, labels, columns=len(styles)), next(targets)))
+        if on_written is not None:
+            on_written(written[-1])
     return written

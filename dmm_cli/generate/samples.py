@@ -61,7 +61,7 @@ def sample_set(pipe_for, model: Path, style: torch.Tensor | None, prompts: list[
     done = folder / "done.json"
     if done.is_file():
         return result
-    folder.mkdir(parents=True, exist_ok=True)
+    state.store(str(folder.relative_to(state.home())))
     missing = [k for k, p in enumerate(result.paths()) if not p.is_file()]
     if missing:
         pipe = pipe_for()

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import math
+from typing import Iterator
 
 import torch
 from PIL import Image
@@ -35,7 +37,7 @@ def default_size(pipe) -> int:
     return pipe.unet.config.sample_size * pipe.vae_scale_factor
 
 
-def generate(
+def batches(
     pipe,
     prompts: list[str],
     *,
@@ -48,15 +50,16 @@ def generate(
     style: torch.Tensor | None = None,
     batch_size: int = 8,
     seeds: list[int] | None = None,
-) -> list[Image.Image]:
-    """One picture per prompt; picture i is seeded with seeds[i] (default seed + i), whatever the batch size."""
+) -> Iterator[list[Image.Image]]:
+    """The pictures of one prompt each, a batch at a time; picture i is seeded with seeds[i] (default seed + i),
+    whatever the batch size."""
     size = default_size(pipe)
-    seeds = seeds if seeds is not None else [seed + i for i in range(len(prompts))]
-    images: list[Image.Image] = []
-    with style_conditioning(pipe.unet, style), torch.inference_mode():
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[start:start + batch_size]]
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        chunk_seeds = seeds[start:start + batch_size] if seeds is not None else range(seed + start, seed + start
+                                                                                       + len(chunk))
+        generators = [torch.Generator("cpu").manual_seed(s) for s in chunk_seeds]
+        with style_conditioning(pipe.unet, style), torch.inference_mode():
             out = pipe(
                 prompt=chunk,
                 negative_prompt=[negative] * len(chunk) if negative else None,
@@ -66,16 +69,24 @@ def generate(
                 height=height or size,
                 generator=generators,
             )
-            images.extend(out.images)
-    return images
+        yield out.images
+
+
+def generate(pipe, prompts: list[str], **kwargs) -> list[Image.Image]:
+    """All the pictures of `batches`, in one list."""
+    return [image for batch in batches(pipe, prompts, **kwargs) for image in batch]
+
+
+SEED_LIMIT = 2**63  # torch generators take seeds below this
 
 
 def check_generation_args(*, steps: int, guidance: float, width: int | None, height: int | None,
-                          num_images: int, batch_size: int) -> None:
+                          num_images: int, batch_size: int, seed: int = 0, seed_span: int = 0) -> None:
+    """Refuse bad sampling arguments in one sentence; `seed_span`: how far past seed + num_images seeds reach."""
     if steps < 1:
         raise BadInput(f"--steps must be at least 1 (got {steps})")
-    if guidance < 0:
-        raise BadInput(f"--guidance must be 0 or more (got {guidance})")
+    if not (math.isfinite(guidance) and guidance >= 0):
+        raise BadInput(f"--guidance must be a finite number, 0 or more (got {guidance})")
     for flag, value in (("--width", width), ("--height", height)):
         if value is not None and (value <= 0 or value % 8):
             raise BadInput(f"{flag} must be a positive multiple of 8 (got {value})")
@@ -83,3 +94,5 @@ def check_generation_args(*, steps: int, guidance: float, width: int | None, hei
         raise BadInput(f"--num-images must be at least 1 (got {num_images})")
     if batch_size < 1:
         raise BadInput(f"--batch-size must be at least 1 (got {batch_size})")
+    if not 0 <= seed <= SEED_LIMIT - 1 - num_images - seed_span:
+        raise BadInput(f"--seed must be between 0 and {SEED_LIMIT - 1 - num_images - seed_span} (got {seed})")

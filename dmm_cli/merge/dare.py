@@ -16,7 +16,7 @@ def dare_mask(shape, density: float, seed: int, key: str, index: int, device) ->
     return (torch.rand(shape, generator=g) < density).to(device)
 
 
-@register("dare", needs_base=True, min_teachers=2,
+@register("dare", needs_base=True, min_teachers=2, uses=("density", "lambda", "seed", "dare_sign"),
           help="Drop task-vector entries with a seeded Bernoulli keep-mask (p = density), rescale by 1/density, "
                "then base + λ·Σ wᵢδᵢ (or TIES' sign election with --dare-sign).")
 def dare(base, models, params, key):

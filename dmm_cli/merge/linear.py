@@ -17,7 +17,7 @@ def average(base, models, params, key):
     return total.div_(sum(params.weights))
 
 
-@register("task-arithmetic", needs_base=True, min_teachers=1,
+@register("task-arithmetic", needs_base=True, min_teachers=1, uses=("lambda",),
           help="base + λ·Σ wᵢ(θᵢ − base).")
 def task_arithmetic(base, models, params, key):
     total = torch.zeros_like(base)

@@ -18,19 +18,23 @@ class MergeParams:
     dare_sign: bool = False
 
 
+OPTIONS = {"density": "--density", "lambda": "--lambda", "seed": "--seed", "dare_sign": "--dare-sign"}
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
     fn: Callable
     needs_base: bool
     min_teachers: int
     help: str
+    uses: tuple[str, ...]  # which of OPTIONS the method reads; giving another one is an error
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, *, needs_base: bool, min_teachers: int, help: str):
+def register(name: str, *, needs_base: bool, min_teachers: int, help: str, uses: tuple[str, ...] = ()):
     def wrap(fn):
-        METHODS[name] = Method(fn, needs_base, min_teachers, help)
+        METHODS[name] = Method(fn, needs_base, min_teachers, help, uses)
         return fn
     return wrap

@@ -2,22 +2,22 @@
 from __future__ import annotations
 
 import json
-import shutil
+import math
 from pathlib import Path
 
 import torch
 
 from .. import console
-from ..errors import BadInput
-from ..files.atomic import atomic_folder
+from ..errors import BadInput, ModelError
+from ..files.atomic import atomic_folder, output_lock, remove_leftovers
 from ..files.hashing import component_sha256_many
+from ..files.safetensors_header import read_metadata, weight_files
 from ..models import references
-from ..models.folders import derived_model_index
-from .registry import METHODS, MergeParams
+from ..models.folders import copy_part, derived_model_index, model_root
+from .registry import METHODS, OPTIONS, MergeParams
 from .stream import merge_component
 
 MERGED_PARTS = ("unet", "text_encoder", "text_encoder_2")
-
 
 
 def default_lambda(method: str, n: int, dare_sign: bool = False) -> float:
@@ -25,21 +25,53 @@ def default_lambda(method: str, n: int, dare_sign: bool = False) -> float:
     return 1.0 / n if method == "task-arithmetic" or method == "dare" and not dare_sign else 1.0
 
 
+SEED_LIMIT = 2**63
+
+
 def check_request(method: str, teachers: list[str], base: str | None, weights: list[float] | None,
-                  density: float) -> None:
+                  density: float | None = None, lam: float | None = None, seed: int | None = None,
+                  dare_sign: bool = False) -> None:
     if method not in METHODS:
         raise BadInput(f"--method: unknown method {method!r} (use {', '.join(METHODS)})")
     spec = METHODS[method]
+    given = {"density": density is not None, "lambda": lam is not None, "seed": seed is not None,
+             "dare_sign": dare_sign}
+    for option in OPTIONS:
+        if given[option] and option not in spec.uses:
+            raise BadInput(f"{OPTIONS[option]} has no effect on --method {method}; leave it out")
     if len(teachers) < spec.min_teachers:
         raise BadInput(f"--method {method} needs at least {spec.min_teachers} teachers (got {len(teachers)})")
     if spec.needs_base and base is None:
         raise BadInput(f"--method {method} needs --base (the model the teachers were fine-tuned from)")
-    if not 0 < density <= 1:
+    if density is not None and not 0 < density <= 1:
         raise BadInput(f"--density must be in (0, 1] (got {density})")
+    if lam is not None and not math.isfinite(lam):
+        raise BadInput(f"--lambda must be a finite number (got {lam})")
+    if seed is not None and not 0 <= seed < SEED_LIMIT:
+        raise BadInput(f"--seed must be between 0 and 2**63 - 1 (got {seed})")
     if weights is not None and len(weights) != len(teachers):
         raise BadInput(f"--weights: {len(weights)} weights for {len(teachers)} teachers")
+    if weights is not None and not all(math.isfinite(w) for w in weights):
+        raise BadInput(f"--weights must be finite numbers (got {', '.join(f'{w:g}' for w in weights)})")
     if weights is not None and sum(weights) == 0 and method == "average":
         raise BadInput("--weights must not add up to 0 for average")
+
+
+def is_merge_output(folder: Path) -> bool:
+    """Whether `folder` is a pipeline `dmm baseline-merge` wrote (its UNet's metadata names the method)."""
+    try:
+        return (folder / "model_index.json").is_file() and any(
+            "dmm.method" in read_metadata(f) for f in weight_files(folder / "unet"))
+    except (FileNotFoundError, ModelError):
+        return False
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and not overwrite:
+        raise BadInput(f"--output {output}: already exists; pass --overwrite to replace it")
+    if output.exists() and not is_merge_output(output):
+        raise BadInput(f"--output {output}: exists and is not a dmm baseline-merge output, so --overwrite will not "
+                       "replace it; choose another --output")
 
 
 def _differs(folders: list[Path], part: str) -> bool:
@@ -47,14 +79,23 @@ def _differs(folders: list[Path], part: str) -> bool:
 
 
 def baseline_merge(method: str, teachers: list[str], *, base: str | None = None, weights: list[float] | None = None,
-                   density: float = 0.2, lam: float | None = None, seed: int = 0, dare_sign: bool = False,
-                   output: Path, vae: str | None = None, dtype: torch.dtype | None = None, device: str = "cpu",
-                   overwrite: bool = False) -> Path:
-    """Merge the teachers' weights with `method` into a diffusers pipeline folder at `output`."""
-    check_request(method, teachers, base, weights, density)
+                   density: float | None = None, lam: float | None = None, seed: int | None = None,
+                   dare_sign: bool = False, output: Path, vae: str | None = None, dtype: torch.dtype | None = None,
+                   device: str = "cpu", overwrite: bool = False) -> Path:
+    """Merge the teachers' weights with `method` into a diffusers pipeline folder at `output`.
+
+    `density`, `lam`, `seed` and `dare_sign` may be given only to the methods that use them (None: default)."""
+    check_request(method, teachers, base, weights, density, lam, seed, dare_sign)
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise BadInput(f"--output {output}: already exists; pass --overwrite to replace it")
+    _check_output(output, overwrite)
+    with output_lock(output):
+        remove_leftovers(output)
+        _check_output(output, overwrite)
+        return _merge(method, teachers, base, weights, 0.2 if density is None else density, lam,
+                      0 if seed is None else seed, dare_sign, output, vae, dtype, device)
+
+
+def _merge(method, teachers, base, weights, density, lam, seed, dare_sign, output, vae, dtype, device) -> Path:
     base_dir = references.resolve(base) if base else None
     teacher_dirs = [references.resolve(t) for t in teachers]
     vae_dir = references.resolve(vae) if vae else None
@@ -71,20 +112,29 @@ def baseline_merge(method: str, teachers: list[str], *, base: str | None = None,
     unet_sha = component_sha256_many([f / "unet" for f in everyone])
     inputs = {"base": {"ref": base, "sha256": unet_sha[-1]} if base_dir else None,
               "teachers": [{"ref": r, "sha256": h} for r, h in zip(teachers, unet_sha)]}
-    metadata = {"dmm.method": method, "dmm.params": json.dumps({"weights": weights, "density": density, "lambda": lam,
-                                                               "dare_sign": dare_sign}),
-                "dmm.seed": str(seed), "dmm.inputs": json.dumps(inputs)}
+    used = METHODS[method].uses
+    recorded = {"weights": weights, **{k: v for k, v in (("density", density), ("lambda", lam),
+                                                          ("dare_sign", dare_sign)) if k in used}}
+    metadata = {"dmm.method": method, "dmm.params": json.dumps(recorded), "dmm.inputs": json.dumps(inputs),
+                **({"dmm.seed": str(seed)} if "seed" in used else {})}
     console.say(f"merge: {method} of {len(teachers)} teachers; merging {', '.join(parts)}")
     with atomic_folder(output) as tmp:
         for part in parts:
             merge_component(method, base_dir / part if base_dir else None, [f / part for f in teacher_dirs],
                             tmp / part, params, metadata, dtype=dtype, device=device, labels=teachers)
         for part in sorted(p.name for p in template.iterdir() if p.is_dir() and p.name not in parts):
-            source = vae_dir / "vae" if part == "vae" and vae_dir else template / part
-            shutil.copytree(source, tmp / part, symlinks=False)
+            owner = vae_dir if part == "vae" and vae_dir else template
+            copy_part(owner / part, tmp / part, model_root(owner))
         (tmp / "model_index.json").write_text(derived_model_index(template))
         (tmp / "README.md").write_text(_card(method, params, base, teachers, parts, vae))
     return output
+
+
+def _settings(method: str, params: MergeParams) -> str:
+    used = METHODS[method].uses
+    words = [f"density {params.density:g}" if "density" in used else "", f"λ {params.lam:g}" if "lambda" in used else "",
+             f"seed {params.seed}" if "seed" in used else "", "TIES sign election" if params.dare_sign else ""]
+    return (", ".join(w for w in words if w) or "No parameters beyond the weights") + "."
 
 
 def _card(method, params: MergeParams, base, teachers, parts, vae) -> str:
@@ -103,7 +153,7 @@ A `dmm baseline-merge` of {len(teachers)} teachers{f" over the base `{base}`" if
 |---|---|
 {rows}
 
-density {params.density:g}, λ {params.lam:g}, seed {params.seed}{", TIES sign election" if params.dare_sign else ""}.
+{_settings(method, params)}
 Merged components: {", ".join(parts)}; the rest{f" (VAE from `{vae}`)" if vae else ""} is copied from
 {"the base" if base else "the first teacher"}. The safetensors `__metadata__` records the method, its
 parameters and every input's sha256.

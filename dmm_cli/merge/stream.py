@@ -11,7 +11,8 @@ from tqdm.auto import tqdm
 
 from .. import console
 from ..errors import ModelError
-from ..files.safetensors_io import TORCH_DTYPES, StreamingWriter, TensorReader, weight_files
+from ..files.safetensors_header import weight_files
+from ..files.safetensors_io import TORCH_DTYPES, StreamingWriter, TensorReader, check_finite
 from .registry import METHODS, MergeParams
 
 
@@ -24,7 +25,16 @@ class _Inputs:
         self.header = {name: entry for r in self.readers for name, entry in r.header.items()}
 
     def get(self, name: str) -> torch.Tensor:
-        return self.where[name].get(name)
+        reader = self.where[name]
+        tensor = reader.get(name)
+        check_finite(tensor, reader.path, name)
+        return tensor
+
+    def dtype(self, name: str) -> torch.dtype:
+        stored = self.header[name]["dtype"]
+        if stored not in TORCH_DTYPES:
+            raise ModelError(f"{self.where[name].path}: tensor {name} has dtype {stored}, which dmm does not merge")
+        return TORCH_DTYPES[stored]
 
     def shapes(self) -> dict[str, list[int]]:
         return {k: v["shape"] for k, v in self.header.items()}
@@ -35,6 +45,13 @@ def _first_mismatch(reference: dict, other: dict) -> str | None:
         if reference.get(key) != other.get(key):
             return key
     return None
+
+
+def widest(dtypes: list[torch.dtype]) -> torch.dtype:
+    """The dtype that holds every input's values: the largest, and fp32 when fp16 meets bf16."""
+    size = max(d.itemsize for d in dtypes)
+    largest = {d for d in dtypes if d.itemsize == size}
+    return largest.pop() if len(largest) == 1 else torch.float32
 
 
 def _output_name(component: Path) -> str:
@@ -59,11 +76,13 @@ def merge_component(method: str, base: Path | None, teachers: list[Path], out_di
             raise ModelError(f"teacher {label}: its {out_dir.name}/ differs from {against} at key {bad} "
                              f"({shapes.get(bad, 'missing')} vs {reference.get(bad, 'missing')})")
     source = base_in or teacher_in[0]
+    everyone = ([base_in] if base_in else []) + teacher_in
     specs = {}
     for name in sorted(reference):
-        stored = TORCH_DTYPES[source.header[name]["dtype"]]
-        out = dtype if dtype is not None and stored.is_floating_point else stored
-        specs[name] = (out, reference[name])
+        stored = source.dtype(name)
+        if stored.is_floating_point:  # never narrower than the widest input, unless asked
+            stored = dtype or widest([inputs.dtype(name) for inputs in everyone])
+        specs[name] = (stored, reference[name])
     out_dir.mkdir(parents=True, exist_ok=True)
     config = (base or teachers[0]) / "config.json"
     if config.is_file():

@@ -45,7 +45,7 @@ def trim_threshold(delta: torch.Tensor, density: float) -> torch.Tensor | None:
 TIES_KEEP_BYTES = 256 << 20  # trimmed task vectors up to this size stay in memory between passes
 
 
-@register("ties", needs_base=True, min_teachers=2,
+@register("ties", needs_base=True, min_teachers=2, uses=("density", "lambda"),
           help="Trim task vectors to the top `density` by magnitude, elect signs by Σ wᵢδᵢ, disjoint mean; "
                "base + λ·mean.")
 def ties(base, models, params, key):

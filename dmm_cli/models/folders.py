@@ -1,10 +1,13 @@
-"""What a Stable Diffusion pipeline folder must hold; plain JSON and paths, so it loads no ML library."""
+"""What a Stable Diffusion pipeline folder must hold, its weights' headers checked; it loads no ML library."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 from ..errors import ModelError
+from ..files.safetensors_header import check_component
 
 PIPELINE_CLASS_NAMES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -27,6 +30,8 @@ def check_pipeline_folder(folder: Path) -> str:
     for part in REQUIRED_PARTS:
         if not (folder / part).is_dir():
             raise ModelError(f"{folder}: model folder has no {part}/")
+    for part in sorted(p for p in folder.iterdir() if p.is_dir() and any(p.glob("*.safetensors"))):
+        check_component(part)
     return name
 
 
@@ -39,3 +44,37 @@ def derived_model_index(source: Path, **changes) -> str:
     if "requires_safety_checker" in index:
         index["requires_safety_checker"] = False
     return json.dumps(index, indent=2) + "\n"
+
+
+STORES: list[Path] = []  # trees whose models link to each other (a plug-in's store, like the toy zoo)
+
+
+def register_store(root: Path) -> None:
+    STORES.append(Path(root).absolute())
+
+
+def model_root(folder: Path) -> Path:
+    """The tree a model's symlinks may point into: its Hub cache repo for a cache snapshot (whose files link
+    to ../../blobs), a registered store, else the model folder itself."""
+    folder = Path(folder).absolute()
+    if folder.parent.name == "snapshots":
+        return folder.parent.parent
+    return next((root for root in STORES if folder.is_relative_to(root)), folder)
+
+
+def copy_part(source: Path, target: Path, root: Path, skip: tuple[str, ...] = ()) -> None:
+    """Copy a model's folder (or file) `source` to `target` as regular files, following only links that stay
+    inside `root`: a link out of the model is refused, never copied into an output. Names ending in `skip`
+    are left out."""
+    source = Path(source)
+    if source.name.endswith(skip) and skip:
+        return
+    real = Path(os.path.realpath(source))
+    if source.is_symlink() and not real.is_relative_to(os.path.realpath(root)):
+        raise ModelError(f"{source}: links to {real}, outside the model; dmm does not follow links out of a model")
+    if real.is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        for entry in sorted(source.iterdir()):
+            copy_part(entry, target / entry.name, root, skip)
+    elif real.is_file():
+        shutil.copyfile(real, target)

@@ -3,6 +3,7 @@ HF_TOKEN / HF_ENDPOINT / HF_HUB_OFFLINE handling), limited to what an SD pipelin
 against the Hub's sha256 of every LFS file."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -11,7 +12,8 @@ from pathlib import Path
 from .. import console
 from ..errors import BadInput, ModelError, NetworkError
 from ..files import state
-from ..files.hashing import sha256_file
+from ..files.hashing import cached_sha256
+from .folders import copy_part, model_root
 from .local import PICKLE_SUFFIXES, single_file_folder, usable_folder
 
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2")
@@ -93,11 +95,41 @@ def _download(repo: str, filename: str, commit: str, sha256: str | None, store: 
     kwargs = {"local_dir": store} if store is not None else {}
     for attempt in range(2):
         path = Path(hf_hub_download(repo, filename, revision=commit, force_download=attempt > 0, **kwargs))
-        if sha256 is None or sha256_file(path) == sha256:
+        if sha256 is None or cached_sha256(path) == sha256:
             return path
         console.warn(f"{repo}/{filename}: sha256 does not match the Hub's; downloading it again")
         _evict(path)
     raise NetworkError(f"{repo}/{filename}: downloaded twice and the sha256 still differs from the Hub's")
+
+
+def _expected_digest(file: Path, store: Path | None) -> str | None:
+    """What a cached file must hash to: its blob's name in the Hub cache (sha256 for LFS files, the git blob
+    sha1 for others), or the etag huggingface_hub recorded for a `--store` download; None if unknown."""
+    if store is None:
+        name = Path(os.path.realpath(file)).name
+    else:
+        meta = store / ".cache" / "huggingface" / "download" / f"{file.relative_to(store)}.metadata"
+        lines = meta.read_text().splitlines() if meta.is_file() else []
+        name = lines[1].strip() if len(lines) > 1 else ""
+    return name if len(name) in (40, 64) and all(c in "0123456789abcdef" for c in name) else None
+
+
+def _git_blob_sha1(path: Path) -> str:
+    data = path.read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def verify_cached(ref: str, folder: Path, store: Path | None) -> None:
+    """Check every cached file of an offline fetch against the digest its cache entry names (once per file:
+    sha256 results are remembered), so a corrupted cache is refused, never used."""
+    for file in sorted(p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.parts):
+        expected = _expected_digest(file, store)
+        if expected is None:
+            continue
+        actual = cached_sha256(file) if len(expected) == 64 else _git_blob_sha1(file)
+        if actual != expected:
+            raise NetworkError(f"{ref}: the cached {file.relative_to(folder)} is corrupt (it does not hash to "
+                               f"{expected[:12]}...); fetch it again with network access")
 
 
 def _evict(path: Path) -> None:
@@ -120,6 +152,7 @@ def fetch_hub(ref: str, repo: str, revision: str | None, path: str | None, *, al
                                             **({"local_dir": store} if store else {})))
         except Exception as e:  # every huggingface_hub failure becomes one sentence
             raise _errors(ref, e) from e
+        verify_cached(ref, folder, store)
         if path:
             return Fetched(ref, str(single_file_folder(folder / path, allow_pickle)), "hub", repo, revision)
         return Fetched(ref, str(usable_folder(folder)), "hub", repo, revision, folder.name)
@@ -160,8 +193,6 @@ def fetch_hub(ref: str, repo: str, revision: str | None, path: str | None, *, al
 
 def _pickles_to_safetensors(folder: Path) -> Path:
     """A copy of `folder` whose pickle weights were loaded with weights_only=True and saved as safetensors."""
-    import shutil
-
     import torch
     from safetensors.torch import save_file
 
@@ -173,9 +204,9 @@ def _pickles_to_safetensors(folder: Path) -> Path:
     target = state.home() / "converted" / f"{folder.parent.parent.name}-{folder.name}"
     if (target / "model_index.json").is_file():
         return target
+    state.store("converted")
     with atomic_folder(target) as tmp:
-        shutil.copytree(folder, tmp, dirs_exist_ok=True, symlinks=False,
-                        ignore=shutil.ignore_patterns(*(f"*{s}" for s in PICKLE_SUFFIXES)))
+        copy_part(folder, tmp, model_root(folder), skip=PICKLE_SUFFIXES)
         for p in pickles:
             weights = torch.load(p, map_location="cpu", weights_only=True)
             name = "model.safetensors" if p.name.startswith("pytorch_model") else "diffusion_pytorch_model.safetensors"

@@ -6,7 +6,8 @@ from pathlib import Path
 from .. import console
 from ..errors import ModelError
 from ..files import state
-from ..files.hashing import sha256_file
+from ..files.hashing import cached_sha256
+from ..files.safetensors_header import read_header
 from .folders import check_pipeline_folder
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
@@ -33,8 +34,11 @@ def single_file_folder(path: Path, allow_pickle: bool) -> Path:
         raise ModelError(f"{path}: not a model folder or a .safetensors checkpoint")
     from .single_file import convert_to_diffusers
 
-    folder = state.home() / "converted" / sha256_file(path)[:24]
+    if path.suffix.lower() == ".safetensors":
+        read_header(path)
+    folder = state.home() / "converted" / cached_sha256(path)[:24]
     if not (folder / "model_index.json").is_file():
+        state.store("converted")
         console.say(f"fetch: converting single-file checkpoint {path} to diffusers layout")
         convert_to_diffusers(path, folder)
     check_pipeline_folder(folder)

@@ -8,7 +8,6 @@ and mixed v alike, so the conversion is exact.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -17,7 +16,7 @@ from safetensors.torch import save_file
 from ..files import state
 from ..files.atomic import atomic_folder
 from ..files.hashing import component_sha256
-from .folders import derived_model_index
+from .folders import copy_part, derived_model_index, model_root
 from .single_file import _read
 from .student import STYLES_FILE, Style, StyleTable
 
@@ -52,12 +51,13 @@ def student_folder(folder: Path) -> Path:
     target = state.home() / "converted" / f"dmm-{component_sha256(folder / 'unet')[:24]}"
     if (target / "model_index.json").is_file():
         return target
+    state.store("converted")
     config = json.loads((folder / "unet" / "config.json").read_text())
     weights, config = convert_unet(_read(folder / "unet"), config)
     n = config["projection_class_embeddings_input_dim"]
     with atomic_folder(target) as tmp:
         for part in ("vae", "text_encoder", "tokenizer", "scheduler"):
-            shutil.copytree(folder / part, tmp / part, symlinks=False)
+            copy_part(folder / part, tmp / part, model_root(folder))
         (tmp / "unet").mkdir()
         (tmp / "unet" / "config.json").write_text(json.dumps(config, indent=2))
         save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "unet" / "diffusion_pytorch_model.safetensors")

@@ -18,7 +18,7 @@ from diffusers import (
 
 from .. import console
 from ..errors import BadInput, ModelError
-from ..files.safetensors_io import weight_files
+from ..files.safetensors_header import weight_files
 from .folders import check_pipeline_folder
 
 PIPELINE_CLASSES = {cls.__name__: cls for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline)}
@@ -88,7 +88,7 @@ def xformers_failure(device: str, dtype: torch.dtype) -> str | None:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
     except Exception as e:  # same: any failure of the probe op rules xformers out
-        return f"its attention op failed on {device}: {str(e).splitlines()[0][:120]}"
+        return f"its attention op failed on {device}: {str(e).splitlines()[0]}"
     return None
 
 

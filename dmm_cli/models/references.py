@@ -15,7 +15,7 @@ from typing import Callable
 
 from .. import plugins
 from ..errors import ModelError
-from .folders import check_pipeline_folder
+from .folders import check_pipeline_folder, register_store
 from .hub import Fetched, fetch_hub
 from .local import single_file_folder, usable_folder
 
@@ -33,8 +33,12 @@ class Scheme:
 SCHEMES: dict[str, Scheme] = {}
 
 
-def register_scheme(prefix: str, folder: Callable[[str], Path], names: Callable[[], list[str]]) -> None:
+def register_scheme(prefix: str, folder: Callable[[str], Path], names: Callable[[], list[str]],
+                    store: Path | None = None) -> None:
+    """`store`: the tree the scheme's models live in, inside which their symlinks may point."""
     SCHEMES[prefix] = Scheme(folder, names)
+    if store is not None:
+        register_store(store)
 
 
 def scheme_of(ref: str) -> str | None:
@@ -64,7 +68,7 @@ def fetch(ref: str, *, allow_pickle: bool = False, variant: str | None = None, s
     if local.is_file():
         return Fetched(ref, str(single_file_folder(local, allow_pickle)), "single-file")
     match = HUB_REF.match(ref)
-    if match is None or ref.startswith((".", "/", "~")):
+    if match is None or ref.startswith((".", "/", "~")) or ".." in ref.split("/"):
         raise ModelError(f"{ref}: no such model folder or file, and not a Hub reference (org/name[@revision])")
     return fetch_hub(ref, match["repo"], match["rev"], match["path"], allow_pickle=allow_pickle, variant=variant,
                      store=store)

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from .. import plugins
 from ..errors import ModelError
 from ..files.atomic import atomic_file, atomic_folder
-from ..files.safetensors_io import weight_files
+from ..files.safetensors_header import weight_files
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -176,7 +176,7 @@ def convert_to_diffusers(path: Path, folder: Path) -> Path:
             pipe = cls.from_single_file(str(path), config=str(_config_folder(kind, metadata, Path(work))),
                                         local_files_only=True, torch_dtype=dtype, **extra)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
-            raise ModelError(f"{path}: cannot convert this checkpoint ({str(e).splitlines()[0][:200]})") from e
+            raise ModelError(f"{path}: cannot convert this checkpoint ({str(e).splitlines()[0]})") from e
         pipe.save_pretrained(tmp, safe_serialization=True)
         if "dmm.styles" in metadata:
             (tmp / "styles.json").write_text(metadata["dmm.styles"])

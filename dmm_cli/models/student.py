@@ -155,8 +155,8 @@ def parse_style(spec: str, names: list[str]) -> list[tuple[str, torch.Tensor]]:
                 weight = float(value)
             except ValueError:
                 raise BadInput(f"--style: mix weight {value!r} for {key!r} is not a number") from None
-            if weight < 0:
-                raise BadInput(f"--style: mix weight for {key!r} must be 0 or more (got {weight})")
+            if not (math.isfinite(weight) and weight >= 0):
+                raise BadInput(f"--style: mix weight for {key!r} must be 0 or more, and finite (got {weight})")
             i = _index(key, names)
             weights[i] = weights.get(i, 0.0) + weight
         label = "+".join(f"{names[i]}{w:g}" for i, w in weights.items())

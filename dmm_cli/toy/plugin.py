@@ -33,7 +33,7 @@ IMAGES_PER_PAIR = 12
 
 
 def register() -> None:
-    register_scheme("toy", model_folder, model_names)
+    register_scheme("toy", model_folder, model_names, store=ZOO)
     register_image_set(IMAGE_SET, shapes_folder)
     register_prompts(all_toy, captions)
     register_feature_space("toy", lambda device: toy_space(), default_for=all_toy)
@@ -60,6 +60,7 @@ def shapes_folder() -> Path:
     folder = state.home() / "toy-data" / f"shapes-all-styles-{IMAGES_PER_PAIR}"
     if (folder / "metadata.jsonl").is_file():
         return folder
+    state.store("toy-data")
     with atomic_folder(folder) as tmp:
         lines = []
         items = [item for style in shapes.STYLES
