@@ -20,7 +20,7 @@ from ..files.hashing import component_sha256
 from ..files.safetensors_header import component_shapes
 from ..interrupts import deferred
 from ..models import references
-from ..models.folders import check_pipeline_folder, copy_part, derived_model_index, model_root
+from ..models.folders import check_links, check_pipeline_folder, copy_part, derived_model_index, model_root
 from ..models.student import STYLES_FILE, Style, StyleTable
 from ..recipe import Recipe, load_recipe
 from .latents import encode_items
@@ -140,6 +140,8 @@ def plan_run(recipe_path: Path, overrides: list[str] = (), *, output: Path | Non
     old = len(table.names) if table else 0
     teachers = [None if i < old else references.resolve(t.model) for i, t in enumerate(recipe.teachers)]
     _check_teacher_shapes(recipe, base, teachers)
+    for part in COPIED_PARTS:  # the student folder gets copies of these: no link may lead out of the base
+        check_links(base / part, model_root(base))
     data_folder, count = None, 0
     if recipe.data.folder is not None:
         data_folder = resolve_data(recipe.data.folder)

@@ -41,9 +41,10 @@ def read_header_and_start(path: Path) -> tuple[dict, dict, int]:
         with open(path, "rb") as f:
             first = f.read(8)
             length = int.from_bytes(first, "little") if len(first) == 8 else -1
-            if length < 2 or length > MAX_HEADER_BYTES or 8 + length > size:
-                raise _invalid(path, "empty or truncated" if length < 2 or 8 + length > size else
-                               f"header of {length} bytes, over the {MAX_HEADER_BYTES} limit")
+            if length > MAX_HEADER_BYTES:
+                raise _invalid(path, f"a header of {length} bytes, over the {MAX_HEADER_BYTES} limit")
+            if length < 2 or 8 + length > size:
+                raise _invalid(path, "empty or truncated")
             raw = f.read(length)
     except OSError as e:
         raise ModelError(f"{path}: cannot read ({e.strerror})") from None

@@ -13,7 +13,7 @@ from ..files.atomic import atomic_folder, output_lock, remove_leftovers
 from ..files.hashing import component_sha256_many
 from ..files.safetensors_header import read_metadata, weight_files
 from ..models import references
-from ..models.folders import copy_part, derived_model_index, model_root
+from ..models.folders import check_links, copy_part, derived_model_index, model_root
 from .registry import METHODS, OPTIONS, MergeParams
 from .stream import merge_component
 
@@ -109,6 +109,10 @@ def _merge(method, teachers, base, weights, density, lam, seed, dare_sign, outpu
     template = base_dir or teacher_dirs[0]
     everyone = teacher_dirs + ([base_dir] if base_dir else [])
     parts = [p for p in MERGED_PARTS if (template / p).is_dir() and (p == "unet" or _differs(everyone, p))]
+    copied = {p.name: (vae_dir if p.name == "vae" and vae_dir else template)
+              for p in sorted(template.iterdir()) if p.is_dir() and p.name not in parts}
+    for part, owner in copied.items():  # no link may lead out of a model into the output
+        check_links(owner / part, model_root(owner))
     unet_sha = component_sha256_many([f / "unet" for f in everyone])
     inputs = {"base": {"ref": base, "sha256": unet_sha[-1]} if base_dir else None,
               "teachers": [{"ref": r, "sha256": h} for r, h in zip(teachers, unet_sha)]}
@@ -122,8 +126,7 @@ def _merge(method, teachers, base, weights, density, lam, seed, dare_sign, outpu
         for part in parts:
             merge_component(method, base_dir / part if base_dir else None, [f / part for f in teacher_dirs],
                             tmp / part, params, metadata, dtype=dtype, device=device, labels=teachers)
-        for part in sorted(p.name for p in template.iterdir() if p.is_dir() and p.name not in parts):
-            owner = vae_dir if part == "vae" and vae_dir else template
+        for part, owner in copied.items():
             copy_part(owner / part, tmp / part, model_root(owner))
         (tmp / "model_index.json").write_text(derived_model_index(template))
         (tmp / "README.md").write_text(_card(method, params, base, teachers, parts, vae))

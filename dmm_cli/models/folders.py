@@ -62,16 +62,29 @@ def model_root(folder: Path) -> Path:
     return next((root for root in STORES if folder.is_relative_to(root)), folder)
 
 
+def _followed(source: Path, root: Path) -> Path:
+    """Where `source` really is; a link out of `root` is refused."""
+    real = Path(os.path.realpath(source))
+    if source.is_symlink() and not real.is_relative_to(os.path.realpath(root)):
+        raise ModelError(f"{source}: links to {real}, outside the model; dmm does not follow links out of a model")
+    return real
+
+
+def check_links(source: Path, root: Path) -> None:
+    """Refuse, before any work, a model part with a link out of `root` (what copy_part would refuse)."""
+    if _followed(Path(source), root).is_dir():
+        for entry in sorted(Path(source).iterdir()):
+            check_links(entry, root)
+
+
 def copy_part(source: Path, target: Path, root: Path, skip: tuple[str, ...] = ()) -> None:
     """Copy a model's folder (or file) `source` to `target` as regular files, following only links that stay
     inside `root`: a link out of the model is refused, never copied into an output. Names ending in `skip`
     are left out."""
     source = Path(source)
-    if source.name.endswith(skip) and skip:
+    if skip and source.name.endswith(skip):
         return
-    real = Path(os.path.realpath(source))
-    if source.is_symlink() and not real.is_relative_to(os.path.realpath(root)):
-        raise ModelError(f"{source}: links to {real}, outside the model; dmm does not follow links out of a model")
+    real = _followed(source, root)
     if real.is_dir():
         target.mkdir(parents=True, exist_ok=True)
         for entry in sorted(source.iterdir()):

@@ -19,6 +19,7 @@ from diffusers import (
 from .. import console
 from ..errors import BadInput, ModelError
 from ..files.safetensors_header import weight_files
+from ..files.safetensors_io import check_finite
 from .folders import check_pipeline_folder
 
 PIPELINE_CLASSES = {cls.__name__: cls for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline)}
@@ -128,6 +129,9 @@ def load_component(cls, folder: Path, part: str, dtype: torch.dtype | None = Non
     variant = files[0].name.split(".")[1].split("-")[0] if files[0].name.count(".") >= 2 else None
     kwargs = {"torch_dtype": dtype} if dtype is not None else {}
     try:
-        return cls.from_pretrained(sub, use_safetensors=True, variant=variant, **kwargs)
+        model = cls.from_pretrained(sub, use_safetensors=True, variant=variant, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelError(f"{sub}: cannot load ({str(e).splitlines()[0]})") from e
+    for name, tensor in model.state_dict().items():
+        check_finite(tensor, sub, name)
+    return model

@@ -1,0 +1,368 @@
+"""A hostile world: lying weight files, NaNs, symlinks, concurrent writers, odd arguments, an unwritable cache."""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from conftest import assert_one_sentence_error
+from dmm_cli.models.references import resolve
+
+UNET = "unet/diffusion_pytorch_model.safetensors"
+TEACHERS = [{"name": n, "model": f"toy:{n}"} for n in ("night", "outline")]
+FAST = ["--steps", "2", "--guidance", "3"]
+
+
+def recipe_file(folder: Path, **changes) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    recipe = {"name": "tiny", "base": "toy:base", "teachers": TEACHERS, "data": {"folder": "toy:shapes"},
+              "train": {"max_steps": 6, "batch_size": 8, "lr": 1e-4, "checkpoint_every": 3, "log_every": 1},
+              "output": str(folder / "run")}
+    for key, value in changes.items():
+        node = recipe
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def copy_model(name: str, folder: Path) -> Path:
+    shutil.copytree(resolve(f"toy:{name}"), folder, symlinks=False)
+    return folder
+
+
+# --- weights are checked before they are trusted -------------------------------------------------------------
+
+def _header(tensors: dict) -> bytes:
+    raw = json.dumps(tensors).encode()
+    return len(raw).to_bytes(8, "little") + raw
+
+
+BAD_FILES = {
+    "empty": b"",
+    "garbage": b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage",
+    "not UTF-8": (6).to_bytes(8, "little") + b"{\xff\xfe}  ",
+    "oversized header": (200_000_000).to_bytes(8, "little") + b"{}",
+    "lying length": _header({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}) + bytes(8),
+    "overlap": _header({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                        "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}) + bytes(12),
+    "unknown dtype": _header({"w": {"dtype": "F7", "shape": [2], "data_offsets": [0, 8]}}) + bytes(8),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_FILES))
+def test_a_bad_weights_file_is_refused_in_one_sentence_naming_it(dmm, tmp_path, kind):
+    model = copy_model("base", tmp_path / "model")
+    (model / UNET).write_bytes(BAD_FILES[kind])
+    r = dmm("generate", "a red circle", "--model", model, "-o", tmp_path / "out", *FAST)
+    assert_one_sentence_error(r, 2, str(model / UNET), "not a valid safetensors file")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_truncated_teacher_is_refused_by_the_merge(dmm, tmp_path):
+    teacher = copy_model("night", tmp_path / "teacher")
+    data = (teacher / UNET).read_bytes()
+    (teacher / UNET).write_bytes(data[:-100])
+    r = dmm("baseline-merge", "toy:outline", teacher, "-o", tmp_path / "out")
+    assert_one_sentence_error(r, 2, str(teacher / UNET), "truncated")
+    assert not (tmp_path / "out").exists()
+
+
+def nan_teacher(tmp_path: Path) -> Path:
+    teacher = copy_model("night", tmp_path / "nan-teacher")
+    weights = load_file(teacher / UNET)
+    weights["conv_in.weight"][0, 0, 0, 0] = float("nan")
+    save_file(weights, teacher / UNET)
+    return teacher
+
+
+def test_nan_weights_are_named_by_merge_and_distill(dmm, tmp_path):
+    teacher = nan_teacher(tmp_path)
+    r = dmm("baseline-merge", "toy:outline", teacher, "-o", tmp_path / "out")
+    assert_one_sentence_error(r, 2, str(teacher / UNET), "conv_in.weight", "NaN or Inf")
+    recipe = recipe_file(tmp_path, teachers=[TEACHERS[0], {"name": "broken", "model": str(teacher)}])
+    r = dmm("distill", recipe)
+    assert_one_sentence_error(r, 2, str(teacher / "unet"), "conv_in.weight", "NaN or Inf")
+    assert not (tmp_path / "run" / "model_index.json").exists()
+
+
+def test_a_non_finite_loss_stops_distillation_and_writes_no_student(dmm, tmp_path):
+    recipe = recipe_file(tmp_path, **{"train.lr": 1e30, "train.checkpoint_every": 1, "train.max_steps": 20})
+    r = dmm("distill", recipe)
+    assert_one_sentence_error(r, 1, "the loss became", "lower train.lr")
+    assert not (tmp_path / "run" / "model_index.json").exists() and not (tmp_path / "run" / "unet").exists()
+    for checkpoint in (tmp_path / "run" / "checkpoints").glob("step-*"):  # what was kept was finite
+        assert all(torch.isfinite(t).all() for t in load_file(checkpoint / "student.safetensors").values())
+
+
+def test_offline_use_of_a_corrupted_cache_is_refused(tmp_path):
+    from hub_server import FakeHub
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(DMM_HOME=str(tmp_path / "home"), HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_TELEMETRY="1")
+
+    def fetch(*extra, offline=False):
+        e = dict(env, HF_HUB_OFFLINE="1") if offline else env
+        return subprocess.run([sys.executable, "-m", "dmm_cli", "fetch", "toy-org/night", *extra],
+                              capture_output=True, text=True, env=e, timeout=300)
+
+    with FakeHub() as hub:
+        hub.add("toy-org/night", copy_model("night", tmp_path / "repo"))
+        env["HF_ENDPOINT"] = hub.url
+        folder = Path(fetch().stdout.strip())
+    assert fetch(offline=True).returncode == 0
+    blob = Path(os.path.realpath(folder / UNET))
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF  # same size, one bit of rot
+    blob.write_bytes(bytes(data))
+    p = fetch(offline=True)
+    assert p.returncode == 1 and p.stdout == "", p.stderr
+    assert p.stderr.strip().startswith("dmm: error: toy-org/night: the cached unet/") and "corrupt" in p.stderr
+
+
+# --- generation keeps what it made and never overwrites silently -------------------------------------------
+
+def test_generate_never_overwrites_silently(dmm, tmp_path):
+    out = tmp_path / "out"
+    first = dmm("generate", "a cat!", "--model", "toy:night", "-o", out, *FAST)
+    other = dmm("generate", "a cat?", "--model", "toy:night", "-o", out, *FAST)  # same slug, other prompt
+    model = dmm("generate", "a cat!", "--model", "toy:outline", "-o", out, *FAST)  # same prompt, other model
+    assert first.code == other.code == model.code == 0
+    assert len({*first.lines, *other.lines, *model.lines}) == 3 and len(list(out.iterdir())) == 3
+    before = Path(first.lines[0]).read_bytes()
+    again = dmm("generate", "a cat!", "--model", "toy:night", "-o", out, *FAST)
+    assert_one_sentence_error(again, 2, first.lines[0], "already exists", "--overwrite")
+    assert Path(first.lines[0]).read_bytes() == before
+    single = tmp_path / "one.png"
+    assert dmm("generate", "a dog", "--model", "toy:night", "-o", single, *FAST).code == 0
+    assert_one_sentence_error(dmm("generate", "a dog", "--model", "toy:night", "-o", single, *FAST), 2,
+                              "already exists")
+    assert dmm("generate", "a dog", "--model", "toy:night", "-o", single, "--overwrite", *FAST).code == 0
+
+
+def test_many_pictures_stream_in_constant_memory(tmp_path):
+    from dmm_cli.generate.run import GRID_ROWS, run
+
+    alive = []
+
+    def count(path):
+        gc.collect()
+        alive.append(sum(isinstance(o, Image.Image) for o in gc.get_objects()))
+
+    paths = run("a red circle", model="toy:base", num_images=96, batch_size=4, steps=1, output=tmp_path,
+                on_written=count)
+    assert len(paths) == 96 and len(list(tmp_path.iterdir())) == 96
+    assert max(alive) <= 4 + GRID_ROWS + 4, max(alive)  # a batch and the grid's share, not all 96
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--guidance", "nan"], "--guidance must be a finite number"),
+    (["--guidance", "inf"], "--guidance must be a finite number"),
+    (["--seed", str(2**63)], "--seed must be between 0 and"),
+    (["--seed", "-1"], "--seed must be between 0 and"),
+])
+def test_bad_numbers_for_generate(dmm, tmp_path, args, fragment):
+    r = dmm("generate", "a red circle", "--model", "toy:base", *args, "-o", tmp_path / "out")
+    assert_one_sentence_error(r, 2, fragment)
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    from dmm_cli.cli import main
+
+    folder = tmp_path_factory.mktemp("student")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DMM_HOME", str(folder / "home"))
+        assert main(["-q", "distill", str(recipe_file(folder, **{"train.max_steps": 2}))]) == 0
+    return folder / "run"
+
+
+@pytest.mark.parametrize("spec", ["night:nan,outline:1", "night:inf,outline:1"])
+def test_non_finite_style_weights_are_refused(dmm, tmp_path, student, spec):
+    r = dmm("generate", "a red circle", "--model", student, "--style", spec, "-o", tmp_path / "out")
+    assert_one_sentence_error(r, 2, "--style: mix weight for 'night'", "finite")
+
+
+def test_bad_seed_for_eval_and_merge(dmm, tmp_path):
+    recipe = recipe_file(tmp_path)
+    r = dmm("eval", "toy:night", "--recipe", recipe, "--seed", str(2**63), "-o", tmp_path / "report")
+    assert_one_sentence_error(r, 2, "--seed must be between 0 and")
+    r = dmm("baseline-merge", "--method", "dare", "--base", "toy:base", "toy:night", "toy:outline",
+            "--seed", str(2**63), "-o", tmp_path / "out")
+    assert_one_sentence_error(r, 2, "--seed must be between 0 and")
+
+
+# --- outputs are private only when asked; links never lead out of a model --------------------------------------
+
+def test_outputs_get_the_usual_permissions(dmm, tmp_path):
+    old = os.umask(0o022)
+    try:
+        recipe = recipe_file(tmp_path, **{"train.max_steps": 2, "train.checkpoint_every": 1})
+        assert dmm("-q", "distill", recipe).code == 0
+        assert dmm("-q", "baseline-merge", "toy:night", "toy:outline", "-o", tmp_path / "merge").code == 0
+        assert dmm("-q", "fetch", tmp_path / "run", "--export-single-file", tmp_path / "one.safetensors").code == 0
+    finally:
+        os.umask(old)
+    files = [tmp_path / "run" / UNET, tmp_path / "merge" / UNET, tmp_path / "one.safetensors",
+             *(tmp_path / "run" / "checkpoints").rglob("*.*")]
+    assert len(files) > 4
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+
+
+def test_a_link_out_of_the_model_is_never_followed_into_an_output(dmm, tmp_path):
+    secret = tmp_path / "secret.json"
+    secret.write_text((resolve("toy:base") / "vae" / "config.json").read_text())  # passes as a config
+    base = copy_model("base", tmp_path / "base")
+    (base / "vae" / "config.json").unlink()
+    (base / "vae" / "config.json").symlink_to(secret)
+    r = dmm("baseline-merge", "--base", base, "--method", "task-arithmetic", "toy:night", "toy:outline",
+            "-o", tmp_path / "out")
+    assert_one_sentence_error(r, 2, str(base / "vae" / "config.json"), "outside the model")
+    assert not (tmp_path / "out").exists()
+    recipe = recipe_file(tmp_path, base=str(base), **{"train.max_steps": 1})
+    r = dmm("distill", recipe)
+    assert_one_sentence_error(r, 2, "outside the model")
+    assert not (tmp_path / "run" / "vae").exists()
+
+
+# --- one writer per output ----------------------------------------------------------------------------------
+
+def test_a_second_writer_of_the_same_output_stops_at_once(dmm, tmp_path):
+    recipe = recipe_file(tmp_path, **{"train.max_steps": 100000, "train.checkpoint_every": 100000})
+    first = subprocess.Popen([sys.executable, "-m", "dmm_cli", "-q", "distill", str(recipe)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lock = tmp_path / ".run.lock"
+        deadline = time.monotonic() + 120
+        while not (lock.exists() and lock.read_text().strip()):
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        r = dmm("distill", recipe)
+        assert_one_sentence_error(r, 1, str(tmp_path / "run"), f"another dmm process (pid {first.pid})")
+    finally:
+        first.terminate()
+        first.communicate(timeout=120)
+    assert first.returncode == 130 and not lock.exists()
+
+    from dmm_cli.files.atomic import output_lock
+
+    with output_lock(tmp_path / "merge"):
+        r = dmm("baseline-merge", "toy:night", "toy:outline", "-o", tmp_path / "merge")
+        assert_one_sentence_error(r, 1, "another dmm process")
+    assert not (tmp_path / "merge").exists()
+
+
+def test_leftovers_of_a_killed_merge_are_cleared_by_the_next(dmm, tmp_path):
+    out = tmp_path / "out"
+    leftover = tmp_path / ".out.k1ll3d99.tmp"
+    (leftover / "unet").mkdir(parents=True)
+    (leftover / "unet" / "half.safetensors").write_bytes(b"half")
+    assert dmm("baseline-merge", "toy:night", "toy:outline", "-o", out).code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# --- every expected failure is one sentence ---------------------------------------------------------------
+
+def test_an_alias_bomb_recipe_is_refused_without_echoing_it(dmm, tmp_path):
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{k}: &a{k} [{', '.join([f'*a{k - 1}'] * 9)}]" for k in range(1, 9)]
+    lines += ["name: *a8", "base: toy:base"]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    r = dmm("distill", bomb)
+    assert_one_sentence_error(r, 2, str(bomb), "too large or too deeply nested")
+    assert len(r.err) < 400
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("name: " + "[" * 100 + "]" * 100 + "\n")
+    assert_one_sentence_error(dmm("distill", deep), 2, "too deeply nested")
+    huge = recipe_file(tmp_path / "huge", name="x" * 5000, **{"train.max_steps": "y" * 5000})
+    r = dmm("distill", huge)
+    assert_one_sentence_error(r, 2, "train.max_steps: must be an integer")
+    assert len(r.err) < 400
+
+
+def test_an_unwritable_dmm_home_costs_caches_not_jobs(dmm, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("DMM_HOME cannot be created under a file")
+    monkeypatch.setenv("DMM_HOME", str(blocker / "home"))
+    r = dmm("generate", "a red circle", "--model", "toy:night", "-o", tmp_path / "pic.png", *FAST)
+    assert r.code == 0, r
+    r = dmm("baseline-merge", "toy:night", "toy:outline", "-o", tmp_path / "merge")  # hashes are cached there
+    assert r.code == 0, r
+    assert r.err.count("warning: cannot write to $DMM_HOME") == 1
+    assert dmm("fetch", "toy:night", "--export-single-file", tmp_path / "night.safetensors").code == 0
+    r = dmm("fetch", tmp_path / "night.safetensors")  # a conversion needs somewhere to live
+    assert_one_sentence_error(r, 1, "cannot write to $DMM_HOME", "set DMM_HOME to a writable folder")
+
+
+@pytest.mark.parametrize("ref, code, fragment", [
+    ("org/name/../../etc/passwd.safetensors", 2, "no such model folder or file"),
+    ("../missing.safetensors", 2, "no such model folder or file"),
+    ("models/../missing.safetensors", 2, "no such model folder or file"),
+])
+def test_references_that_climb_out_are_not_sent_to_the_hub(dmm, ref, code, fragment):
+    assert_one_sentence_error(dmm("fetch", ref), code, ref, fragment)
+
+
+# --- help and merge options say what they do ---------------------------------------------------------------
+
+def test_help_examples_keep_their_lines(dmm):
+    from dmm_cli import cli
+
+    for command, function in [("generate", cli.generate), ("distill", cli.distill), ("eval", cli.eval_),
+                              ("baseline-merge", cli.baseline_merge), ("fetch", cli.fetch)]:
+        examples = function.__doc__.split("Examples:")[1].strip().splitlines()
+        shown = [line.strip() for line in dmm(command, "--help").out.splitlines()]
+        assert len(examples) >= 2 and all(example.strip() in shown for example in examples), command
+    text = " ".join(dmm("baseline-merge", "--help").out.split())
+    for convention in ("ties at the threshold kept", "a zero sign sum keeps the base value",
+                       "a key missing in a teacher is an error", "non-float tensors are copied from the base"):
+        assert convention in text
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--method", "average", "--density", "0.3"], "--density has no effect on --method average"),
+    (["--method", "average", "--lambda", "2"], "--lambda has no effect on --method average"),
+    (["--method", "task-arithmetic", "--base", "toy:base", "--seed", "1"], "--seed has no effect"),
+    (["--method", "ties", "--base", "toy:base", "--dare-sign"], "--dare-sign has no effect on --method ties"),
+    (["--method", "ties", "--base", "toy:base", "--lambda", "nan"], "--lambda must be a finite number"),
+])
+def test_options_a_method_ignores_are_refused(dmm, tmp_path, args, fragment):
+    r = dmm("baseline-merge", *args, "toy:night", "toy:outline", "-o", tmp_path / "out")
+    assert_one_sentence_error(r, 2, fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_metadata_records_only_what_the_method_used(dmm, tmp_path):
+    from dmm_cli.files.safetensors_header import read_metadata
+
+    assert dmm("baseline-merge", "toy:night", "toy:outline", "-o", tmp_path / "avg").code == 0
+    meta = read_metadata(tmp_path / "avg" / UNET)
+    assert json.loads(meta["dmm.params"]) == {"weights": [1.0, 1.0]} and "dmm.seed" not in meta
+
+
+def test_dtype_auto_is_never_narrower_than_the_widest_input(dmm, tmp_path):
+    wide = copy_model("outline", tmp_path / "wide")
+    save_file({k: v.float() for k, v in load_file(wide / UNET).items()}, wide / UNET)
+    assert dmm("baseline-merge", "toy:night", wide, "-o", tmp_path / "out").code == 0
+    merged = load_file(tmp_path / "out" / UNET)
+    assert all(v.dtype == torch.float32 for v in merged.values() if v.is_floating_point())
+    assert dmm("baseline-merge", "toy:night", "toy:outline", "-o", tmp_path / "narrow").code == 0
+    assert all(v.dtype == torch.float16 for v in load_file(tmp_path / "narrow" / UNET).values())
