@@ -71,3 +71,35 @@ def test_incremental_merging_keeps_old_styles_only_with_the_regulariser(tmp_path
     assert regularised["old_style_accuracy"] >= 0.90
     assert regularised["old_style_accuracy"] >= without["old_style_accuracy"] + 0.20
     assert without["new_style_accuracy"] >= 0.90 and regularised["new_style_accuracy"] >= 0.90
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB filesystem (tmpfs): needs root and permission to mount, as on our CI machines."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (not root?)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_full_disk_is_one_sentence_and_leaves_no_half_written_output(tmp_path, small_disk):
+    import yaml
+
+    env = dict(os.environ, DMM_HOME=str(tmp_path / "home"))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "full", "base": "toy:base", "teachers": [{"name": "night", "model": "toy:night"}],
+        "data": {"folder": "toy:shapes"}, "output": str(small_disk / "run"),
+        "train": {"max_steps": 4, "batch_size": 4, "checkpoint_every": 1, "keep_checkpoints": 4}}))
+    for args in (["distill", str(recipe)],
+                 ["baseline-merge", "toy:night", "toy:outline", "-o", str(small_disk / "merge")]):
+        p = subprocess.run([sys.executable, "-m", "dmm_cli", "-q", *args], capture_output=True, text=True, env=env,
+                           timeout=600)
+        assert p.returncode == 1, p.stderr
+        lines = [line for line in p.stderr.splitlines() if line.startswith("dmm: ")]
+        assert len(lines) == 1 and "no space left on the device" in lines[0] and "Traceback" not in p.stderr, p.stderr
+        litter = [q for q in small_disk.rglob(".*") if q.name.endswith((".tmp", ".old", ".lock"))]
+        assert not litter, litter
+    assert not (small_disk / "merge").exists()
