@@ -23,7 +23,8 @@ import sd15  # noqa: E402
 from dmm_cli.console import quiet_loading, set_debug  # noqa: E402
 from dmm_cli.generate.sampling import generate  # noqa: E402
 from dmm_cli.models.pipeline import make_scheduler  # noqa: E402
-from dmm_cli.models.student import make_student, one_hot  # noqa: E402
+from dmm_cli.models.student import make_student  # noqa: E402
+from dmm_cli.models.styles import one_hot  # noqa: E402
 
 
 def main() -> None:

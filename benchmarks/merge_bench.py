@@ -3,8 +3,8 @@
 Builds a base and 4 teachers with SD1.5's real shapes and random fp16 weights (a shared VAE, own
 UNets and text encoders), as diffusers folders for dmm and as single-file checkpoints (the format
 sd-mecha reads) holding the same tensors. Then, one after another on a warm page cache, it times:
-reading every input once, `dmm baseline-merge --method average|ties`, and sd-mecha's n_average
-and TIES. Wall time and the peak RSS of each run (from wait4) go to stdout as JSON.
+reading every input once, then for each method (average, task arithmetic, TIES, DARE) `dmm
+baseline-merge` and sd-mecha's nearest recipe. Wall time and the peak RSS of each run (from wait4) go to stdout as JSON.
 
   python benchmarks/merge_bench.py --work /tmp/merge-bench --mecha-python /tmp/mecha/bin/python
 
@@ -24,16 +24,28 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# sd-mecha's nearest recipes. Its TIES and DARE wrappers compare merge spaces that are not resolved yet and
+# crash (sd-mecha 1.1.8), so the recipes are built from the merge methods underneath them. Its dropout
+# ("n-supermario") normalises by the number of kept entries where DARE divides by the density: the same
+# work per tensor, another formula.
 MECHA_SCRIPT = r"""
 import sys, sd_mecha
+from sd_mecha.extensions.builtin.merge_methods import linear, ties
 method, out, base, *teachers = sys.argv[1:]
 models = [sd_mecha.model(t) for t in teachers]
+base = sd_mecha.model(base)
+deltas = [linear.subtract(m, base) for m in models]
 if method == "average":
     recipe = sd_mecha.n_average(*models)
+elif method == "task-arithmetic":
+    recipe = linear.add_difference(base, sd_mecha.n_average(*deltas), alpha=1.0)
+elif method == "ties":
+    recipe = linear.add_difference(base, ties.ties_sum(*deltas, k=0.2), alpha=1.0)
 else:
-    recipe = sd_mecha.add_difference_ties(sd_mecha.model(base), *models, alpha=1.0, k=0.2)
+    recipe = linear.add_difference(base, ties.dropout(*deltas, probability=0.8, seed=0), alpha=1.0)
 sd_mecha.merge(recipe, output=out, threads=2)
 """
+METHODS = ("average", "task-arithmetic", "ties", "dare")
 
 
 def build_inputs(work: Path, teachers: int) -> tuple[list[Path], list[Path]]:
@@ -105,7 +117,7 @@ def main() -> None:
     dmm = [sys.executable, "-m", "dmm_cli", "-q", "baseline-merge"]
     teachers = [str(f) for f in folders[1:]]
     # Both input sets do not fit in the page cache together: each tool's own inputs are read just before its run.
-    for method in ("average", "ties"):
+    for method in METHODS:
         measured(reader + [str(f) for f in inputs], "warm dmm inputs")
         rows.append(measured(dmm + ["--method", method, "--base", str(folders[0]), *teachers, "--overwrite",
                                     "-o", str(a.work / f"dmm-{method}")], f"dmm {method}"))

@@ -23,7 +23,7 @@ from dmm_cli.console import set_quiet  # noqa: E402
 from dmm_cli.generate.sampling import generate  # noqa: E402
 from dmm_cli.models import references  # noqa: E402
 from dmm_cli.models.pipeline import load_pipeline  # noqa: E402
-from dmm_cli.models.student import StyleTable, mix, one_hot  # noqa: E402
+from dmm_cli.models.styles import StyleTable, mix, one_hot  # noqa: E402
 from dmm_cli.toy import shapes  # noqa: E402
 from dmm_cli.toy.classifier import StyleClassifier, predict, to_pixels  # noqa: E402
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import assert_one_sentence_error
 from dmm_cli.models.references import resolve
-from dmm_cli.models.student import StyleTable
+from dmm_cli.models.styles import StyleTable
 
 TEACHERS = [{"name": n, "model": f"toy:{n}"} for n in ("night", "outline", "stripes", "checker")]
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from dmm_cli.models.official import convert_unet
 from dmm_cli.models.references import resolve
-from dmm_cli.models.student import StyleTable
+from dmm_cli.models.styles import StyleTable
 
 N = 3
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -63,11 +64,38 @@ def test_task_arithmetic(tensors):
 
 
 @pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
-def test_ties(tensors, density):
+@pytest.mark.parametrize("slice_entries", [None, 7])  # the whole tensor at once, or slice by slice
+@pytest.mark.parametrize("w", [(1.0, 0.5, 2.0), (1.0, -0.5, 0.0)])
+def test_ties(tensors, density, slice_entries, w, monkeypatch):
+    from dmm_cli.merge import ties
+
+    if slice_entries:
+        monkeypatch.setattr(ties, "WHOLE", slice_entries)
+        monkeypatch.setattr(ties, "SLICE", slice_entries)
     base, models = tensors
-    w = (1.0, 0.5, 2.0)
     got = METHODS["ties"].fn(base, models, MergeParams(w, density=density, lam=0.9), "k")
     assert torch.allclose(got, reference_ties(base, models, w, density, 0.9), atol=1e-6)
+
+
+@pytest.mark.parametrize("values", ["gaussian", "few distinct", "mostly zero", "tiny and huge"])
+def test_the_linear_time_threshold_is_the_exact_kth_largest(values):
+    """The histogram selection against a full sort, on tensors large enough to take that path."""
+    from dmm_cli.merge.ties import SMALL, kth_largest, threshold_below, trim_
+
+    g = torch.Generator().manual_seed(5)
+    n = SMALL * 3 + 17
+    x = {"gaussian": torch.randn(n, generator=g),
+         "few distinct": torch.randint(-3, 4, (n,), generator=g).float() * 0.25,
+         "mostly zero": torch.where(torch.rand(n, generator=g) < 0.9, 0.0, torch.randn(n, generator=g)),
+         "tiny and huge": torch.randn(n, generator=g) * 10.0 ** torch.randint(-30, 30, (n,), generator=g)}[values]
+    ordered = x.abs().sort(descending=True).values
+    for density in (0.001, 0.2, 0.5, 0.97):
+        k = math.ceil(density * n)
+        assert kth_largest(x.abs(), k) == ordered[k - 1]
+        row = x.clone()
+        trim_(row, threshold_below(x.abs(), density), x.abs())
+        expected = torch.where(x.abs() >= ordered[k - 1], x, 0.0)  # ties at the threshold kept
+        assert torch.equal(row, expected)
 
 
 def test_dare_masks_rescale_and_repeat(tensors):

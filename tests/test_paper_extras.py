@@ -10,7 +10,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import assert_one_sentence_error
-from dmm_cli.models.student import StyleTable
+from dmm_cli.models.styles import StyleTable
 
 UNET = Path("unet") / "diffusion_pytorch_model.safetensors"
 

@@ -7,7 +7,8 @@ from diffusers import UNet2DConditionModel
 
 from dmm_cli.errors import BadInput
 from dmm_cli.models.references import resolve
-from dmm_cli.models.student import FeatureTaps, make_student, mix, num_styles, one_hot, parse_style
+from dmm_cli.models.student import FeatureTaps, make_student, num_styles
+from dmm_cli.models.styles import mix, one_hot, parse_style
 
 NAMES = ["night", "outline", "stripes", "checker"]
 

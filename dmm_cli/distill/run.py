@@ -21,7 +21,7 @@ from ..files.safetensors_header import component_shapes
 from ..interrupts import deferred
 from ..models import references
 from ..models.folders import check_links, check_pipeline_folder, copy_part, derived_model_index, model_root
-from ..models.student import STYLES_FILE, Style, StyleTable
+from ..models.styles import STYLES_FILE, Style, StyleTable
 from ..recipe import Recipe, load_recipe
 from .latents import encode_items
 
@@ -263,7 +263,7 @@ def data_sources(plan: RunPlan, tokenizer, device) -> list:
     from ..generate.samples import SamplerSettings, sample_set
     from ..models.devices import pick_dtype
     from ..models.pipeline import load_pipeline
-    from ..models.student import one_hot
+    from ..models.styles import one_hot
     from .trainer import DataSource, load_vae, tokenize
 
     recipe = plan.recipe

@@ -20,7 +20,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from ..files.atomic import atomic_file, atomic_folder
 from ..files.hashing import component_sha256
 from ..models.pipeline import load_component
-from ..models.student import FeatureTaps, grow_student, make_student, one_hot
+from ..models.student import FeatureTaps, grow_student, make_student
+from ..models.styles import one_hot
 from ..recipe import Recipe
 from .adversarial import Discriminator, discriminator_loss, generator_loss, x0_estimate
 from .losses import feature_loss, score_loss

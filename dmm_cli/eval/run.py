@@ -19,7 +19,7 @@ from ..errors import BadInput
 from ..files.atomic import atomic_file
 from ..generate.samples import SampleSet, SamplerSettings, sample_set
 from ..models import references
-from ..models.student import StyleTable, one_hot
+from ..models.styles import StyleTable, one_hot
 from ..recipe import load_recipe
 from .features import feature_space, features_of
 from .fid import fid_matrix

@@ -22,7 +22,8 @@ from ..interrupts import deferred
 from ..models import references
 from ..models.devices import pick_device, pick_dtype
 from ..models.pipeline import load_pipeline
-from ..models.student import StyleTable, num_styles, parse_style
+from ..models.student import num_styles
+from ..models.styles import StyleTable, parse_style
 from .sampling import batches, check_generation_args
 
 GRID_ROWS = 8  # the `--style all` grid shows the first pictures of each style

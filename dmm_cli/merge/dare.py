@@ -21,11 +21,12 @@ def dare_mask(shape, density: float, seed: int, key: str, index: int, device) ->
                "then base + λ·Σ wᵢδᵢ (or TIES' sign election with --dare-sign).")
 def dare(base, models, params, key):
     def dropped(i):
-        d = models[i] - base
-        return d.mul_(dare_mask(d.shape, params.density, params.seed, key, i, d.device)).div_(params.density)
+        keep = dare_mask(base.shape, params.density, params.seed, key, i, base.device)  # its draws freed first
+        return (models[i] - base).mul_(keep).div_(params.density)
 
     if params.dare_sign:
-        return disjoint_mean(dropped, len(models), params.weights).mul_(params.lam).add_(base)
+        stack = torch.stack([dropped(i) for i in range(len(models))])
+        return disjoint_mean(stack, params.weights).mul_(params.lam).add_(base)
     total = torch.zeros_like(base)
     for i in range(len(models)):
         total.add_(dropped(i), alpha=params.weights[i])

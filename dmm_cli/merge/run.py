@@ -15,7 +15,7 @@ from ..files.safetensors_header import read_metadata, weight_files
 from ..models import references
 from ..models.folders import check_links, copy_part, derived_model_index, model_root
 from .registry import METHODS, OPTIONS, MergeParams
-from .stream import merge_component
+from .stream import keep_freed_memory, merge_component
 
 MERGED_PARTS = ("unet", "text_encoder", "text_encoder_2")
 
@@ -122,6 +122,7 @@ def _merge(method, teachers, base, weights, density, lam, seed, dare_sign, outpu
     metadata = {"dmm.method": method, "dmm.params": json.dumps(recorded), "dmm.inputs": json.dumps(inputs),
                 **({"dmm.seed": str(seed)} if "seed" in used else {})}
     console.say(f"merge: {method} of {len(teachers)} teachers; merging {', '.join(parts)}")
+    keep_freed_memory()
     with atomic_folder(output) as tmp:
         for part in parts:
             merge_component(method, base_dir / part if base_dir else None, [f / part for f in teacher_dirs],

@@ -2,73 +2,105 @@
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
+import sys
 
 import torch
 
 from .registry import register
 
 
-def disjoint_mean(delta, n: int, weights) -> torch.Tensor:
-    """TIES' sign election and disjoint mean over task vectors `delta(i)`, i < n, in two passes.
+def disjoint_mean(stack: torch.Tensor, weights) -> torch.Tensor:
+    """TIES' sign election and disjoint mean of task vectors stacked on the first axis (one row per teacher).
 
-    Each pass asks for one task vector at a time, so memory holds a few tensors whatever n is."""
-    total = None
-    for i in range(n):
-        d = delta(i)
-        total = d * weights[i] if total is None else total.add_(d, alpha=weights[i])
-    elected = total.sign_()
-    num = torch.zeros_like(elected)
-    den = torch.zeros_like(elected)
-    for i in range(n):
-        d = delta(i).mul_(elected)  # in place, no temporary: |δᵢ| where δᵢ agrees with the elected sign, else ≤ 0
-        den.add_(d > 0, alpha=weights[i])
-        num.addcmul_(d.clamp_(min=0), elected, value=weights[i])
-    return num.div_(den.masked_fill_(den == 0, 1.0))
+    The rows are used up: they end as the agreeing magnitudes. Every step is one operation over the whole
+    stack, in place: boolean temporaries and their conversions are slow on the CPU."""
+    w = torch.tensor(weights, dtype=stack.dtype, device=stack.device)
+    rows = stack.view(len(weights), -1)
+    elected = (w @ rows).sign_()
+    rows.mul_(elected).clamp_(min=0)  # |δᵢ| where δᵢ agrees with the elected sign, else 0
+    num = w @ rows
+    den = w @ rows.sign_()  # the weight of the teachers that agree
+    if all(x > 0 for x in weights):  # then den is 0 only where num is: one cheap op instead of a mask
+        den.clamp_(min=torch.finfo(den.dtype).tiny)
+    else:
+        den.masked_fill_(den == 0, 1.0)
+    return num.mul_(elected).div_(den).view(stack.shape[1:])
 
 
-def trim_threshold(delta: torch.Tensor, density: float) -> torch.Tensor | None:
-    """The magnitude of the k-th largest entry, k = ⌈density·numel⌉ (at least one); None keeps everything."""
-    k = max(1, math.ceil(density * delta.numel()))
-    if k >= delta.numel():
+BUCKETS = 1 << 15  # a non-negative float32's top 16 bits (sign 0, exponent, 7 mantissa bits)
+TOP_HALF = 1 if sys.byteorder == "little" else 0
+SMALL = 1 << 18
+
+
+def kth_largest(magnitude: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest of non-negative float32 values, exactly, in linear time.
+
+    A non-negative float's bit pattern read as an int32 sorts like the float itself, so a histogram of
+    its top bits finds the bucket holding the k-th largest, and only that bucket (a few percent of the
+    entries) is searched exactly."""
+    magnitude = magnitude.reshape(-1)
+    if magnitude.device.type != "cpu":
+        return magnitude.kthvalue(magnitude.numel() - k + 1).values
+    if magnitude.numel() <= SMALL:  # a histogram costs more than it saves
+        values = magnitude.numpy().copy()
+        values.partition(len(values) - k)
+        return torch.tensor(values[len(values) - k])
+    buckets = magnitude.view(torch.int16)[TOP_HALF::2]  # the top half of each float, without a new tensor
+    from_top = torch.bincount(buckets, minlength=BUCKETS).flip(0).cumsum(0)  # entries in the top j+1 buckets
+    j = int(torch.searchsorted(from_top, k))
+    inside = magnitude[buckets == BUCKETS - 1 - j].numpy()
+    index = len(inside) - (k - (int(from_top[j - 1]) if j else 0))
+    inside.partition(index)  # in place, on the bucket's own copy
+    return torch.tensor(inside[index])
+
+
+def threshold_below(magnitude: torch.Tensor, density: float) -> float | None:
+    """The largest float below the ⌈density·numel⌉-th largest magnitude (at least the 1st), so that threshold()
+    keeps exactly the entries at or above it, ties included; None when every entry is kept."""
+    k = max(1, math.ceil(density * magnitude.numel()))
+    if k >= magnitude.numel():
         return None
-    magnitude = delta.abs().view(-1)
-    index = magnitude.numel() - k
-    if magnitude.device.type == "cpu":
-        # numpy selects in place; kthvalue would also hold an int64 index per entry (2× an fp32 tensor)
-        magnitude.numpy().partition(index)
-        return magnitude[index].clone()
-    return magnitude.kthvalue(index + 1).values
+    return float(torch.nextafter(kth_largest(magnitude, k), magnitude.new_zeros(())))
 
 
-TIES_KEEP_BYTES = 256 << 20  # trimmed task vectors up to this size stay in memory between passes
+def trim_(row: torch.Tensor, below: float | None, magnitude: torch.Tensor) -> None:
+    """Zero, in place, the entries of `row` whose magnitude is not above `below`; `magnitude` holds |row| and
+    is used up."""
+    if below is not None:
+        torch.nn.functional.threshold_(magnitude, below, 0.0)
+        torch.copysign(magnitude, row, out=row)
+
+
+WHOLE = 1 << 24  # tensors up to this many entries are merged at once (every SD UNet tensor)
+SLICE = 1 << 22  # larger ones (text encoders' token embeddings), this many entries at a time, so memory holds
+                 # teachers x slice rather than teachers x tensor
 
 
 @register("ties", needs_base=True, min_teachers=2, uses=("density", "lambda"),
           help="Trim task vectors to the top `density` by magnitude, elect signs by Σ wᵢδᵢ, disjoint mean; "
                "base + λ·mean.")
 def ties(base, models, params, key):
-    n = len(models)
-    keep = base.numel() * base.element_size() * n <= TIES_KEEP_BYTES
-
-    def prepare(i):
-        d = models[i] - base
-        threshold = trim_threshold(d, params.density)
-        if threshold is not None:
-            d.mul_(d.abs() >= threshold)
-        return threshold, d if keep else None
-
-    # kthvalue runs on one core: trim teachers side by side, unless their tensors are large
-    workers = min(n, os.cpu_count() or 1) if keep else 1
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        prepared = list(pool.map(prepare, range(n)))
-
-    def trimmed(i):
-        threshold, d = prepared[i]
-        if d is not None:
-            return d
-        d = models[i] - base
-        return d if threshold is None else d.mul_(d.abs() >= threshold)
-
-    return disjoint_mean(trimmed, n, params.weights).mul_(params.lam).add_(base)
+    n, flat = len(models), base.reshape(-1)
+    total = flat.numel()
+    size = total if total <= WHOLE else SLICE
+    buffer, magnitude = flat.new_empty(n * size), flat.new_empty(total)
+    belows = [None] * n
+    if size < total:  # each teacher's threshold is over its whole task vector: find them first
+        for i, model in enumerate(models):
+            belows[i] = threshold_below(torch.sub(model.reshape(-1), flat, out=magnitude).abs_(), params.density)
+    merged = None if size == total else torch.empty_like(flat)
+    # Teachers one after another, slices one after another: every operation already uses all the cores.
+    for start in range(0, total, size):
+        end = min(start + size, total)
+        rows, scratch = buffer[:n * (end - start)].view(n, end - start), magnitude[:end - start]
+        for i, model in enumerate(models):
+            torch.sub(model.reshape(-1)[start:end], flat[start:end], out=rows[i])
+            torch.abs(rows[i], out=scratch)
+            if size == total:
+                belows[i] = threshold_below(scratch, params.density)
+            trim_(rows[i], belows[i], scratch)
+        if merged is None:
+            merged = disjoint_mean(rows, params.weights)
+        else:
+            merged[start:end] = disjoint_mean(rows, params.weights)
+    return merged.view(base.shape).mul_(params.lam).add_(base)

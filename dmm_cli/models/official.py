@@ -18,7 +18,7 @@ from ..files.atomic import atomic_folder
 from ..files.hashing import component_sha256
 from .folders import copy_part, derived_model_index, model_root
 from .single_file import _read
-from .student import STYLES_FILE, Style, StyleTable
+from .styles import STYLES_FILE, Style, StyleTable
 
 OFFICIAL_KEYS = ("model_embedding.weight", "add_embedding.linear_1.weight", "add_embedding.linear_1.bias",
                  "add_embedding.linear_2.weight", "add_embedding.linear_2.bias")
