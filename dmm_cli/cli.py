@@ -80,7 +80,6 @@ def fetch(
       dmm fetch stable-diffusion-v1-5/stable-diffusion-v1-5 --variant fp16
       dmm fetch SG161222/Realistic_Vision_V5.1_noVAE@main --store ./models
       dmm fetch ./sd15-finetune.safetensors
-      dmm fetch runs/toy_styles --export-single-file toy_styles.safetensors
     """
     import json
     from dataclasses import asdict
@@ -97,9 +96,10 @@ def fetch(
             ref = f"{head}/{name}@{revision}" + (f"/{path}" if path else "")
         manifest.append(fetch_ref(ref, allow_pickle=allow_pickle, variant=variant, store=store))
     if export_single_file is not None:
-        from .models.single_file import export_single_file as export
+        from .export.run import export
 
-        export(Path(manifest[0].folder), export_single_file)
+        console.warn("--export-single-file has moved to `dmm export MODEL --single-file -o FILE`; it still works here")
+        export(refs[0], single_file=True, output=export_single_file, overwrite=True)
     if as_json:
         console.result(json.dumps([asdict(m) for m in manifest], indent=2))
     else:
@@ -275,6 +275,48 @@ def baseline_merge(
                    dare_sign=dare_sign, output=output or Path(f"merged-{method}"), vae=vae,
                    dtype=None if dtype == "auto" else DTYPES[dtype], device=device, overwrite=overwrite)
     console.result(str(folder))
+
+
+@app.command("export")
+def export_(
+    model: str = typer.Argument(..., metavar="MODEL", help="A dmm student (run folder or reference), or any model "
+                                                          "for --single-file."),
+    style: Optional[str] = typer.Option(None, "--style", "-s", help="Bake this style into a plain checkpoint: a name, "
+                                                                    "an index, a mix (a:0.7,b:0.3), or `all` (one "
+                                                                    "checkpoint per style)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o",
+                                          help="Folder (or .safetensors with --single-file; a folder of them for "
+                                               "--style all). Default: named after the model and style."),
+    single_file: bool = typer.Option(False, "--single-file", help="Write one original-layout .safetensors file, as "
+                                                                   "A1111, ComfyUI and Forge load."),
+    fmt: str = typer.Option("diffusers", "--format", help="diffusers, or dmm-official: the released MCG-NJU/DMM "
+                                                          "layout (model_embedding + add_embedding) of a student."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (as stored), fp32, fp16, bf16."),
+    metrics: Optional[Path] = typer.Option(None, "--metrics", help="A `dmm eval` metrics.json whose figures go into "
+                                                                   "the model card. Default: MODEL/eval/metrics.json."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an output that dmm export wrote."),
+) -> None:
+    """Use a merged model anywhere: bake a student's style into a plain checkpoint; print the written paths.
+
+    A student adds its style embedding to the timestep embedding; for a fixed style or mix that is a
+    constant, folded exactly into a bias, so the result is a plain SD model with no style input.
+
+    \b
+    Examples:
+      dmm export runs/toy_styles --style night -o night/
+      dmm export runs/toy_styles --style all --single-file -o styles/    # one file per style for A1111/ComfyUI
+      dmm export runs/toy_styles --style night:0.5,checker:0.5 --single-file -o mix.safetensors
+      dmm export runs/toy_styles --format dmm-official -o toy_styles-official/
+      dmm export ./sd15-folder --single-file -o sd15.safetensors
+    """
+    from .export.run import export
+    from .models.devices import DTYPES
+
+    if dtype != "auto" and dtype not in DTYPES:
+        raise BadInput(f"--dtype: unknown dtype {dtype!r} (use auto, {', '.join(DTYPES)})")
+    for path in export(model, style=style, output=output, single_file=single_file, fmt=fmt,
+                       dtype=None if dtype == "auto" else DTYPES[dtype], metrics=metrics, overwrite=overwrite):
+        console.result(str(path))
 
 
 @app.command("eval")

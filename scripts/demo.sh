@@ -22,6 +22,21 @@ resume=(); [ -d "$run/checkpoints" ] && resume=(--resume)
 dmm -q generate --model "$run" --style all "a blue triangle" "${sample[@]}" --seed 7 --overwrite -o "$out/student" | tail -n 1
 dmm -q generate --model "$run" --style night:0.5,checker:0.5 "a yellow square" "${sample[@]}" --overwrite -o "$out/mix.png"
 
+# Every style baked into a plain checkpoint, drawn by stock diffusers: no dmm code on that side.
+dmm -q export "$run" --style all -o "$out/baked" --overwrite > /dev/null
+baked=()
+for style in night outline stripes checker; do
+  python - "$out/baked/$style" "$out/baked-$style.png" <<'PY'
+import sys, torch
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1], torch_dtype=torch.float32)
+pipe.set_progress_bar_config(disable=True)
+pipe("a blue triangle", num_inference_steps=20, guidance_scale=4, generator=torch.Generator().manual_seed(7)).images[0].save(sys.argv[2])
+PY
+  baked+=("$out/baked-$style.png")
+done
+dmm grid "${baked[@]}" --labels night,outline,stripes,checker -o "$out/baked.png" > /dev/null
+
 # The weight-space baselines, and the evaluation of all three against the reference.
 for method in average ties; do
   dmm -q baseline-merge --method "$method" --recipe recipes/toy_styles.yaml -o "$out/$method" --overwrite

@@ -63,15 +63,20 @@ def test_task_arithmetic(tensors):
     assert torch.allclose(got, expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
-@pytest.mark.parametrize("slice_entries", [None, 7])  # the whole tensor at once, or slice by slice
-@pytest.mark.parametrize("w", [(1.0, 0.5, 2.0), (1.0, -0.5, 0.0)])
-def test_ties(tensors, density, slice_entries, w, monkeypatch):
-    from dmm_cli.merge import ties
+@pytest.fixture(params=["whole", "sliced"])
+def slicing(request, monkeypatch):
+    """Methods merge large tensors slice by slice: with 7-entry slices, these small ones take that path too."""
+    from dmm_cli.merge import registry
 
-    if slice_entries:
-        monkeypatch.setattr(ties, "WHOLE", slice_entries)
-        monkeypatch.setattr(ties, "SLICE", slice_entries)
+    if request.param == "sliced":
+        monkeypatch.setattr(registry, "WHOLE", 7)
+        monkeypatch.setattr(registry, "SLICE", 7)
+    return request.param
+
+
+@pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
+@pytest.mark.parametrize("w", [(1.0, 0.5, 2.0), (1.0, -0.5, 0.0)])
+def test_ties(tensors, density, w, slicing):
     base, models = tensors
     got = METHODS["ties"].fn(base, models, MergeParams(w, density=density, lam=0.9), "k")
     assert torch.allclose(got, reference_ties(base, models, w, density, 0.9), atol=1e-6)
@@ -98,7 +103,16 @@ def test_the_linear_time_threshold_is_the_exact_kth_largest(values):
         assert torch.equal(row, expected)
 
 
-def test_dare_masks_rescale_and_repeat(tensors):
+def test_dare_masks_drawn_slice_by_slice_are_the_whole_tensors_masks():
+    from dmm_cli.merge.dare import dare_mask, mask_draws
+
+    whole = dare_mask((1000, 7), 0.3, 5, "k", 2, "cpu").reshape(-1)
+    draws = mask_draws(5, "k", 2)
+    parts = torch.cat([torch.rand(n, generator=draws) < 0.3 for n in (4096, 2000, 904)])
+    assert torch.equal(whole, parts)
+
+
+def test_dare_masks_rescale_and_repeat(tensors, slicing):
     base, models = tensors
     params = MergeParams((1.0, 1.0, 1.0), density=0.3, lam=0.5, seed=7)
     got = METHODS["dare"].fn(base, models, params, "layer.weight")

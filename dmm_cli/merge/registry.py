@@ -32,6 +32,16 @@ class Method:
 
 METHODS: dict[str, Method] = {}
 
+WHOLE = 1 << 24  # tensors up to this many entries are merged at once (every SD UNet tensor)
+SLICE = 1 << 22  # larger ones (text encoders' token embeddings) this many entries at a time, so that memory holds
+                 # teachers x slice rather than teachers x tensor
+
+
+def slices(numel: int) -> list[slice]:
+    """The stretches of a flattened tensor a method works on at a time."""
+    size = numel if numel <= WHOLE else SLICE
+    return [slice(start, min(start + size, numel)) for start in range(0, numel, size)]
+
 
 def register(name: str, *, needs_base: bool, min_teachers: int, help: str, uses: tuple[str, ...] = ()):
     def wrap(fn):

@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from .registry import register
+from .registry import register, slices
 
 
 def disjoint_mean(stack: torch.Tensor, weights) -> torch.Tensor:
@@ -71,36 +71,30 @@ def trim_(row: torch.Tensor, below: float | None, magnitude: torch.Tensor) -> No
         torch.copysign(magnitude, row, out=row)
 
 
-WHOLE = 1 << 24  # tensors up to this many entries are merged at once (every SD UNet tensor)
-SLICE = 1 << 22  # larger ones (text encoders' token embeddings), this many entries at a time, so memory holds
-                 # teachers x slice rather than teachers x tensor
-
-
 @register("ties", needs_base=True, min_teachers=2, uses=("density", "lambda"),
           help="Trim task vectors to the top `density` by magnitude, elect signs by Σ wᵢδᵢ, disjoint mean; "
                "base + λ·mean.")
 def ties(base, models, params, key):
     n, flat = len(models), base.reshape(-1)
-    total = flat.numel()
-    size = total if total <= WHOLE else SLICE
-    buffer, magnitude = flat.new_empty(n * size), flat.new_empty(total)
+    parts = slices(flat.numel())
+    buffer, magnitude = flat.new_empty(n * (parts[0].stop - parts[0].start)), torch.empty_like(flat)
     belows = [None] * n
-    if size < total:  # each teacher's threshold is over its whole task vector: find them first
+    if len(parts) > 1:  # each teacher's threshold is over its whole task vector: find them first
         for i, model in enumerate(models):
             belows[i] = threshold_below(torch.sub(model.reshape(-1), flat, out=magnitude).abs_(), params.density)
-    merged = None if size == total else torch.empty_like(flat)
+    merged = None if len(parts) == 1 else torch.empty_like(flat)
     # Teachers one after another, slices one after another: every operation already uses all the cores.
-    for start in range(0, total, size):
-        end = min(start + size, total)
-        rows, scratch = buffer[:n * (end - start)].view(n, end - start), magnitude[:end - start]
+    for part in parts:
+        width = part.stop - part.start
+        rows, scratch = buffer[:n * width].view(n, width), magnitude[:width]
         for i, model in enumerate(models):
-            torch.sub(model.reshape(-1)[start:end], flat[start:end], out=rows[i])
+            torch.sub(model.reshape(-1)[part], flat[part], out=rows[i])
             torch.abs(rows[i], out=scratch)
-            if size == total:
+            if len(parts) == 1:
                 belows[i] = threshold_below(scratch, params.density)
             trim_(rows[i], belows[i], scratch)
         if merged is None:
             merged = disjoint_mean(rows, params.weights)
         else:
-            merged[start:end] = disjoint_mean(rows, params.weights)
+            merged[part] = disjoint_mean(rows, params.weights)
     return merged.view(base.shape).mul_(params.lam).add_(base)

@@ -3,7 +3,8 @@
 Its UNet adds `add_embedding(model_embedding[i])` to the timestep embedding: an N×D embedding table E
 and an MLP Linear(D, D) → SiLU → Linear(D, D). Our student computes Linear(N, D) → SiLU → Linear(D, D)
 of a style vector v. With W₁' = W₁·Eᵀ the first layers agree, W₁'v + b₁ = W₁(Eᵀv) + b₁, for one-hot
-and mixed v alike, so the conversion is exact.
+and mixed v alike, so the conversion is exact. The other way, E = W₁ᵀ with Linear₁ = I is exact too, so a
+student exported to the released layout comes back identical.
 """
 from __future__ import annotations
 
@@ -63,7 +64,29 @@ def student_folder(folder: Path) -> Path:
         save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "unet" / "diffusion_pytorch_model.safetensors")
         (tmp / "model_index.json").write_text(derived_model_index(
             folder, _class_name="StableDiffusionPipeline", unet=["diffusers", "UNet2DConditionModel"]))
-        table = StyleTable([Style(f"style-{i}", str(folder)) for i in range(n)],
-                           lineage=[{"converted_from": "MCG-NJU/DMM official layout", "source": str(folder)}])
+        known = StyleTable.read(folder)  # a dmm export keeps the style names beside the released layout
+        table = known if known is not None and len(known.names) == n else StyleTable(
+            [Style(f"style-{i}", str(folder)) for i in range(n)],
+            lineage=[{"converted_from": "MCG-NJU/DMM official layout", "source": str(folder)}])
         (tmp / STYLES_FILE).write_text(table.to_json())
     return target
+
+
+OFFICIAL_UNET_CLASS = "DMMUNet2DConditionModel"
+OFFICIAL_PIPELINE_CLASS = "StableDiffusionDMMPipeline"
+
+
+def official_unet(weights: dict[str, torch.Tensor], config: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Student UNet weights and config → the released layout: E = W₁ᵀ and an identity first layer."""
+    weights = dict(weights)
+    w1, b1 = weights.pop("class_embedding.linear_1.weight"), weights.pop("class_embedding.linear_1.bias")
+    w2, b2 = weights.pop("class_embedding.linear_2.weight"), weights.pop("class_embedding.linear_2.bias")
+    weights["model_embedding.weight"] = w1.T.contiguous()
+    weights["add_embedding.linear_1.weight"] = torch.eye(w1.shape[0], dtype=w1.dtype)
+    weights["add_embedding.linear_1.bias"] = b1
+    weights["add_embedding.linear_2.weight"] = w2
+    weights["add_embedding.linear_2.bias"] = b2
+    config = {k: v for k, v in config.items()
+              if k not in ("class_embed_type", "projection_class_embeddings_input_dim") and not k.startswith("_")}
+    config.update(_class_name=OFFICIAL_UNET_CLASS, addition_embed_type="model_merge", num_models=w1.shape[1])
+    return weights, config

@@ -96,14 +96,18 @@ def _read(component: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def export_single_file(folder: Path, path: Path, dtype: torch.dtype | None = None) -> Path:
-    """Write an SD1.x/2.x diffusers folder (a DMM student included) as one original-layout .safetensors file."""
+def export_single_file(folder: Path, path: Path, dtype: torch.dtype | None = None, *,
+                       unet: tuple[dict[str, torch.Tensor], dict] | None = None,
+                       metadata: dict[str, str] | None = None) -> Path:
+    """Write an SD1.x/2.x diffusers folder (a DMM student included) as one original-layout .safetensors file.
+
+    `unet` (weights, config) stands in for the folder's own UNet (a style baked in); `metadata` is added."""
     index = json.loads((folder / "model_index.json").read_text())
     if index.get("_class_name") != "StableDiffusionPipeline":
         raise ModelError(f"{folder}: only Stable Diffusion 1.x/2.x pipelines can be exported as one file so far")
     out: dict[str, torch.Tensor] = {}
-    unet_config = json.loads((folder / "unet" / "config.json").read_text())
-    for key, tensor in _read(folder / "unet").items():
+    unet_weights, unet_config = unet or (_read(folder / "unet"), json.loads((folder / "unet" / "config.json").read_text()))
+    for key, tensor in unet_weights.items():
         out[UNET_PREFIX + unet_key(key, unet_config)] = tensor
     vae_config = json.loads((folder / "vae" / "config.json").read_text())
     for key, tensor in _read(folder / "vae").items():
@@ -116,10 +120,11 @@ def export_single_file(folder: Path, path: Path, dtype: torch.dtype | None = Non
     if dtype is not None:
         out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
     # The diffusers configs travel along, so a re-import rebuilds exactly this model (a toy or a student too).
-    configs = {part: json.loads((folder / part / "config.json").read_text()) for part in ("unet", "vae", "text_encoder")}
-    metadata = {"dmm.source": str(folder), "dmm.configs": json.dumps(configs)}
+    configs = {part: json.loads((folder / part / "config.json").read_text()) for part in ("vae", "text_encoder")}
+    metadata = {"dmm.source": str(folder), "dmm.configs": json.dumps({"unet": unet_config, **configs}),
+                **(metadata or {})}
     styles = folder / "styles.json"
-    if styles.is_file():
+    if styles.is_file() and unet is None:
         metadata["dmm.styles"] = styles.read_text()
     with atomic_file(path) as tmp:
         save_file({k: v.contiguous() for k, v in out.items()}, tmp, metadata=metadata)

@@ -1,0 +1,1 @@
+"""`dmm export`: a student's style baked into a plain checkpoint, the released DMM layout, single files."""

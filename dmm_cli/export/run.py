@@ -1,0 +1,163 @@
+"""`dmm export` as a function: a student's styles as plain checkpoints, the released DMM layout, or any
+model as one original-layout file for A1111 / ComfyUI."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .. import console
+from ..errors import BadInput
+from ..files.atomic import atomic_folder, output_lock, remove_leftovers
+from ..files.images import slug
+from ..files.safetensors_header import read_metadata, weight_files
+from ..models import references
+from ..models.folders import copy_part, derived_model_index, model_root
+from ..models.official import OFFICIAL_PIPELINE_CLASS, OFFICIAL_UNET_CLASS, official_unet
+from ..models.single_file import _read, export_single_file
+from ..models.styles import STYLES_FILE, StyleTable, parse_style
+from .bake import bake
+
+FORMATS = ("diffusers", "dmm-official")
+UNET_FILE = "diffusion_pytorch_model.safetensors"
+COPIED_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def _written_by_export(path: Path) -> bool:
+    """An output `dmm export` wrote: its UNet (or the file itself) carries the dmm.source metadata."""
+    files = [path] if path.is_file() else (weight_files(path / "unet") if (path / "unet").is_dir() else [])
+    try:
+        return any("dmm.source" in read_metadata(f) for f in files)
+    except (FileNotFoundError, BadInput):
+        return False
+
+
+def _check_target(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise BadInput(f"--output {path}: already exists; pass --overwrite to replace it")
+    if path.exists() and not _written_by_export(path):
+        raise BadInput(f"--output {path}: exists and was not written by dmm export, so --overwrite will not replace "
+                       "it; choose another --output")
+
+
+def eval_figures(folder: Path, metrics: Path | None, index: int | None) -> dict:
+    """The run's `dmm eval` figures for this style, from --metrics or RUN/eval/metrics.json, if there are any."""
+    path = metrics or folder / "eval" / "metrics.json"
+    if not path.is_file():
+        if metrics is not None:
+            raise BadInput(f"--metrics {metrics}: no such file")
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        entry = next(m for m in data["models"] if m["kind"] == "student")
+    except (json.JSONDecodeError, KeyError, TypeError, StopIteration):
+        raise BadInput(f"--metrics {path}: not a dmm eval metrics.json with a student in it") from None
+    figures = {"metrics_file": str(path), "fid_t": entry["fid_t"], "fid_t_over_reference": entry.get(
+        "fid_t_over_reference"), "style_accuracy": entry.get("style_accuracy")}
+    if index is not None and index < len(entry.get("diag", [])):
+        figures["fid_of_this_style"] = entry["diag"][index]
+    return figures
+
+
+def _card(source: str, label: str, vector: list[float], names: list[str], figures: dict) -> str:
+    mix = ", ".join(f"{n} {w:g}" for n, w in zip(names, vector) if w)
+    numbers = "\n".join(f"- {k}: {v}" for k, v in figures.items()) or "No `dmm eval` figures were found for this run."
+    return f"""---
+library_name: diffusers
+tags: [stable-diffusion, dmm, model-merging]
+---
+
+# {label}: one style of a DMM student, baked into a plain checkpoint
+
+Exported by `dmm export` from `{source}`. The student's style vector ({mix}) is folded into the UNet's
+timestep-embedding bias, so this is a plain Stable Diffusion model: no style input, and the same
+pictures as `dmm generate --style` on the student for the same seed and sampler.
+
+## Evaluation of the run
+
+{numbers}
+"""
+
+
+def export(ref: str, *, style: str | None = None, output: Path | None = None, single_file: bool = False,
+           fmt: str = "diffusers", dtype: torch.dtype | None = None, metrics: Path | None = None,
+           overwrite: bool = False) -> list[Path]:
+    """Write the requested exports and return their paths."""
+    if fmt not in FORMATS:
+        raise BadInput(f"--format: unknown format {fmt!r} (use {', '.join(FORMATS)})")
+    if fmt == "dmm-official" and (style is not None or single_file):
+        raise BadInput("--format dmm-official writes the whole student as a folder: leave out --style and "
+                       "--single-file")
+    if fmt == "diffusers" and style is None and not single_file:
+        raise BadInput("nothing to export: give --style (bake a style), --single-file, or --format dmm-official")
+    folder = references.resolve(ref)
+    table = StyleTable.read(folder)
+    if (style is not None or fmt == "dmm-official") and table is None:
+        raise BadInput(f"{ref}: not a DMM student (no {STYLES_FILE}), so it has no styles to export")
+    stem = slug(folder.name)
+    suffix = ".safetensors" if single_file else ""
+    if fmt == "dmm-official":
+        targets = [(Path(output or f"{stem}-dmm-official"), None, None)]
+    elif style is None:
+        targets = [(Path(output or f"{stem}{suffix or '.safetensors'}"), None, None)]
+    else:
+        styles = parse_style(style, table.names)
+        if style.strip() == "all":
+            base = Path(output or f"{stem}-styles")
+            targets = [(base / f"{slug(label)}{suffix}", label, vector) for label, vector in styles]
+        else:
+            (label, vector), = styles
+            targets = [(Path(output or f"{stem}-{slug(label)}{suffix}"), label, vector)]
+    if single_file and any(path.suffix != ".safetensors" for path, _, _ in targets):
+        raise BadInput(f"--output {targets[0][0]}: a single file must end in .safetensors")
+    for path, _, _ in targets:
+        _check_target(path, overwrite)
+    unet_config = json.loads((folder / "unet" / "config.json").read_text())
+    weights = _read(folder / "unet")
+    if dtype is not None:
+        weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
+    written = []
+    for path, label, vector in targets:
+        with output_lock(path):
+            remove_leftovers(path)
+            _check_target(path, overwrite)
+            if fmt == "dmm-official":
+                _write_folder(folder, path, *official_unet(weights, unet_config), official=True)
+            elif vector is None:
+                export_single_file(folder, path, dtype)
+            else:
+                index = int(vector.argmax()) if vector.max() == 1 else None
+                figures = eval_figures(folder, metrics, index)
+                baked = bake(weights, unet_config, vector)
+                meta = {"dmm.source": str(folder), "dmm.style": label, "dmm.style_vector": json.dumps(
+                    dict(zip(table.names, vector.tolist()))), "dmm.eval": json.dumps(figures)}
+                card = _card(ref, label, vector.tolist(), table.names, figures)
+                if single_file:
+                    export_single_file(folder, path, dtype, unet=baked, metadata=meta)
+                else:
+                    _write_folder(folder, path, *baked, metadata=meta, card=card)
+        console.say(f"export: wrote {path}")
+        written.append(path)
+    return written
+
+
+def _write_folder(source: Path, target: Path, weights: dict, config: dict, *, metadata: dict | None = None,
+                  card: str | None = None, official: bool = False) -> None:
+    """A pipeline folder: `source`'s parts with this UNet; the released layout's class names if `official`."""
+    with atomic_folder(target) as tmp:
+        for part in COPIED_PARTS:
+            copy_part(source / part, tmp / part, model_root(source))
+        (tmp / "unet").mkdir()
+        (tmp / "unet" / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "unet" / UNET_FILE,
+                  metadata={"dmm.source": str(source), **(metadata or {})})
+        if official:
+            (tmp / "model_index.json").write_text(derived_model_index(
+                source, _class_name=OFFICIAL_PIPELINE_CLASS, unet=["dmm_unet", OFFICIAL_UNET_CLASS]))
+            (tmp / STYLES_FILE).write_text((source / STYLES_FILE).read_text())  # names, for dmm's own import
+        else:
+            (tmp / "model_index.json").write_text(derived_model_index(source))
+        if card is not None:
+            (tmp / "README.md").write_text(card)
