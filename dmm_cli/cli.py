@@ -67,6 +67,9 @@ def fetch(
                                                       help="Also write the (one) model as a single original-layout "
                                                            ".safetensors file for A1111 / ComfyUI."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON manifest (ref, folder, source, commit)."),
+    prediction_type: Optional[str] = typer.Option(None, "--prediction-type",
+                                                  help="What a foreign single-file checkpoint predicts (epsilon, "
+                                                       "v_prediction, sample), when no .yaml config beside it says."),
 ) -> None:
     """Resolve model references to local diffusers folders (downloading what is missing); print one per line.
 
@@ -94,7 +97,8 @@ def fetch(
             head, _, tail = ref.partition("/")
             name, _, path = tail.partition("/")
             ref = f"{head}/{name}@{revision}" + (f"/{path}" if path else "")
-        manifest.append(fetch_ref(ref, allow_pickle=allow_pickle, variant=variant, store=store))
+        manifest.append(fetch_ref(ref, allow_pickle=allow_pickle, variant=variant, store=store,
+                                  prediction_type=prediction_type))
     if export_single_file is not None:
         from .export.run import export
 
@@ -203,8 +207,10 @@ def distill(
 def _describe_plan(d: dict) -> str:
     t = d["train"]
     lines = [f"recipe {d['name']} ({d['recipe']}) -> {d['output']}",
-             f"base   {d['base']['ref']}  [{d['base']['folder']}]"]
-    lines += [f"style {s['style']}: {s['name']:<12} {s['ref']}  [{s['folder']}]" for s in d["teachers"]]
+             f"base   {d['base']['ref']}  [{d['base']['folder']}]  predicts {d['base']['prediction_type']}"]
+    lines += [f"style {s['style']}: {s['name']:<12} {s['ref']}  [{s['folder']}]"
+              + (f"  predicts {s['prediction_type']} (converted)" if s["prediction_type"] != d["base"]["prediction_type"]
+                 else "") for s in d["teachers"]]
     lines.append(f"data   {d['data']['images']} images in {d['data']['folder']}")
     lines.append(f"train  {t['max_steps']} steps x batch {t['batch_size']} x accum {t['grad_accum']}, lr {t['lr']}, "
                  f"precision {t['precision']}, feature loss {t['feature_loss']['type']} x {t['feature_loss']['weight']}, "

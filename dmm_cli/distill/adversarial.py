@@ -2,7 +2,7 @@
 
 The discriminator is a frozen copy of the base UNet's encoder (input conv, timestep embedding, down
 blocks, mid block) under a small trainable head of conv + GroupNorm + SiLU layers with 2N logits.
-It sees one-step x̂0 estimates re-noised to a random timestep: class i is "teacher i's", class N+i
+It sees one-step x̂0 estimates (from any prediction type, see prediction.py) re-noised to a random timestep: class i is "teacher i's", class N+i
 is "the student's attempt at style i".
 """
 from __future__ import annotations
@@ -13,12 +13,6 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 from torch.nn import functional as F
-
-
-def x0_estimate(xt: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """x̂0 = (x_t − √(1−ᾱ_t)·ε) / √ᾱ_t."""
-    a = alpha_bar.view(-1, 1, 1, 1)
-    return (xt - (1 - a).sqrt() * eps) / a.sqrt()
 
 
 class Discriminator(nn.Module):

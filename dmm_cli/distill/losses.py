@@ -5,9 +5,9 @@ import torch
 from torch.nn import functional as F
 
 
-def score_loss(student_eps: torch.Tensor, teacher_eps: torch.Tensor) -> torch.Tensor:
-    """‖ε_student − ε_teacher‖², averaged over elements."""
-    return F.mse_loss(student_eps.float(), teacher_eps.float())
+def score_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """‖student − teacher‖² of their predictions (ε, or v for a v-prediction base), averaged over elements."""
+    return F.mse_loss(student.float(), teacher.float())
 
 
 def feature_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], kind: str) -> torch.Tensor:

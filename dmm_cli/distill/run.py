@@ -21,6 +21,7 @@ from ..files.safetensors_header import component_shapes
 from ..interrupts import deferred
 from ..models import references
 from ..models.folders import check_links, check_pipeline_folder, copy_part, derived_model_index, model_root
+from ..models.schedule import read_schedule
 from ..models.styles import STYLES_FILE, Style, StyleTable
 from ..recipe import Recipe, load_recipe
 from .latents import encode_items
@@ -53,9 +54,11 @@ class RunPlan:
         t = self.recipe.train
         return {
             "recipe": str(self.recipe_path), "name": self.recipe.name, "output": str(self.output),
-            "base": {"ref": self.recipe.base, "folder": str(self.base)},
+            "base": {"ref": self.recipe.base, "folder": str(self.base),
+                     "prediction_type": read_schedule(self.base).prediction_type},
             "teachers": [{"style": i, "name": tc.name, "ref": tc.model,
-                          "folder": str(f) if f else f"old style of {self.previous}"}
+                          "folder": str(f) if f else f"old style of {self.previous}",
+                          "prediction_type": read_schedule(f or self.previous).prediction_type}
                          for i, (tc, f) in enumerate(zip(self.recipe.teachers, self.teachers))],
             "init_from": str(self.previous) if self.previous else None,
             "data": {"folder": str(self.data) if self.data else None, "images": self.num_images,
@@ -110,12 +113,14 @@ def _previous_student(recipe: Recipe) -> tuple[Path, StyleTable]:
     return folder, table
 
 
-def _check_teacher_shapes(recipe: Recipe, base: Path, teachers: list[Path | None]) -> None:
+def _check_teachers(recipe: Recipe, base: Path, teachers: list[Path | None]) -> None:
+    """Every teacher has the base's UNet and noise schedule; what they predict may differ (it is converted)."""
     if check_pipeline_folder(base) != "StableDiffusionPipeline":
         raise ModelError(f"base {recipe.base}: only Stable Diffusion 1.x/2.x bases can be distilled so far")
     base_shapes = component_shapes(base / "unet")
     if any(k.startswith("class_embedding.") for k in base_shapes):
         raise ModelError(f"base {recipe.base}: is already a style student; a base must be a plain model")
+    schedule = read_schedule(base)
     for spec, folder in zip(recipe.teachers, teachers):
         if folder is None:
             continue
@@ -124,6 +129,13 @@ def _check_teacher_shapes(recipe: Recipe, base: Path, teachers: list[Path | None
             if base_shapes.get(key) != shapes.get(key):
                 raise ModelError(f"teacher {spec.name!r} ({spec.model}): its UNet differs from the base's at {key} "
                                  f"(base {base_shapes.get(key)}, teacher {shapes.get(key)})")
+        own = read_schedule(folder)
+        if own.training != schedule.training:
+            raise ModelError(f"teacher {spec.name!r} ({spec.model}): trained on another noise schedule ({own.describe()}) "
+                             f"than the base ({schedule.describe()}), so its predictions cannot be matched")
+        if own.prediction_type == "epsilon" != schedule.prediction_type and schedule.training[-1]:
+            raise ModelError(f"teacher {spec.name!r} ({spec.model}): predicts epsilon, which does not convert to the "
+                             "base's prediction at the zero-SNR last timestep of its schedule")
 
 
 def plan_run(recipe_path: Path, overrides: list[str] = (), *, output: Path | None = None,
@@ -139,7 +151,7 @@ def plan_run(recipe_path: Path, overrides: list[str] = (), *, output: Path | Non
     previous, table = _previous_student(recipe) if recipe.init_from else (None, None)
     old = len(table.names) if table else 0
     teachers = [None if i < old else references.resolve(t.model) for i, t in enumerate(recipe.teachers)]
-    _check_teacher_shapes(recipe, base, teachers)
+    _check_teachers(recipe, base, teachers)
     for part in COPIED_PARTS:  # the student folder gets copies of these: no link may lead out of the base
         check_links(base / part, model_root(base))
     data_folder, count = None, 0
@@ -316,12 +328,15 @@ def write_student(plan: RunPlan, student, last: dict) -> None:
     for part in COPIED_PARTS:
         with atomic_folder(out / part) as tmp:
             copy_part(plan.base / part, tmp, model_root(plan.base))
+    trained = read_schedule(plan.base)
+    if read_schedule(out) != trained:  # the student samples with what it was trained to predict
+        raise DMMError(f"{out / 'scheduler'}: does not match the base's scheduler the student was trained with")
     earlier = plan.previous_styles
     old = earlier.styles if earlier else []
     styles = old + [Style(t.name, t.model, component_sha256(folder / "unet"))
                     for t, folder in zip(recipe.teachers[len(old):], plan.teachers[len(old):])]
     entry = {"recipe": recipe.name, "base": recipe.base, "steps": last.get("step"),
-             "styles": [t.name for t in recipe.teachers]}
+             "styles": [t.name for t in recipe.teachers], "prediction_type": trained.prediction_type}
     if earlier:
         entry.update(init_from=recipe.init_from, new_styles=[s.name for s in styles[len(old):]],
                      old_style_fraction=recipe.train.old_style_fraction)

@@ -20,11 +20,13 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from ..files.atomic import atomic_file, atomic_folder
 from ..files.hashing import component_sha256
 from ..models.pipeline import load_component
+from ..models.schedule import read_schedule
 from ..models.student import FeatureTaps, grow_student, make_student
 from ..models.styles import one_hot
 from ..recipe import Recipe
-from .adversarial import Discriminator, discriminator_loss, generator_loss, x0_estimate
+from .adversarial import Discriminator, discriminator_loss, generator_loss
 from .losses import feature_loss, score_loss
+from .prediction import convert, x0_and_eps
 
 TRAIN_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -44,6 +46,7 @@ class Teacher:
     text_encoder_key: str
     taps: FeatureTaps = field(repr=False, default=None)
     style: torch.Tensor | None = None  # a frozen previous student answers for an old style with this vector
+    prediction: str = "epsilon"  # what it predicts; converted to what the student predicts
 
 
 @dataclass
@@ -69,6 +72,8 @@ class Models:
     teacher_dtype: torch.dtype
     teacher_styles: list[torch.Tensor | None] | None = None  # per teacher, for old-student slots
     discriminator_base: UNet2DConditionModel | None = None  # frozen encoder of the adversarial loss
+    prediction: str = "epsilon"  # what the student predicts: its base's prediction type
+    teacher_predictions: list[str] | None = None  # each teacher's (default: the student's)
 
 
 def _seed_for(*parts: int) -> int:
@@ -120,8 +125,10 @@ def load_models(recipe: Recipe, base: Path, teachers: list[Path | None], device:
     discriminator_base = None
     if recipe.train.adversarial_loss is not None:
         discriminator_base = load_component(UNet2DConditionModel, base, "unet", dtype)
+    prediction = read_schedule(base).prediction_type
+    predictions = [read_schedule(folder or previous).prediction_type for folder in teachers]
     return Models(student, unets, keys, encoders, key_of["base"], schedule.alphas_cumprod.clone(), dtype, styles,
-                  discriminator_base)
+                  discriminator_base, prediction, predictions)
 
 
 class TextContexts:
@@ -186,10 +193,12 @@ class Trainer:
         self.memory_format = fast_layout
 
         styles = models.teacher_styles or [None] * len(models.teachers)
+        self.prediction = models.prediction
+        predictions = models.teacher_predictions or [models.prediction] * len(models.teachers)
         self.old_styles = sum(style is not None for style in styles)
         self.teachers = []
         prepared = set()
-        for unet, key, style in zip(models.teachers, models.teacher_text_keys, styles):
+        for unet, key, style, prediction in zip(models.teachers, models.teacher_text_keys, styles, predictions):
             if id(unet) not in prepared:  # old-style slots share one frozen previous student
                 prepared.add(id(unet))
                 unet.eval().requires_grad_(False)
@@ -199,7 +208,7 @@ class Trainer:
                         p.data = p.data.pin_memory()
                 else:
                     unet.to(device, memory_format=fast_layout)
-            self.teachers.append(Teacher(unet, key, None, style))
+            self.teachers.append(Teacher(unet, key, None, style, prediction))
         if self.offload:  # one device-side slot per architecture; weights are copied in when their turn comes
             self.slots = {}
             for t in self.teachers:
@@ -304,8 +313,9 @@ class Trainer:
         return MicroBatch(idx, labels, drop, noise, t, renoise, t2, source)
 
     def teacher_targets(self, xt, t, contexts, counts: list[int]):
-        """Each teacher's ε and block features on its share of the batch, concatenated in batch order."""
-        eps, feats = [], []
+        """Each teacher's prediction (as the student's prediction type) and block features on its share of the
+        batch, concatenated in batch order."""
+        outputs, feats = [], []
         start = 0
         with torch.inference_mode():
             for teacher, count in zip(self.teachers, counts):
@@ -323,10 +333,14 @@ class Trainer:
                 extra = {}
                 if teacher.style is not None:
                     extra["class_labels"] = teacher.style.to(x.device, x.dtype).expand(count, -1)
-                eps.append(runner.unet(x, t[rows], encoder_hidden_states=ctx, **extra).sample)
+                out = runner.unet(x, t[rows], encoder_hidden_states=ctx, **extra).sample
+                if teacher.prediction != self.prediction:
+                    out = convert(out.float(), teacher.prediction, self.prediction, xt[rows].float(),
+                                  self.alphas_cumprod[t[rows]])
+                outputs.append(out)
                 feats.append(runner.taps.take())
         # Ops outside inference mode turn the inference tensors into ordinary ones the loss can keep.
-        target = torch.cat(eps).float()
+        target = torch.cat([o.float() for o in outputs])
         features = {k: torch.cat([f[k] for f in feats]) for k in feats[0]}
         return target, features
 
@@ -351,16 +365,19 @@ class Trainer:
             style = torch.nn.functional.one_hot(labels, self.num_styles).float()
             with self.accelerator.accumulate(self.student):
                 x = xt.contiguous(memory_format=self.memory_format)
-                eps = self.student(x, t, encoder_hidden_states=ctx, class_labels=style).sample
-                s_loss = score_loss(eps, target)
+                prediction = self.student(x, t, encoder_hidden_states=ctx, class_labels=style).sample
+                s_loss = score_loss(prediction, target)
                 f_loss = feature_loss(self.student_taps.take(), teacher_feats, cfg.feature_loss.type)
                 loss = s_loss + cfg.feature_loss.weight * f_loss
                 if adversarial:
                     t2 = mb.t2.to(dev, non_blocking=True)
                     a2 = self.alphas_cumprod[t2].view(-1, 1, 1, 1)
                     renoise = mb.renoise.to(dev, non_blocking=True)
-                    fake = a2.sqrt() * x0_estimate(xt, eps.float(), self.alphas_cumprod[t]) + (1 - a2).sqrt() * renoise
-                    real = a2.sqrt() * x0_estimate(xt, target, self.alphas_cumprod[t]) + (1 - a2).sqrt() * renoise
+                    alpha_bar = self.alphas_cumprod[t]
+                    fake_x0 = x0_and_eps(prediction.float(), self.prediction, xt, alpha_bar)[0]
+                    real_x0 = x0_and_eps(target, self.prediction, xt, alpha_bar)[0]
+                    fake = a2.sqrt() * fake_x0 + (1 - a2).sqrt() * renoise
+                    real = a2.sqrt() * real_x0 + (1 - a2).sqrt() * renoise
                     g_loss = generator_loss(self.discriminator(fake, t2, ctx), labels)
                     loss = loss + self.adversarial.weight * g_loss
                 self.accelerator.backward(loss)  # accelerate divides by the accumulation steps

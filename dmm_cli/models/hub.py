@@ -141,7 +141,7 @@ def _evict(path: Path) -> None:
 
 
 def fetch_hub(ref: str, repo: str, revision: str | None, path: str | None, *, allow_pickle: bool,
-              variant: str | None, store: Path | None) -> Fetched:
+              variant: str | None, store: Path | None, prediction_type: str | None = None) -> Fetched:
     from huggingface_hub import HfApi, snapshot_download
 
     store = Path(store) / repo.replace("/", "--") if store is not None else None
@@ -154,7 +154,8 @@ def fetch_hub(ref: str, repo: str, revision: str | None, path: str | None, *, al
             raise _errors(ref, e) from e
         verify_cached(ref, folder, store)
         if path:
-            return Fetched(ref, str(single_file_folder(folder / path, allow_pickle)), "hub", repo, revision)
+            return Fetched(ref, str(single_file_folder(folder / path, allow_pickle, prediction_type)), "hub", repo,
+                           revision)
         return Fetched(ref, str(usable_folder(folder)), "hub", repo, revision, folder.name)
     try:
         info = HfApi().model_info(repo, revision=revision, files_metadata=True)
@@ -167,8 +168,8 @@ def fetch_hub(ref: str, repo: str, revision: str | None, path: str | None, *, al
             if path not in files:
                 raise BadInput(f"{ref}: no such repo or file on the Hub")
             local = _download(repo, path, info.sha, sha[path], store)
-            fetched = Fetched(ref, str(single_file_folder(local, allow_pickle)), "single-file", repo, revision,
-                              info.sha)
+            fetched = Fetched(ref, str(single_file_folder(local, allow_pickle, prediction_type)), "single-file", repo,
+                              revision, info.sha)
         else:
             if "model_index.json" not in files:
                 singles = [f for f in files if f.endswith(".safetensors") and "/" not in f]

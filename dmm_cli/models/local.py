@@ -9,6 +9,7 @@ from ..files import state
 from ..files.hashing import cached_sha256
 from ..files.safetensors_header import read_header
 from .folders import check_pipeline_folder
+from .schedule import PREDICTION_TYPES
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
@@ -25,8 +26,9 @@ def usable_folder(folder: Path) -> Path:
     return folder
 
 
-def single_file_folder(path: Path, allow_pickle: bool) -> Path:
-    """A diffusers folder converted (once, cached by content hash) from a single-file checkpoint."""
+def single_file_folder(path: Path, allow_pickle: bool, prediction_type: str | None = None) -> Path:
+    """A diffusers folder converted (once, cached by content hash) from a single-file checkpoint; a foreign
+    file's prediction type can be given (see single_file.py)."""
     if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
         raise ModelError(f"{path}: pickle checkpoints can run code when loaded; convert it to .safetensors or pass "
                          "--allow-pickle")
@@ -36,10 +38,12 @@ def single_file_folder(path: Path, allow_pickle: bool) -> Path:
 
     if path.suffix.lower() == ".safetensors":
         read_header(path)
-    folder = state.home() / "converted" / cached_sha256(path)[:24]
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise ModelError(f"--prediction-type: {prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
+    folder = state.home() / "converted" / (cached_sha256(path)[:24] + (f"-{prediction_type}" if prediction_type else ""))
     if not (folder / "model_index.json").is_file():
         state.store("converted")
         console.say(f"fetch: converting single-file checkpoint {path} to diffusers layout")
-        convert_to_diffusers(path, folder)
+        convert_to_diffusers(path, folder, prediction_type)
     check_pipeline_folder(folder)
     return folder

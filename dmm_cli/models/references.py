@@ -50,12 +50,16 @@ def scheme_of(ref: str) -> str | None:
     return prefix if prefix in SCHEMES else None
 
 
-def resolve(ref: str, *, allow_pickle: bool = False, variant: str | None = None, store: Path | None = None) -> Path:
+def resolve(ref: str, *, allow_pickle: bool = False, variant: str | None = None, store: Path | None = None,
+            prediction_type: str | None = None) -> Path:
     """The local folder of a model reference, checked to be a complete SD-family pipeline folder."""
-    return Path(fetch(ref, allow_pickle=allow_pickle, variant=variant, store=store).folder)
+    return Path(fetch(ref, allow_pickle=allow_pickle, variant=variant, store=store,
+                      prediction_type=prediction_type).folder)
 
 
-def fetch(ref: str, *, allow_pickle: bool = False, variant: str | None = None, store: Path | None = None) -> Fetched:
+def fetch(ref: str, *, allow_pickle: bool = False, variant: str | None = None, store: Path | None = None,
+          prediction_type: str | None = None) -> Fetched:
+    """`prediction_type`: what a foreign single-file checkpoint predicts, when it does not say."""
     scheme = scheme_of(ref)
     if scheme is not None:
         folder = SCHEMES[scheme].folder(ref[len(scheme) + 1:])
@@ -66,9 +70,9 @@ def fetch(ref: str, *, allow_pickle: bool = False, variant: str | None = None, s
         folder = usable_folder(local)
         return Fetched(ref, str(folder.resolve()), "local")
     if local.is_file():
-        return Fetched(ref, str(single_file_folder(local, allow_pickle)), "single-file")
+        return Fetched(ref, str(single_file_folder(local, allow_pickle, prediction_type)), "single-file")
     match = HUB_REF.match(ref)
     if match is None or ref.startswith((".", "/", "~")) or ".." in ref.split("/"):
         raise ModelError(f"{ref}: no such model folder or file, and not a Hub reference (org/name[@revision])")
     return fetch_hub(ref, match["repo"], match["rev"], match["path"], allow_pickle=allow_pickle, variant=variant,
-                     store=store)
+                     store=store, prediction_type=prediction_type)

@@ -1,9 +1,12 @@
 """Single-file checkpoints (the A1111 / ComfyUI layout) to and from diffusers folders, offline.
 
 Import goes through diffusers' own `from_single_file`, pointed at component configs that ship with
-dmm (or at the toy zoo's), so nothing is fetched. Export writes the original Stable Diffusion key
-names; a DMM student's style MLP goes to `label_emb.0.*`, where LDM-style UNets keep class
-embeddings, so a student round-trips.
+dmm (or a plug-in's), so nothing is fetched. Export writes the original Stable Diffusion key names
+(SD2.x's text encoder in OpenCLIP's layout, which A1111 and ComfyUI recognise SD2 by); a DMM
+student's style MLP goes to `label_emb.0.*`, where LDM-style UNets keep class embeddings, so a
+student round-trips. dmm's own files carry every component's config, the scheduler's included, and
+an import keeps each component's stored dtype. A foreign SD2.x file says what it predicts through a
+`.yaml` config beside it (A1111's convention) or `--prediction-type`.
 """
 from __future__ import annotations
 
@@ -21,11 +24,12 @@ from safetensors.torch import save_file
 from .. import plugins
 from ..errors import ModelError
 from ..files.atomic import atomic_file, atomic_folder
-from ..files.safetensors_header import weight_files
+from ..files.safetensors_header import read_header, weight_files
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
+OPEN_CLIP_PREFIX = "cond_stage_model.model."
 CONFIGS = Path(__file__).parent / "configs"
 
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -88,6 +92,28 @@ def vae_key(key: str, config: dict) -> str:
     return key
 
 
+def is_open_clip(text_config: dict) -> bool:
+    """SD2.x's text encoder is OpenCLIP's (GELU); SD1.x's is OpenAI CLIP (quick GELU)."""
+    return text_config.get("hidden_act") == "gelu"
+
+
+def open_clip_tensors(text: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """A CLIPTextModel's tensors (without `text_model.`) under OpenCLIP's names, q/k/v fused as `in_proj`."""
+    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+             "self_attn.out_proj": "attn.out_proj"}
+    out = {"token_embedding.weight": text["embeddings.token_embedding.weight"],
+           "positional_embedding": text["embeddings.position_embedding.weight"],
+           "ln_final.weight": text["final_layer_norm.weight"], "ln_final.bias": text["final_layer_norm.bias"]}
+    for i in range(config["num_hidden_layers"]):
+        layer = f"encoder.layers.{i}."
+        block = f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{block}attn.in_proj_{kind}"] = torch.cat([text[f"{layer}self_attn.{p}_proj.{kind}"] for p in "qkv"])
+            for ours, theirs in names.items():
+                out[f"{block}{theirs}.{kind}"] = text[f"{layer}{ours}.{kind}"]
+    return out
+
+
 def _read(component: Path) -> dict[str, torch.Tensor]:
     tensors = {}
     for f in weight_files(component):
@@ -114,13 +140,17 @@ def export_single_file(folder: Path, path: Path, dtype: torch.dtype | None = Non
         if ".mid_block.attentions." in key and tensor.dim() == 2:
             tensor = tensor[:, :, None, None]  # original VAE attention uses 1×1 convolutions
         out[VAE_PREFIX + vae_key(key, vae_config)] = tensor
-    for key, tensor in _read(folder / "text_encoder").items():
-        # transformers >= 5.6 saves CLIPTextModel without its `text_model.` level; single files keep it
-        out[TEXT_PREFIX + (key if key.startswith("text_model.") else "text_model." + key)] = tensor
+    text_config = json.loads((folder / "text_encoder" / "config.json").read_text())
+    text = {k.removeprefix("text_model."): v for k, v in _read(folder / "text_encoder").items()}
+    if is_open_clip(text_config):
+        out.update({OPEN_CLIP_PREFIX + k: v for k, v in open_clip_tensors(text, text_config).items()})
+    else:  # transformers >= 5.6 saves CLIPTextModel without its `text_model.` level; single files keep it
+        out.update({f"{TEXT_PREFIX}text_model.{k}": v for k, v in text.items()})
     if dtype is not None:
         out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
     # The diffusers configs travel along, so a re-import rebuilds exactly this model (a toy or a student too).
     configs = {part: json.loads((folder / part / "config.json").read_text()) for part in ("vae", "text_encoder")}
+    configs["scheduler"] = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     metadata = {"dmm.source": str(folder), "dmm.configs": json.dumps({"unet": unet_config, **configs}),
                 **(metadata or {})}
     styles = folder / "styles.json"
@@ -131,16 +161,27 @@ def export_single_file(folder: Path, path: Path, dtype: torch.dtype | None = Non
     return path
 
 
-def _inspect(path: Path) -> tuple[str, torch.dtype]:
-    """The checkpoint's family (sd15 or sdxl) and the dtype its UNet is stored in."""
-    with safe_open(str(path), framework="pt") as handle:
-        keys = list(handle.keys())
-        unet = [k for k in keys if k.startswith(UNET_PREFIX)]
-        if not unet:
-            raise ModelError(f"{path}: not a Stable Diffusion checkpoint (no {UNET_PREFIX}* tensors)")
-        dtype = handle.get_slice(unet[0]).get_dtype()
-    kind = "sdxl" if any(k.startswith("conditioner.embedders.1") for k in keys) else "sd15"
-    return kind, {"F16": torch.float16, "BF16": torch.bfloat16}.get(dtype, torch.float32)
+COMPONENT_PREFIXES = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": "cond_stage_model.",
+                      "text_encoder_2": "conditioner.embedders.1."}
+STORED = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def _inspect(path: Path) -> tuple[str, dict[str, torch.dtype]]:
+    """The checkpoint's family (sd15, sd2 or sdxl) and the dtype each component is stored in."""
+    header = read_header(path)
+    if not any(k.startswith(UNET_PREFIX) for k in header):
+        raise ModelError(f"{path}: not a Stable Diffusion checkpoint (no {UNET_PREFIX}* tensors)")
+    prefixes = COMPONENT_PREFIXES
+    if any(k.startswith("conditioner.embedders.1") for k in header):
+        kind, prefixes = "sdxl", dict(COMPONENT_PREFIXES, text_encoder="conditioner.embedders.0.")
+    else:
+        kind = "sd2" if OPEN_CLIP_PREFIX + "token_embedding.weight" in header else "sd15"
+    dtypes = {}
+    for part, prefix in prefixes.items():
+        stored = [STORED.get(v["dtype"]) for k, v in header.items() if k.startswith(prefix) and v["dtype"] in STORED]
+        if stored:
+            dtypes[part] = max(stored, key=lambda d: d.itemsize)
+    return kind, dtypes
 
 
 CONFIG_TEMPLATES: list[tuple[Callable[[dict], bool], Callable[[], Path]]] = []
@@ -152,36 +193,64 @@ def register_config_template(matches: Callable[[dict], bool], folder: Callable[[
     CONFIG_TEMPLATES.append((matches, folder))
 
 
-def _config_folder(kind: str, metadata: dict, workdir: Path) -> Path:
-    """Component configs for the import: shipped SD ones, or a plug-in's, updated from the file's own metadata."""
+def prediction_from_yaml(path: Path) -> str | None:
+    """What a foreign file predicts, from the LDM `.yaml` config A1111 keeps beside it, if there is one."""
+    import yaml
+
+    config_file = path.with_suffix(".yaml")
+    if not config_file.is_file():
+        return None
+    try:
+        params = yaml.safe_load(config_file.read_text())["model"]["params"]
+    except (yaml.YAMLError, KeyError, TypeError, UnicodeDecodeError):
+        raise ModelError(f"{config_file}: not an LDM model config (model.params)") from None
+    return "v_prediction" if params.get("parameterization") == "v" else "epsilon"
+
+
+def _config_folder(kind: str, metadata: dict, prediction_type: str | None, path: Path, workdir: Path) -> Path:
+    """Component configs for the import: shipped SD ones, or a plug-in's, updated from the file's own metadata
+    (every config, the scheduler's included, for files dmm wrote) and the prediction type."""
     configs = json.loads(metadata.get("dmm.configs", "{}"))
     plugins.load()
     template = next((folder() for matches, folder in CONFIG_TEMPLATES if matches(configs)), CONFIGS / kind)
-    if not configs:
-        return template
+    prediction_type = prediction_type or prediction_from_yaml(path)
+    if kind == "sd2" and "scheduler" not in configs and prediction_type is None:
+        raise ModelError(f"{path}: an SD2.x checkpoint may predict epsilon (512 px models) or v (768 px): say which "
+                         f"with --prediction-type, or put its .yaml config beside it")
     folder = workdir / "config"
-    shutil.copytree(template, folder, symlinks=False,
-                    ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    shutil.copytree(template, folder, symlinks=False, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    scheduler = configs.pop("scheduler", None) or json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    if prediction_type is not None:
+        scheduler["prediction_type"] = prediction_type
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", scheduler["_class_name"]]
+    (folder / "model_index.json").write_text(json.dumps(index))
     for part, config in configs.items():
         (folder / part / "config.json").write_text(json.dumps(config))
     return folder
 
 
-def convert_to_diffusers(path: Path, folder: Path) -> Path:
-    """Convert a single-file SD1.x or SDXL checkpoint to a diffusers folder using shipped configs only."""
+def convert_to_diffusers(path: Path, folder: Path, prediction_type: str | None = None) -> Path:
+    """Convert a single-file SD1.x, SD2.x or SDXL checkpoint to a diffusers folder using shipped configs only;
+    each component keeps the dtype it is stored in."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    kind, dtype = _inspect(path)
+    kind, dtypes = _inspect(path)
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
     cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
     extra = {} if kind == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    widest = max(dtypes.values(), key=lambda d: d.itemsize)  # loaded in the widest, each then cast back: exact
     with atomic_folder(folder) as tmp, tempfile.TemporaryDirectory() as work:
+        config = _config_folder(kind, metadata, prediction_type, path, Path(work))
         try:
-            pipe = cls.from_single_file(str(path), config=str(_config_folder(kind, metadata, Path(work))),
-                                        local_files_only=True, torch_dtype=dtype, **extra)
+            pipe = cls.from_single_file(str(path), config=str(config), local_files_only=True, torch_dtype=widest,
+                                        **extra)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise ModelError(f"{path}: cannot convert this checkpoint ({str(e).splitlines()[0]})") from e
+        for part, dtype in dtypes.items():
+            getattr(pipe, part).to(dtype)
         pipe.save_pretrained(tmp, safe_serialization=True)
         if "dmm.styles" in metadata:
             (tmp / "styles.json").write_text(metadata["dmm.styles"])

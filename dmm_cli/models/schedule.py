@@ -1,0 +1,40 @@
+"""What a model predicts and on which noise schedule it was trained, read from its scheduler config.
+
+Teachers and the student must share the training noise schedule (the ᾱ_t each timestep means); what
+they predict (ε, v or x₀) may differ, since any of the three converts exactly into the others.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ModelError
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# scheduler_config.json entries that fix ᾱ_t; sampling settings (timestep spacing, solver) do not matter here
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                 "rescale_betas_zero_snr")
+DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+            "trained_betas": None, "rescale_betas_zero_snr": False}
+
+
+@dataclass(frozen=True)
+class Schedule:
+    prediction_type: str
+    training: tuple  # the SCHEDULE_KEYS values, in order
+
+    def describe(self) -> str:
+        return ", ".join(f"{k} {v}" for k, v in zip(SCHEDULE_KEYS, self.training) if v not in (None, False))
+
+
+def read_schedule(folder: Path) -> Schedule:
+    path = Path(folder) / "scheduler" / "scheduler_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path}: cannot read the scheduler config ({e.__class__.__name__})") from None
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise ModelError(f"{path}: prediction_type {prediction!r} is not one of {', '.join(PREDICTION_TYPES)}")
+    return Schedule(prediction, tuple(config.get(k, DEFAULTS[k]) for k in SCHEDULE_KEYS))
