@@ -31,7 +31,8 @@ class Synthesize(Strict):
 
     images_per_teacher: int = Field(ge=1)
     prompts: Optional[str] = Field(None, description="One prompt per line; default: the toy captions for toy "
-                                                     "teachers, else the shipped COCO-style captions.")
+                                                     "teachers, else the shipped synthesis prompts (600, none of "
+                                                     "them an eval prompt).")
     after_step: int = Field(0, ge=0, description="Train on data.folder until this step, then on the generations.")
     steps: int = Field(25, ge=1, description="Sampling steps for the generations.")
     guidance: float = Field(7.5, ge=0)

@@ -1,5 +1,6 @@
-"""Prompt lists for evaluation and synthesized data: a file, a plug-in's own set for its models, or the
-shipped COCO-style captions."""
+"""Prompt lists for evaluation and for synthesized training data: a file, a plug-in's own set for its
+models, or the shipped ones. The shipped lists for the two purposes share no prompt, so a student is
+never trained on pictures of the prompts it is evaluated on."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,23 +9,25 @@ from typing import Callable
 from .. import plugins
 from ..errors import BadInput
 
-COCO_PROMPTS = Path(__file__).parent / "coco_prompts.txt"
-PROMPT_SETS: list[tuple[Callable[[list[str]], bool], Callable[[], list[str]]]] = []
+PURPOSES = ("eval", "synthesis")
+SHIPPED = {"eval": Path(__file__).parent / "coco_prompts.txt",  # COCO-style captions
+           "synthesis": Path(__file__).parent / "synthesis_prompts.txt"}  # 80 subjects x 12 renderings, 600 of them
+PROMPT_SETS: list[tuple[str, Callable[[list[str]], bool], Callable[[], list[str]]]] = []
 
 
-def register_prompts(applies: Callable[[list[str]], bool], prompts: Callable[[], list[str]]) -> None:
-    """`prompts()` is the default prompt list for teachers whose references satisfy `applies`."""
-    PROMPT_SETS.append((applies, prompts))
+def register_prompts(purpose: str, applies: Callable[[list[str]], bool], prompts: Callable[[], list[str]]) -> None:
+    """`prompts()` is the default `purpose` prompt list for teachers whose references satisfy `applies`."""
+    PROMPT_SETS.append((purpose, applies, prompts))
 
 
-def read_prompts(path: Path | None, teacher_refs: list[str]) -> list[str]:
-    """The prompts in `path`, one per line; without one, the default for these teachers."""
+def read_prompts(path: Path | None, teacher_refs: list[str], purpose: str = "eval") -> list[str]:
+    """The prompts in `path`, one per line; without one, the default `purpose` list for these teachers."""
     if path is None:
         plugins.load()
-        for applies, prompts in PROMPT_SETS:
-            if applies(teacher_refs):
+        for kind, applies, prompts in PROMPT_SETS:
+            if kind == purpose and applies(teacher_refs):
                 return prompts()
-        path = COCO_PROMPTS
+        path = SHIPPED[purpose]
     if not Path(path).is_file():
         raise BadInput(f"--prompts {path}: no such file")
     prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]

@@ -163,7 +163,7 @@ def plan_run(recipe_path: Path, overrides: list[str] = (), *, output: Path | Non
         from ..data.prompts import read_prompts
 
         prompts = read_prompts(Path(synth.prompts) if synth.prompts else None,
-                               [t.model for t in recipe.teachers[old:]])
+                               [t.model for t in recipe.teachers[old:]], "synthesis")
         count += synth.images_per_teacher * len(teachers)
     return RunPlan(recipe, Path(recipe_path), out, base, teachers, data_folder, count, resume_from, overwrite,
                    previous, table, prompts)

@@ -35,7 +35,8 @@ IMAGES_PER_PAIR = 12
 def register() -> None:
     register_scheme("toy", model_folder, model_names, store=ZOO)
     register_image_set(IMAGE_SET, shapes_folder)
-    register_prompts(all_toy, captions)
+    register_prompts("eval", all_toy, captions)
+    register_prompts("synthesis", all_toy, captions)
     register_feature_space("toy", lambda device: toy_space(), default_for=all_toy)
     register_measure("toy accuracies", all_toy, accuracies)
     register_config_template(is_toy_config, lambda: ZOO / manifest()["base"])
