@@ -211,7 +211,11 @@ def _describe_plan(d: dict) -> str:
     lines += [f"style {s['style']}: {s['name']:<12} {s['ref']}  [{s['folder']}]"
               + (f"  predicts {s['prediction_type']} (converted)" if s["prediction_type"] != d["base"]["prediction_type"]
                  else "") for s in d["teachers"]]
-    lines.append(f"data   {d['data']['images']} images in {d['data']['folder']}")
+    data = d["data"]
+    images = "rows counted on download" if data["images"] is None else f"{data['images']} images"
+    cache = "" if data["latent_cache_bytes"] is None else f", latent cache {data['latent_cache_bytes'] / 1e6:.1f} MB"
+    lines.append(f"data   {images} from {data['folder'] or 'the teachers (synthesized)'}: "
+                 f"{data['bytes'] / 1e6:.1f} MB on disk{cache}")
     lines.append(f"train  {t['max_steps']} steps x batch {t['batch_size']} x accum {t['grad_accum']}, lr {t['lr']}, "
                  f"precision {t['precision']}, feature loss {t['feature_loss']['type']} x {t['feature_loss']['weight']}, "
                  f"caption dropout {t['caption_dropout']}")

@@ -40,8 +40,13 @@ class Synthesize(Strict):
 
 
 class Data(Strict):
-    folder: Optional[str] = Field(None, description="Image-caption folder (metadata.jsonl or .txt sidecars), or "
-                                                    "toy:shapes.")
+    folder: Optional[str] = Field(None, description="Captioned pictures: a folder (metadata.jsonl, .txt sidecars or "
+                                                    "parquet shards), a Hub dataset datasets/ORG/NAME[@rev], or a "
+                                                    "plug-in's image set (toy:shapes).")
+    image_column: str = Field("image", min_length=1, description="Parquet shards' picture column.")
+    caption_column: str = Field("text", min_length=1, description="Parquet shards' caption column.")
+    max_bad_fraction: float = Field(0.05, ge=0, le=1, description="Share of pictures that may fail to decode "
+                                                                  "(they are skipped) before the run stops.")
     resolution: Optional[int] = Field(None, gt=0, description="Training resolution; default: the base's.")
     synthesize: Optional[Synthesize] = None
 

@@ -1,6 +1,6 @@
 """A local stand-in for the Hugging Face Hub: the routes huggingface_hub uses, served on 127.0.0.1.
 
-Repos are folders on disk. Model info with file metadata (sha256 of every "LFS" file), HEAD and
+Repos are folders on disk; dataset repos are added as "datasets/ORG/NAME". Model info with file metadata (sha256 of every "LFS" file), HEAD and
 GET on resolve/{revision}/{path} with ETag, X-Repo-Commit and linked-size headers, Range requests,
 and switches to make it fail the ways the real Hub can.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-LFS_SUFFIXES = (".safetensors", ".bin", ".ckpt")
+LFS_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".parquet", ".png", ".jpg")
 
 
 def git_blob_id(data: bytes) -> str:
@@ -74,8 +74,8 @@ class FakeHub:
                 if self.command != "HEAD":
                     self.wfile.write(body)
 
-            def _repo(self, parts: list[str]) -> str | None:
-                repo = "/".join(parts[:2])
+            def _repo(self, parts: list[str], kind: str = "") -> str | None:
+                repo = kind + "/".join(parts[:2])
                 if repo in hub.status_for:
                     self._send(hub.status_for[repo], b'{"error": "denied"}', error_code="GatedRepo")
                     return None
@@ -94,14 +94,16 @@ class FakeHub:
                 path = unquote(urlparse(self.path).path)
                 hub.requests.append((self.command, path, self.headers.get("Range")))
                 parts = path.strip("/").split("/")
-                if parts[:2] == ["api", "models"]:
-                    rest = parts[2:]
-                    repo = self._repo(rest)
+                if parts[:2] in (["api", "models"], ["api", "datasets"]):
+                    repo = self._repo(parts[2:], "datasets/" if parts[1] == "datasets" else "")
                     if repo is not None:
                         self._info(repo)
                     return
+                kind = ""
+                if parts[0] == "datasets":
+                    kind, parts = "datasets/", parts[1:]
                 if len(parts) >= 5 and parts[2] == "resolve":
-                    repo = self._repo(parts)
+                    repo = self._repo(parts, kind)
                     if repo is not None:
                         self._file(repo, "/".join(parts[4:]))
                     return
@@ -116,7 +118,8 @@ class FakeHub:
                         entry["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
                                         "pointerSize": 134}
                     siblings.append(entry)
-                body = json.dumps({"id": repo, "modelId": repo, "sha": COMMIT, "siblings": siblings,
+                body = json.dumps({"id": repo.removeprefix("datasets/"), "modelId": repo, "sha": COMMIT,
+                                   "siblings": siblings,
                                    "private": False, "gated": False, "tags": []}).encode()
                 self._send(200, body, {"Content-Type": "application/json"})
 

@@ -1,16 +1,24 @@
-"""Captioned image folders, and named image sets that plug-ins register (the toy zoo's `toy:shapes`).
+"""Captioned pictures: folders, parquet shards, and named image sets that plug-ins register (the toy
+zoo's `toy:shapes`), each read as a stream of (picture, caption) pairs.
 
 Folders follow the Hugging Face imagefolder convention: `metadata.jsonl` lines with `file_name` and
-`text`, or an `image.txt` caption beside each `image.png`.
+`text`, or an `image.txt` caption beside each `image.png`. Parquet shards (how most Hub datasets are
+stored) hold an image column (the `datasets` Image struct, raw bytes, or a path in the repo) and a
+caption column; they are read a batch of rows at a time, so a large set never sits in memory whole.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
+
+from PIL import Image, UnidentifiedImageError
 
 from .. import plugins
 from ..errors import BadInput
+from ..files.hashing import cached_sha256
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 IMAGE_SETS: dict[str, Callable[[], Path]] = {}
@@ -22,10 +30,14 @@ def register_image_set(name: str, folder: Callable[[], Path]) -> None:
 
 
 def resolve_data(ref: str) -> Path:
-    """The folder of `data.folder`: a registered image set's, or the local folder itself."""
+    """The folder of `data.folder`: a registered image set's, a Hub dataset's (downloaded), or the local folder."""
+    from .hub_datasets import fetch_dataset, is_dataset_ref
+
     plugins.load()
     if ref in IMAGE_SETS:
         return IMAGE_SETS[ref]()
+    if is_dataset_ref(ref):
+        return fetch_dataset(ref)
     folder = Path(ref).expanduser()
     if not folder.is_dir():
         raise BadInput(f"data.folder {ref}: no such folder")
@@ -56,3 +68,108 @@ def read_captioned_folder(folder: Path) -> list[tuple[Path, str]]:
         raise BadInput(f"data folder {folder}: no captioned images (need metadata.jsonl or .txt captions "
                        "beside the images)")
     return items
+
+
+def _decoded(data: bytes | None = None, path: Path | None = None) -> Image.Image | None:
+    """An RGB picture, or None when it does not decode."""
+    try:
+        with Image.open(io.BytesIO(data) if data is not None else path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+class CaptionedImages:
+    """Captioned pictures read as a stream: (picture or None when it does not decode, caption), in a stable
+    order. `fingerprint()` changes whenever the pictures or captions do; caches are keyed by it."""
+
+    description: str
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[tuple[Image.Image | None, str]]:
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        raise NotImplementedError
+
+    def size_bytes(self) -> int:
+        raise NotImplementedError
+
+
+class FolderImages(CaptionedImages):
+    def __init__(self, items: list[tuple[Path, str]], description: str):
+        self.items, self.description = items, description
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):
+        for path, caption in self.items:
+            yield _decoded(path=path), caption
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for path, text in self.items:
+            st = path.stat()
+            h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}:{text}\n".encode())
+        return h.hexdigest()
+
+    def size_bytes(self) -> int:
+        return sum(path.stat().st_size for path, _ in self.items)
+
+
+class ParquetImages(CaptionedImages):
+    def __init__(self, folder: Path, shards: list[Path], image_column: str, caption_column: str):
+        import pyarrow.parquet as pq
+
+        self.folder, self.shards, self.columns = folder, shards, (image_column, caption_column)
+        self.description = f"data {folder}"
+        self.rows = 0
+        for shard in shards:
+            try:
+                meta = pq.ParquetFile(shard).metadata
+            except Exception as e:  # pyarrow raises several kinds for a file that is not parquet
+                raise BadInput(f"{shard}: not a readable parquet file ({e.__class__.__name__})") from None
+            names = meta.schema.to_arrow_schema().names
+            for column, field in ((image_column, "image_column"), (caption_column, "caption_column")):
+                if column not in names:
+                    raise BadInput(f"{shard}: no column {column!r} for data.{field} (its columns: "
+                                   f"{', '.join(names)})")
+            self.rows += meta.num_rows
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __iter__(self):
+        import pyarrow.parquet as pq
+
+        for shard in self.shards:
+            for batch in pq.ParquetFile(shard).iter_batches(batch_size=64, columns=list(self.columns)):
+                images, captions = batch.column(self.columns[0]).to_pylist(), batch.column(self.columns[1])
+                for image, caption in zip(images, captions.to_pylist()):
+                    yield self._picture(image), str(caption)
+
+    def _picture(self, cell) -> Image.Image | None:
+        if isinstance(cell, dict):  # the datasets library's Image feature: {"bytes": ..., "path": ...}
+            data, path = cell.get("bytes"), cell.get("path")
+            return _decoded(data=data) if data else (_decoded(path=self.folder / path) if path else None)
+        if isinstance(cell, (bytes, bytearray)):
+            return _decoded(data=bytes(cell))
+        return _decoded(path=self.folder / cell) if isinstance(cell, str) else None
+
+    def fingerprint(self) -> str:
+        key = [cached_sha256(s) for s in self.shards] + list(self.columns)
+        return hashlib.sha256(json.dumps(key).encode()).hexdigest()
+
+    def size_bytes(self) -> int:
+        return sum(s.stat().st_size for s in self.shards)
+
+
+def open_images(folder: Path, image_column: str = "image", caption_column: str = "text") -> CaptionedImages:
+    """The captioned pictures of a folder: its parquet shards if it has any, else an imagefolder."""
+    shards = sorted(folder.rglob("*.parquet"))
+    if shards:
+        return ParquetImages(folder, shards, image_column, caption_column)
+    return FolderImages(read_captioned_folder(folder), f"data {folder}")

@@ -4,26 +4,22 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .. import console
+from ..data.sources import CaptionedImages
 from ..errors import BadInput, DMMError
 from ..files import state
 from ..files.atomic import atomic_file
 
 
-def _load_image(path: Path, resolution: int) -> torch.Tensor:
+def _pixels(image: Image.Image, resolution: int) -> torch.Tensor:
     """Resize the short side to `resolution`, centre-crop, scale to [-1, 1]."""
-    try:
-        image = Image.open(path).convert("RGB")
-    except (OSError, UnidentifiedImageError):
-        raise BadInput(f"{path}: not a readable image") from None
     scale = resolution / min(image.size)
     image = image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))),
                          Image.BICUBIC)
@@ -41,33 +37,45 @@ class LatentSet:
         return len(self.captions)
 
 
-def cache_key(items: list[tuple[Path, str]], vae_sha256: str, resolution: int) -> str:
-    h = hashlib.sha256(f"{vae_sha256}:{resolution}".encode())
-    for path, text in items:
-        st = path.stat()
-        h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}:{text}\n".encode())
-    return h.hexdigest()[:24]
-
-
 @torch.inference_mode()
-def encode_items(items: list[tuple[Path, str]], vae, vae_sha256: str, resolution: int, device: torch.device,
-                 batch_size: int = 16) -> LatentSet:
-    """Latents of captioned images, from the cache when the VAE, size and files are unchanged."""
-    key = cache_key(items, vae_sha256, resolution)
+def encode_items(images: CaptionedImages, vae, vae_sha256: str, resolution: int, device: torch.device,
+                 batch_size: int = 16, max_bad_fraction: float = 0.05) -> LatentSet:
+    """Latents of captioned pictures, from the cache when the VAE, size and pictures are unchanged.
+
+    Pictures stream through a batch at a time; those that do not decode are skipped and counted, and more
+    than `max_bad_fraction` of them fails the run."""
+    key = hashlib.sha256(f"{vae_sha256}:{resolution}:{images.fingerprint()}".encode()).hexdigest()[:24]
     path = state.home() / "latents" / f"{key}.safetensors"
     if path.is_file():
-        console.say(f"data: {len(items)} images, latents from cache {path}")
+        console.say(f"data: {len(images)} images, latents from cache {path}")
         return LatentSet(load_file(path)["latents"], json.loads(path.with_suffix(".json").read_text()))
-    console.say(f"data: encoding {len(items)} images at {resolution}px into the latent cache")
-    chunks = []
+    console.say(f"data: encoding {len(images)} images at {resolution}px into the latent cache")
+    chunks, captions, batch, bad = [], [], [], 0
     param = next(vae.parameters())
-    for start in tqdm(range(0, len(items), batch_size), desc="encode", disable=console.progress_disabled(),
-                      leave=False):
-        pixels = torch.stack([_load_image(p, resolution) for p, _ in items[start:start + batch_size]])
-        mean = vae.encode(pixels.to(device, param.dtype)).latent_dist.mode()
+
+    def encode():
+        mean = vae.encode(torch.stack(batch).to(device, param.dtype)).latent_dist.mode()
         chunks.append((mean.float() * vae.config.scaling_factor).cpu())
+        batch.clear()
+
+    for picture, caption in tqdm(images, total=len(images), desc="encode", disable=console.progress_disabled(),
+                                 leave=False):
+        if picture is None:
+            bad += 1
+            continue
+        batch.append(_pixels(picture, resolution))
+        captions.append(caption)
+        if len(batch) == batch_size:
+            encode()
+    if batch:
+        encode()
+    total = len(captions) + bad
+    if bad and (not captions or bad / total > max_bad_fraction):
+        raise BadInput(f"{images.description}: {bad} of {total} pictures do not decode, more than "
+                       f"data.max_bad_fraction ({max_bad_fraction:.0%})")
+    if bad:
+        console.warn(f"{images.description}: skipped {bad} of {total} pictures that do not decode")
     latents = torch.cat(chunks)
-    captions = [text for _, text in items]
     try:  # a cache: a read-only or full $DMM_HOME costs a warning, not the run
         with atomic_file(path.with_suffix(".json")) as tmp:
             tmp.write_text(json.dumps(captions))

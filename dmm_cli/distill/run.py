@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from .. import console
-from ..data.sources import read_captioned_folder, resolve_data
+from ..data.sources import FolderImages, open_images, resolve_data
 from ..errors import BadInput, DMMError, ModelError, RecipeError
 from ..files import state
 from ..files.atomic import atomic_file, atomic_folder, clear_temporaries, output_lock
@@ -42,8 +42,7 @@ class RunPlan:
     output: Path
     base: Path
     teachers: list[Path | None]  # None: an old style of `previous`
-    data: Path | None
-    num_images: int
+    data: DataPlan
     resume_from: Path | None
     overwrite: bool
     previous: Path | None = None
@@ -61,7 +60,8 @@ class RunPlan:
                           "prediction_type": read_schedule(f or self.previous).prediction_type}
                          for i, (tc, f) in enumerate(zip(self.recipe.teachers, self.teachers))],
             "init_from": str(self.previous) if self.previous else None,
-            "data": {"folder": str(self.data) if self.data else None, "images": self.num_images,
+            "data": {"folder": self.recipe.data.folder, "images": self.data.images, "bytes": self.data.bytes,
+                     "latent_cache_bytes": self.data.latent_bytes,
                      "synthesize": self.recipe.data.synthesize.model_dump() if self.recipe.data.synthesize else None},
             "train": t.model_dump(),
             "samples_per_teacher_per_step": t.batch_size * t.grad_accum / len(self.teachers),
@@ -154,19 +154,39 @@ def plan_run(recipe_path: Path, overrides: list[str] = (), *, output: Path | Non
     _check_teachers(recipe, base, teachers)
     for part in COPIED_PARTS:  # the student folder gets copies of these: no link may lead out of the base
         check_links(base / part, model_root(base))
-    data_folder, count = None, 0
-    if recipe.data.folder is not None:
-        data_folder = resolve_data(recipe.data.folder)
-        count = len(read_captioned_folder(data_folder))
+    data = _plan_data(recipe, base, len(teachers))
     synth, prompts = recipe.data.synthesize, None
     if synth is not None:
         from ..data.prompts import read_prompts
 
         prompts = read_prompts(Path(synth.prompts) if synth.prompts else None,
                                [t.model for t in recipe.teachers[old:]], "synthesis")
-        count += synth.images_per_teacher * len(teachers)
-    return RunPlan(recipe, Path(recipe_path), out, base, teachers, data_folder, count, resume_from, overwrite,
-                   previous, table, prompts)
+    return RunPlan(recipe, Path(recipe_path), out, base, teachers, data, resume_from, overwrite, previous, table,
+                   prompts)
+
+
+@dataclass
+class DataPlan:
+    images: int | None  # None: rows of Hub parquet shards, counted once they are downloaded
+    bytes: int  # the pictures (or shards) on disk
+    latent_bytes: int | None  # the latent cache they become
+
+
+def _plan_data(recipe: Recipe, base: Path, teachers: int) -> DataPlan:
+    """How many pictures the run trains on and the disk they take, without downloading a Hub dataset."""
+    from ..data.hub_datasets import is_dataset_ref, list_dataset
+
+    images, size, folder = 0, 0, recipe.data.folder
+    if folder is not None and is_dataset_ref(folder):
+        listing = list_dataset(folder)
+        images, size = listing.images, listing.bytes
+    elif folder is not None:
+        found = open_images(resolve_data(folder), recipe.data.image_column, recipe.data.caption_column)
+        images, size = len(found), found.size_bytes()
+    if recipe.data.synthesize is not None and images is not None:
+        images += recipe.data.synthesize.images_per_teacher * teachers
+    side = (recipe.data.resolution or json.loads((base / "vae" / "config.json").read_text())["sample_size"]) // 8
+    return DataPlan(images, size, None if images is None else images * 4 * side * side * 4)
 
 
 def _accelerator(recipe: Recipe):
@@ -194,17 +214,18 @@ def _train(plan: RunPlan, accelerator) -> Path:
     recipe, out, cfg = plan.recipe, plan.output, plan.recipe.train
     main = accelerator.is_main_process
     if main:
-        out.mkdir(parents=True, exist_ok=True)
         for folder in (out, out / CHECKPOINTS):  # what a killed run left half-written
             clear_temporaries(folder)
+    tokenizer = CLIPTokenizer.from_pretrained(plan.base / "tokenizer")
+    with accelerator.main_process_first():  # before the run folder: bad data leaves no folder behind
+        sources = data_sources(plan, tokenizer, accelerator.device)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
         if plan.overwrite and (out / CHECKPOINTS).exists():
             shutil.rmtree(out / CHECKPOINTS)
         with atomic_file(out / RUN_FILE) as tmp:
             tmp.write_text(json.dumps({"name": recipe.name, "fingerprint": recipe.fingerprint(),
                                        "recipe": recipe.model_dump()}, indent=2))
-    tokenizer = CLIPTokenizer.from_pretrained(plan.base / "tokenizer")
-    with accelerator.main_process_first():
-        sources = data_sources(plan, tokenizer, accelerator.device)
     models = load_models(recipe, plan.base, plan.teachers, accelerator.device, plan.previous)
     if choose_attention(cfg.attention, accelerator.device, models.teacher_dtype) == "xformers":
         for unet in {id(u): u for u in [models.student, *models.teachers]}.values():
@@ -283,8 +304,10 @@ def data_sources(plan: RunPlan, tokenizer, device) -> list:
     vae_sha = component_sha256(plan.base / "vae")
     resolution = recipe.data.resolution or vae.config.sample_size
     sources = []
-    if plan.data is not None:
-        real = encode_items(read_captioned_folder(plan.data), vae, vae_sha, resolution, device)
+    data = recipe.data
+    if data.folder is not None:
+        images = open_images(resolve_data(data.folder), data.image_column, data.caption_column)
+        real = encode_items(images, vae, vae_sha, resolution, device, max_bad_fraction=data.max_bad_fraction)
         sources.append(DataSource(real.latents, tokenize(tokenizer, real.captions)))
     synth = recipe.data.synthesize
     if synth is not None:
@@ -297,13 +320,13 @@ def data_sources(plan: RunPlan, tokenizer, device) -> list:
             style = one_hot(i, old) if folder is None else None
             samples = sample_set(lambda m=model: load_pipeline(m, device, pick_dtype("auto", device)), model, style,
                                  prompts, settings, 16, f"synthesize {spec.name}")
-            items = list(zip(samples.paths(), samples.prompts))
+            items = FolderImages(list(zip(samples.paths(), samples.prompts)), f"generations of {spec.name}")
             encoded = encode_items(items, vae, vae_sha, resolution, device)
             latents.append(encoded.latents)
             captions += encoded.captions
             labels += [i] * len(encoded.captions)
         sources.append(DataSource(torch.cat(latents), tokenize(tokenizer, captions), torch.tensor(labels),
-                                  synth.after_step if plan.data is not None else 0))
+                                  synth.after_step if data.folder is not None else 0))
     return sources
 
 

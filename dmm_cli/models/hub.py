@@ -41,7 +41,7 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _errors(ref: str, e: Exception) -> Exception:
+def hub_error(ref: str, e: Exception) -> Exception:
     """One sentence for each way the Hub can say no."""
     from huggingface_hub import errors
 
@@ -88,13 +88,15 @@ def select_files(files: dict[str, object], parts: list[str], variant: str | None
     return chosen
 
 
-def _download(repo: str, filename: str, commit: str, sha256: str | None, store: Path | None) -> Path:
+def download(repo: str, filename: str, commit: str, sha256: str | None, store: Path | None,
+             repo_type: str = "model") -> Path:
     """One verified file: a corrupt cached copy is detected and fetched again."""
     from huggingface_hub import hf_hub_download
 
     kwargs = {"local_dir": store} if store is not None else {}
     for attempt in range(2):
-        path = Path(hf_hub_download(repo, filename, revision=commit, force_download=attempt > 0, **kwargs))
+        path = Path(hf_hub_download(repo, filename, revision=commit, force_download=attempt > 0, repo_type=repo_type,
+                                    **kwargs))
         if sha256 is None or cached_sha256(path) == sha256:
             return path
         console.warn(f"{repo}/{filename}: sha256 does not match the Hub's; downloading it again")
@@ -151,7 +153,7 @@ def fetch_hub(ref: str, repo: str, revision: str | None, path: str | None, *, al
             folder = Path(snapshot_download(repo, revision=revision, allow_patterns=patterns, local_files_only=True,
                                             **({"local_dir": store} if store else {})))
         except Exception as e:  # every huggingface_hub failure becomes one sentence
-            raise _errors(ref, e) from e
+            raise hub_error(ref, e) from e
         verify_cached(ref, folder, store)
         if path:
             return Fetched(ref, str(single_file_folder(folder / path, allow_pickle, prediction_type)), "hub", repo,
@@ -160,14 +162,14 @@ def fetch_hub(ref: str, repo: str, revision: str | None, path: str | None, *, al
     try:
         info = HfApi().model_info(repo, revision=revision, files_metadata=True)
     except Exception as e:  # same: one sentence per failure kind
-        raise _errors(ref, e) from e
+        raise hub_error(ref, e) from e
     files = {s.rfilename: s for s in info.siblings or []}
     sha = {name: (s.lfs.sha256 if s.lfs else None) for name, s in files.items()}
     try:
         if path:
             if path not in files:
                 raise BadInput(f"{ref}: no such repo or file on the Hub")
-            local = _download(repo, path, info.sha, sha[path], store)
+            local = download(repo, path, info.sha, sha[path], store)
             fetched = Fetched(ref, str(single_file_folder(local, allow_pickle, prediction_type)), "single-file", repo,
                               revision, info.sha)
         else:
@@ -176,18 +178,18 @@ def fetch_hub(ref: str, repo: str, revision: str | None, path: str | None, *, al
                 hint = f"; name a file, e.g. {repo}/{singles[0]}" if singles else ""
                 raise ModelError(f"{ref}: not a diffusers repo (no model_index.json){hint}")
             # by revision name first, so the cache maps it to the commit and offline use finds it
-            index = json.loads(_download(repo, "model_index.json", revision or "main", None, store).read_text())
+            index = json.loads(download(repo, "model_index.json", revision or "main", None, store).read_text())
             parts = [p for p in PIPELINE_PARTS if p in index and index[p] and index[p][0] is not None]
             for name in select_files(files, parts, variant, allow_pickle, ref):
-                _download(repo, name, info.sha, sha.get(name), store)
-            folder = _download(repo, "model_index.json", info.sha, None, store).parent
+                download(repo, name, info.sha, sha.get(name), store)
+            folder = download(repo, "model_index.json", info.sha, None, store).parent
             if allow_pickle:
                 folder = _pickles_to_safetensors(folder)
             fetched = Fetched(ref, str(usable_folder(folder)), "hub", repo, revision, info.sha)
     except (BadInput, NetworkError, ModelError):
         raise
     except Exception as e:  # network trouble in the middle of a download
-        raise _errors(ref, e) from e
+        raise hub_error(ref, e) from e
     record(fetched)
     return fetched
 

@@ -1,0 +1,87 @@
+"""Captioned image sets from Hugging Face dataset repos (`datasets/ORG/NAME[@revision]`), fetched like models:
+pinned to a commit, every LFS file checked against the Hub's sha256, cached by huggingface_hub, offline
+from the cache (verified once). Only data files are fetched: parquet shards, or an imagefolder's
+pictures with their metadata.jsonl or .txt captions."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import BadInput, ModelError, NetworkError
+from ..models.hub import download, hub_error, offline, verify_cached
+from .sources import IMAGE_SUFFIXES
+
+DATASET_REF = re.compile(r"^datasets/(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@(?P<rev>[\w.-]+))?$")
+DATA_SUFFIXES = (".parquet", ".jsonl", ".txt", *IMAGE_SUFFIXES)
+
+
+def is_dataset_ref(ref: str) -> bool:
+    return DATASET_REF.match(ref) is not None
+
+
+@dataclass
+class Listing:
+    """What a dataset repo holds, before downloading it: for the dry run."""
+
+    files: list[str]
+    bytes: int
+    images: int | None  # picture files, for an imagefolder; None for parquet, whose rows are counted on download
+
+
+def _data_files(names) -> list[str]:
+    return sorted(n for n in names if n.lower().endswith(DATA_SUFFIXES) and not n.startswith(".")
+                  and Path(n).name.lower() != "readme.md")
+
+
+def list_dataset(ref: str) -> Listing:
+    """The dataset's data files and their size, from the Hub's file list (nothing is downloaded)."""
+    from huggingface_hub import HfApi
+
+    match = DATASET_REF.match(ref)
+    if offline():
+        folder = fetch_dataset(ref)
+        files = _data_files(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+        return Listing(files, sum((folder / f).stat().st_size for f in files), _image_count(files))
+    try:
+        info = HfApi().dataset_info(match["repo"], revision=match["rev"], files_metadata=True)
+    except Exception as e:  # every huggingface_hub failure becomes one sentence
+        raise hub_error(ref, e) from e
+    sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
+    files = _data_files(sizes)
+    if not files:
+        raise BadInput(f"{ref}: the dataset repo holds no parquet shards or captioned pictures")
+    return Listing(files, sum(sizes[f] for f in files), _image_count(files))
+
+
+def _image_count(files: list[str]) -> int | None:
+    return None if any(f.endswith(".parquet") for f in files) else sum(f.lower().endswith(tuple(IMAGE_SUFFIXES))
+                                                                       for f in files)
+
+
+def fetch_dataset(ref: str) -> Path:
+    """The local folder of a dataset repo's data files (downloaded if missing, each one verified)."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    match = DATASET_REF.match(ref)
+    repo, revision = match["repo"], match["rev"]
+    if offline():
+        try:
+            folder = Path(snapshot_download(repo, repo_type="dataset", revision=revision, local_files_only=True,
+                                            allow_patterns=[f"*{s}" for s in DATA_SUFFIXES]))
+        except Exception as e:  # every huggingface_hub failure becomes one sentence
+            raise hub_error(ref, e) from e
+        verify_cached(ref, folder, None)
+        return folder
+    try:
+        info = HfApi().dataset_info(repo, revision=revision, files_metadata=True)
+        sha = {s.rfilename: (s.lfs.sha256 if s.lfs else None) for s in info.siblings or []}
+        files = _data_files(sha)
+        if not files:
+            raise BadInput(f"{ref}: the dataset repo holds no parquet shards or captioned pictures")
+        paths = [download(repo, name, info.sha, sha[name], None, repo_type="dataset") for name in files]
+    except (BadInput, NetworkError, ModelError):
+        raise
+    except Exception as e:  # network trouble in the middle of a download
+        raise hub_error(ref, e) from e
+    return paths[0].parents[len(Path(files[0]).parts) - 1]

@@ -1,0 +1,120 @@
+"""Training pictures without a hand-made folder: parquet shards, Hub dataset repos, pictures that do not decode."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import assert_one_sentence_error
+from hub_server import FakeHub
+
+
+def picture(k: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 32), ((37 * k) % 255, (91 * k) % 255, 120)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def parquet_dataset(folder: Path, rows: int = 24, shards: int = 2, caption: str = "text") -> Path:
+    """Shards as the `datasets` library writes them: an Image struct column and a caption column."""
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    per = rows // shards
+    for s in range(shards):
+        ks = range(s * per, (s + 1) * per)
+        table = pa.table({"image": [{"bytes": picture(k), "path": None} for k in ks],
+                          caption: [f"a red circle number {k}" for k in ks]})
+        pq.write_table(table, folder / "data" / f"train-{s:05d}-of-{shards:05d}.parquet")
+    return folder
+
+
+def image_folder(folder: Path, rows: int, broken: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for k in range(rows):
+        (folder / f"{k:03d}.png").write_bytes(b"not a png" if k < broken else picture(k))
+        lines.append(json.dumps({"file_name": f"{k:03d}.png", "text": "a blue square"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def recipe(tmp_path: Path, folder: str, **data) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "data", "base": "toy:base", "teachers": [{"name": "night", "model": "toy:night"}],
+        "data": {"folder": folder, "resolution": 32, **data}, "output": str(tmp_path / "run"),
+        "train": {"max_steps": 2, "batch_size": 4}}))
+    return path
+
+
+def test_local_parquet_shards_train_and_the_dry_run_counts_them(dmm, tmp_path):
+    data = parquet_dataset(tmp_path / "set")
+    r = dmm("distill", recipe(tmp_path, str(data)), "--dry-run", "--json")
+    assert r.code == 0, r
+    plan = json.loads(r.out)["data"]
+    assert plan["images"] == 24 and plan["bytes"] > 0 and plan["latent_cache_bytes"] == 24 * 4 * 4 * 4 * 4
+    r = dmm("distill", recipe(tmp_path, str(data)))
+    assert r.code == 0, r
+    assert "encoding 24 images" in r.err
+
+
+def test_a_missing_caption_column_is_named_and_no_run_folder_is_left(dmm, tmp_path):
+    data = parquet_dataset(tmp_path / "set", caption="caption")
+    r = dmm("distill", recipe(tmp_path, str(data)))
+    assert_one_sentence_error(r, 2, "no column 'text' for data.caption_column", "caption")
+    assert not (tmp_path / "run").exists()
+    r = dmm("distill", recipe(tmp_path, str(data), caption_column="caption", image_column="pixels"))
+    assert_one_sentence_error(r, 2, "no column 'pixels' for data.image_column")
+
+
+def test_pictures_that_do_not_decode_are_skipped_then_counted_against_a_share(dmm, tmp_path):
+    few = image_folder(tmp_path / "few", rows=40, broken=1)
+    r = dmm("distill", recipe(tmp_path, str(few)))
+    assert r.code == 0, r
+    assert "skipped 1 of 40 pictures" in r.err and "encoding 40 images" in r.err
+    every = image_folder(tmp_path / "every", rows=6, broken=6)
+    r = dmm("distill", recipe(tmp_path / "b", str(every)))
+    assert_one_sentence_error(r, 2, "6 of 6 pictures do not decode")
+    assert not (tmp_path / "b" / "run").exists()
+
+
+def dmm_with_hub(tmp_path: Path, hub: FakeHub, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(DMM_HOME=str(tmp_path / "home"), HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=hub.url,
+               HF_HUB_DISABLE_TELEMETRY="1")
+    return subprocess.run([sys.executable, "-m", "dmm_cli", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+def test_a_hub_dataset_repo_is_listed_for_the_dry_run_then_fetched_verified_and_trained_on(tmp_path):
+    with FakeHub() as hub:
+        hub.add("datasets/toy-org/circles", parquet_dataset(tmp_path / "repo", rows=16))
+        r = recipe(tmp_path, "datasets/toy-org/circles")
+        dry = dmm_with_hub(tmp_path, hub, "distill", str(r), "--dry-run")
+        assert dry.returncode == 0, dry.stderr
+        assert "rows counted on download" in dry.stdout and not hub.downloads()
+        p = dmm_with_hub(tmp_path, hub, "-q", "distill", str(r))
+        assert p.returncode == 0, p.stderr
+        assert len(hub.downloads(".parquet")) == 2
+        missing = dmm_with_hub(tmp_path, hub, "distill", str(recipe(tmp_path / "m", "datasets/toy-org/nothing")))
+    assert missing.returncode == 2 and "datasets/toy-org/nothing: no such repo or file on the Hub" in missing.stderr
+    assert not (tmp_path / "m" / "run").exists()
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ("data.max_bad_fraction=2", "data.max_bad_fraction: must be <= 1"),
+    ("data.resolution=30", "data.resolution: must be a multiple of 8"),
+])
+def test_bad_data_settings(dmm, tmp_path, value, fragment):
+    r = dmm("distill", recipe(tmp_path, "toy:shapes"), "--set", value)
+    assert_one_sentence_error(r, 2, fragment)
+    assert not (tmp_path / "run").exists()
