@@ -341,7 +341,9 @@ def eval_(
     guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale."),
     batch_size: int = typer.Option(16, "--batch-size", help="Pictures per forward pass."),
     features: str = typer.Option("auto", "--features", help="auto (toy for toy teachers, else inception), inception, "
-                                                            "toy, or a path to the Inception weights file."),
+                                                            "pixels (no weights needed; not comparable with "
+                                                            "published FIDs), toy, or a path to the Inception "
+                                                            "weights file."),
     clip: Optional[Path] = typer.Option(None, "--clip", help="Local CLIP model folder for CLIP score."),
     output: Path = typer.Option(Path("eval-out"), "--output", "-o", help="Report folder."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),

@@ -1,0 +1,82 @@
+"""The promised command end to end, offline: `dmm distill recipes/anime_realism.yaml` against a local Hub that
+serves real-topology SD1.5 models (tiny widths) under the recipe's exact repo ids; then generate and eval.
+Only step counts, resolution and batch are changed. Nothing here touches the toy zoo."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from families import build
+from hub_server import FakeHub
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "recipes" / "anime_realism.yaml"
+
+
+@pytest.fixture(scope="module")
+def repos(tmp_path_factory):
+    """The recipe's base and teachers as tiny real-topology repos: teachers are fine-tunes of the base."""
+    recipe = yaml.safe_load(RECIPE.read_text())
+    folder = tmp_path_factory.mktemp("repos")
+    base = build(folder / "base", "sd15", seed=0)
+    served = {recipe["base"]: base}
+    for i, teacher in enumerate(recipe["teachers"]):
+        served[teacher["model"]] = build(folder / f"teacher{i}", "sd15", seed=10 + i, base=base, noise=0.3)
+    served["sd2/v-teacher"] = build(folder / "sd2", "sd2", seed=3)
+    return served
+
+
+def dmm(tmp_path: Path, hub: FakeHub, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "DMM_MODEL"))}
+    env.update(DMM_HOME=str(tmp_path / "home"), HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=hub.url,
+               HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="2")
+    return subprocess.run([sys.executable, "-m", "dmm_cli", *args], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=900)
+
+
+def test_anime_realism_recipe_fetches_synthesizes_trains_then_generates_and_evaluates(tmp_path, repos):
+    with FakeHub() as hub:
+        for repo, folder in repos.items():
+            hub.add(repo, folder)
+        settings = ["--set", "train.max_steps=3", "--set", "train.batch_size=4", "--set", "data.resolution=64",
+                    "--set", "data.synthesize.steps=2", "--set", "train.checkpoint_every=2", "-o", "run"]
+        dry = dmm(tmp_path, hub, "distill", str(RECIPE), "--dry-run", *settings)
+        assert dry.returncode == 0, dry.stderr
+        assert "2400 images" in dry.stdout and "predicts epsilon" in dry.stdout
+        p = dmm(tmp_path, hub, "distill", str(RECIPE), *settings)
+        assert p.returncode == 0, p.stderr
+        run = tmp_path / "run"
+        assert tmp_path / p.stdout.strip() == run
+        styles = json.loads((run / "styles.json").read_text())
+        assert [s["name"] for s in styles["styles"]] == ["anime", "realism", "dreamshaper", "openjourney"]
+        assert all(s["teacher"].count("/") == 1 and len(s["sha256"]) == 64 for s in styles["styles"])
+        g = dmm(tmp_path, hub, "generate", "--style", "3", "a cat", "--steps", "2", "-o", "pictures")
+        assert g.returncode == 0, g.stderr
+        assert "the last model dmm distill wrote" in g.stderr and Path(tmp_path / g.stdout.strip()).is_file()
+        e = dmm(tmp_path, hub, "eval", "run", "--recipe", str(RECIPE), "-k", "4", "--steps", "2", "--features",
+                "pixels", "--json", "-o", "report", "--dtype", "fp32")
+        assert e.returncode == 0, e.stderr
+    rows = {m["name"]: m for m in json.loads(e.stdout)["models"]}
+    assert rows["run"]["kind"] == "student" and len(rows["run"]["M"]) == 4
+    assert (tmp_path / "report" / "report.md").is_file()
+
+
+def test_mixed_sd1_and_sd2_teachers_are_refused_before_any_work(tmp_path, repos):
+    recipe = yaml.safe_load(RECIPE.read_text())
+    recipe["teachers"][1]["model"] = "sd2/v-teacher"
+    path = tmp_path / "mixed.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with FakeHub() as hub:
+        for repo, folder in repos.items():
+            hub.add(repo, folder)
+        p = dmm(tmp_path, hub, "distill", str(path), "-o", "run")
+    assert p.returncode == 2 and p.stdout == "", p.stderr
+    (line,) = [line for line in p.stderr.splitlines() if line.startswith("dmm: ")]
+    assert "teacher 'realism' (sd2/v-teacher)" in line and "differs from the base's" in line
+    assert not (tmp_path / "run").exists()
