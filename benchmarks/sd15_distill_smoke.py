@@ -2,7 +2,8 @@
 
 Writes a base and N teacher folders (fp16, shared VAE and text encoder), a folder of random 512 px
 captioned images and a recipe, runs `python -m dmm_cli distill --dry-run` and `--max-steps`, and
-prints JSON with the run's samples/s and peak GPU memory from its metrics log.
+prints JSON with the run's samples/s and peak GPU memory from its metrics log, beside the dry run's
+estimate of that peak (distill/memory.py), so the estimate can be checked against a real GPU.
 
   python benchmarks/sd15_distill_smoke.py --work /tmp/sd15 --teachers 4 --steps 20
 """
@@ -53,7 +54,8 @@ def main() -> None:
     prepared = time.perf_counter() - started
     env = dict(os.environ, DMM_HOME=str(a.work / "home"))
     cmd = [sys.executable, "-m", "dmm_cli", "distill", str(recipe_path)]
-    dry = subprocess.run([*cmd, "--dry-run"], capture_output=True, text=True, env=env)
+    dry = subprocess.run([*cmd, "--dry-run", "--json"], capture_output=True, text=True, env=env)
+    estimate = json.loads(dry.stdout)["memory"] if dry.returncode == 0 else None
     t0 = time.perf_counter()
     real = subprocess.run(cmd, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - t0
@@ -68,6 +70,8 @@ def main() -> None:
         "distill": {"rc": real.returncode, "wall_s": round(seconds, 1), "stdout": real.stdout[-300:],
                     "stderr": real.stderr[-1500:] if real.returncode else real.stderr[-300:]},
         "metrics": rows,
+        "memory_estimate_gb": estimate and round(estimate["estimate_bytes"] / 1e9, 2),
+        "memory_measured_gb": max((r["gpu_peak_gib"] * 2**30 / 1e9 for r in rows if "gpu_peak_gib" in r), default=None),
     }, indent=1), flush=True)
 
 

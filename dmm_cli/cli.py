@@ -219,6 +219,8 @@ def _describe_plan(d: dict) -> str:
     lines.append(f"train  {t['max_steps']} steps x batch {t['batch_size']} x accum {t['grad_accum']}, lr {t['lr']}, "
                  f"precision {t['precision']}, feature loss {t['feature_loss']['type']} x {t['feature_loss']['weight']}, "
                  f"caption dropout {t['caption_dropout']}")
+    lines.append(f"memory {d['memory']['summary']}")
+    lines += [f"       a {card} card: {answer}" for card, answer in d["memory"]["fits"].items()]
     if d["resume_from"]:
         lines.append(f"resume {d['resume_from']}")
     return "\n".join(lines)

@@ -94,6 +94,10 @@ class Train(Strict):
                                                                       "on CUDA only.")
     teacher_offload: Literal["none", "cpu"] = Field("none", description="cpu: keep teachers in pinned host memory "
                                                                         "and stream each in when used.")
+    gradient_checkpointing: bool = Field(False, description="Recompute the student's activations in the backward "
+                                                            "pass: far less memory, about a third more time.")
+    optimizer: Literal["adamw", "adamw-8bit"] = Field("adamw", description="adamw-8bit: bitsandbytes' 8-bit AdamW "
+                                                                           "(the 8bit extra, CUDA only).")
     adversarial_loss: Optional[Adversarial] = None
     old_style_fraction: Optional[float] = Field(None, ge=0, le=1, description="With init_from: share of each batch "
                                                 "for the old styles (0 = no regulariser); default proportional.")

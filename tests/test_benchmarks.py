@@ -31,3 +31,13 @@ def test_distill_throughput_tiny():
 def test_generate_throughput_tiny():
     result, = run("benchmarks/generate_throughput.py", "--tiny")
     assert set(result["images_per_s"]) == {"diffusers", "dmm"} and result["dmm_over_diffusers_time"] > 0
+
+
+def test_sd15_distill_smoke_tiny_reports_the_memory_estimate(tmp_path):
+    p = subprocess.run([sys.executable, "benchmarks/sd15_distill_smoke.py", "--work", str(tmp_path), "--tiny",
+                        "--teachers", "2", "--steps", "2", "--batch", "2", "--images", "8", "--precision", "no",
+                        "--compile", "false"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads(p.stdout[p.stdout.index("{"):])
+    assert result["dry_run"]["rc"] == 0 and result["distill"]["rc"] == 0, result
+    assert result["memory_estimate_gb"] > 0 and result["memory_measured_gb"] is None  # no GPU here

@@ -49,6 +49,17 @@ class RunPlan:
     previous_styles: StyleTable | None = None
     synthesis_prompts: list[str] | None = None  # data.synthesize's prompts, read once while planning
 
+    def memory(self) -> dict:
+        """The peak GPU memory estimate (distill/memory.py) and the settings that fit common cards."""
+        from .memory import estimate, fitting_settings
+
+        side = (self.recipe.data.resolution or json.loads((self.base / "vae" / "config.json").read_text())
+                ["sample_size"]) // 8
+        args = (self.recipe.train, self.base, self.teachers, side, self.previous)
+        found = estimate(*args)
+        return {"estimate_bytes": found.total, "parts_bytes": found.parts, "summary": found.describe(),
+                "fits": {f"{card} GB": answer for card, answer in fitting_settings(*args).items()}}
+
     def describe(self) -> dict:
         t = self.recipe.train
         return {
@@ -65,6 +76,7 @@ class RunPlan:
                      "synthesize": self.recipe.data.synthesize.model_dump() if self.recipe.data.synthesize else None},
             "train": t.model_dump(),
             "samples_per_teacher_per_step": t.batch_size * t.grad_accum / len(self.teachers),
+            "memory": self.memory(),
             "resume_from": str(self.resume_from) if self.resume_from else None,
         }
 
@@ -154,6 +166,7 @@ def plan_run(recipe_path: Path, overrides: list[str] = (), *, output: Path | Non
     _check_teachers(recipe, base, teachers)
     for part in COPIED_PARTS:  # the student folder gets copies of these: no link may lead out of the base
         check_links(base / part, model_root(base))
+    _check_optimizer(recipe.train.optimizer)
     data = _plan_data(recipe, base, len(teachers))
     synth, prompts = recipe.data.synthesize, None
     if synth is not None:
@@ -163,6 +176,17 @@ def plan_run(recipe_path: Path, overrides: list[str] = (), *, output: Path | Non
                                [t.model for t in recipe.teachers[old:]], "synthesis")
     return RunPlan(recipe, Path(recipe_path), out, base, teachers, data, resume_from, overwrite, previous, table,
                    prompts)
+
+
+def _check_optimizer(optimizer: str) -> None:
+    if optimizer != "adamw-8bit":
+        return
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise BadInput("train.optimizer adamw-8bit needs bitsandbytes: pip install 'dmm-cli[8bit]'") from None
+    if not torch.cuda.is_available():
+        raise BadInput("train.optimizer adamw-8bit runs on CUDA GPUs only; use adamw on this machine")
 
 
 @dataclass

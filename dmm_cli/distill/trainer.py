@@ -229,6 +229,8 @@ class Trainer:
             state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
             self.step_done = state["step"]
         student.train().to(device, memory_format=fast_layout)
+        if cfg.gradient_checkpointing:
+            student.enable_gradient_checkpointing()
         self.student_taps = FeatureTaps(student)
         compile_now = cfg.compile is True or cfg.compile == "auto" and cuda
         if compile_now:
@@ -236,7 +238,12 @@ class Trainer:
             for unet in {id(t.unet): t.unet for t in (self.slots.values() if self.offload else self.teachers)}.values():
                 unet.compile()
         fused = {"fused": True} if cuda else {}
-        optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+        if cfg.optimizer == "adamw-8bit":
+            import bitsandbytes  # checked while planning
+
+            optimizer = bitsandbytes.optim.AdamW8bit(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
         warmup = cfg.warmup_steps
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
         self.adversarial = cfg.adversarial_loss
