@@ -435,6 +435,14 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def entry() -> int:
+    """The `dmm` process: run the CLI, then exit with its code even if a late signal arrives while exiting."""
+    code = main()
+    for s in (signal.SIGINT, signal.SIGTERM):  # the outcome is decided: a stray interrupt must not turn it into
+        signal.signal(s, signal.SIG_IGN)       # an unhandled KeyboardInterrupt during interpreter shutdown
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and map every failure to one sentence on stderr and an exit code."""
     argv = sys.argv[1:] if argv is None else argv

@@ -260,8 +260,8 @@ def test_a_second_writer_of_the_same_output_stops_at_once(dmm, tmp_path):
         assert_one_sentence_error(r, 1, str(tmp_path / "run"), f"another dmm process (pid {first.pid})")
     finally:
         first.terminate()
-        first.communicate(timeout=120)
-    assert first.returncode == 130 and not lock.exists()
+        _, err = first.communicate(timeout=120)
+    assert first.returncode == 130 and not lock.exists(), err
 
     from dmm_cli.files.atomic import output_lock
 

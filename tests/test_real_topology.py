@@ -32,7 +32,7 @@ def repos(tmp_path_factory):
     return served
 
 
-def dmm(tmp_path: Path, hub: FakeHub, *args: str) -> subprocess.CompletedProcess:
+def cli(tmp_path: Path, hub: FakeHub, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "DMM_MODEL"))}
     env.update(DMM_HOME=str(tmp_path / "home"), HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=hub.url,
                HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="2")
@@ -46,20 +46,20 @@ def test_anime_realism_recipe_fetches_synthesizes_trains_then_generates_and_eval
             hub.add(repo, folder)
         settings = ["--set", "train.max_steps=3", "--set", "train.batch_size=4", "--set", "data.resolution=64",
                     "--set", "data.synthesize.steps=2", "--set", "train.checkpoint_every=2", "-o", "run"]
-        dry = dmm(tmp_path, hub, "distill", str(RECIPE), "--dry-run", *settings)
+        dry = cli(tmp_path, hub, "distill", str(RECIPE), "--dry-run", *settings)
         assert dry.returncode == 0, dry.stderr
         assert "2400 images" in dry.stdout and "predicts epsilon" in dry.stdout
-        p = dmm(tmp_path, hub, "distill", str(RECIPE), *settings)
+        p = cli(tmp_path, hub, "distill", str(RECIPE), *settings)
         assert p.returncode == 0, p.stderr
         run = tmp_path / "run"
         assert tmp_path / p.stdout.strip() == run
         styles = json.loads((run / "styles.json").read_text())
         assert [s["name"] for s in styles["styles"]] == ["anime", "realism", "dreamshaper", "openjourney"]
         assert all(s["teacher"].count("/") == 1 and len(s["sha256"]) == 64 for s in styles["styles"])
-        g = dmm(tmp_path, hub, "generate", "--style", "3", "a cat", "--steps", "2", "-o", "pictures")
+        g = cli(tmp_path, hub, "generate", "--style", "3", "a cat", "--steps", "2", "-o", "pictures")
         assert g.returncode == 0, g.stderr
         assert "the last model dmm distill wrote" in g.stderr and Path(tmp_path / g.stdout.strip()).is_file()
-        e = dmm(tmp_path, hub, "eval", "run", "--recipe", str(RECIPE), "-k", "4", "--steps", "2", "--features",
+        e = cli(tmp_path, hub, "eval", "run", "--recipe", str(RECIPE), "-k", "4", "--steps", "2", "--features",
                 "pixels", "--json", "-o", "report", "--dtype", "fp32")
         assert e.returncode == 0, e.stderr
     rows = {m["name"]: m for m in json.loads(e.stdout)["models"]}
@@ -75,8 +75,33 @@ def test_mixed_sd1_and_sd2_teachers_are_refused_before_any_work(tmp_path, repos)
     with FakeHub() as hub:
         for repo, folder in repos.items():
             hub.add(repo, folder)
-        p = dmm(tmp_path, hub, "distill", str(path), "-o", "run")
+        p = cli(tmp_path, hub, "distill", str(path), "-o", "run")
     assert p.returncode == 2 and p.stdout == "", p.stderr
     (line,) = [line for line in p.stderr.splitlines() if line.startswith("dmm: ")]
     assert "teacher 'realism' (sd2/v-teacher)" in line and "differs from the base's" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_a_v_prediction_teacher_is_learned_by_a_v_prediction_student(dmm, tmp_path):
+    """SD2.x-style v-prediction family: the student, trained in v, moves from its base's v output to the teacher's."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    base = build(tmp_path / "base", "sd2", seed=5)
+    teacher = build(tmp_path / "teacher", "sd2", seed=6, base=base, noise=0.5)
+    recipe = tmp_path / "v.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "v", "base": str(base), "teachers": [{"name": "v", "model": str(teacher)}],
+        "data": {"synthesize": {"images_per_teacher": 16, "steps": 2}, "resolution": 64}, "output": str(tmp_path / "run"),
+        "train": {"max_steps": 150, "batch_size": 8, "lr": 2e-3, "caption_dropout": 0.0, "checkpoint_every": 1000}}))
+    r = dmm("-q", "distill", recipe)
+    assert r.code == 0, r
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(4, 4, 8, 8, generator=g), torch.tensor([50, 300, 600, 900])
+    ctx = torch.randn(4, 77, 32, generator=g)
+    load = lambda f: UNet2DConditionModel.from_pretrained(f / "unet").eval()  # noqa: E731
+    with torch.no_grad():
+        target = load(teacher)(x, t, encoder_hidden_states=ctx).sample
+        before = load(base)(x, t, encoder_hidden_states=ctx).sample
+        after = load(tmp_path / "run")(x, t, encoder_hidden_states=ctx, class_labels=torch.ones(4, 1)).sample
+    assert (after - target).pow(2).mean() < 0.5 * (before - target).pow(2).mean()

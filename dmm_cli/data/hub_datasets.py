@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import BadInput, ModelError, NetworkError
 from ..models.hub import download, hub_error, offline, verify_cached
-from .sources import IMAGE_SUFFIXES
+from ..files.images import IMAGE_SUFFIXES
 
 DATASET_REF = re.compile(r"^datasets/(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@(?P<rev>[\w.-]+))?$")
 DATA_SUFFIXES = (".parquet", ".jsonl", ".txt", *IMAGE_SUFFIXES)
@@ -55,7 +55,7 @@ def list_dataset(ref: str) -> Listing:
 
 
 def _image_count(files: list[str]) -> int | None:
-    return None if any(f.endswith(".parquet") for f in files) else sum(f.lower().endswith(tuple(IMAGE_SUFFIXES))
+    return None if any(f.endswith(".parquet") for f in files) else sum(f.lower().endswith(IMAGE_SUFFIXES)
                                                                        for f in files)
 
 

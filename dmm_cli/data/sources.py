@@ -19,8 +19,8 @@ from PIL import Image, UnidentifiedImageError
 from .. import plugins
 from ..errors import BadInput
 from ..files.hashing import cached_sha256
+from ..files.images import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 IMAGE_SETS: dict[str, Callable[[], Path]] = {}
 
 

@@ -8,6 +8,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .atomic import atomic_file
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # pictures dmm reads
+
 
 def slug(text: str, limit: int = 48) -> str:
     s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
