@@ -227,5 +227,5 @@ def test_existing_output_needs_overwrite_and_only_a_merge_is_replaced(dmm, tmp_p
     mine.mkdir()
     (mine / "keep.txt").write_text("mine")
     r = dmm("baseline-merge", "toy:night", "toy:outline", "-o", mine, "--overwrite")
-    assert_one_sentence_error(r, 2, "not a dmm baseline-merge output")
+    assert_one_sentence_error(r, 2, "not written by dmm baseline-merge")
     assert (mine / "keep.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["mine", "out"]

@@ -10,9 +10,8 @@ from safetensors.torch import save_file
 
 from .. import console
 from ..errors import BadInput
-from ..files.atomic import atomic_folder, output_lock, remove_leftovers
+from ..files.atomic import atomic_folder, check_replaceable, output_lock, remove_leftovers
 from ..files.images import slug
-from ..files.safetensors_header import read_metadata, weight_files
 from ..models import references
 from ..models.folders import copy_part, derived_model_index, model_root
 from ..models.official import OFFICIAL_PIPELINE_CLASS, OFFICIAL_UNET_CLASS, official_unet
@@ -23,23 +22,6 @@ from .bake import bake
 FORMATS = ("diffusers", "dmm-official")
 UNET_FILE = "diffusion_pytorch_model.safetensors"
 COPIED_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
-
-
-def _written_by_export(path: Path) -> bool:
-    """An output `dmm export` wrote: its UNet (or the file itself) carries the dmm.source metadata."""
-    files = [path] if path.is_file() else (weight_files(path / "unet") if (path / "unet").is_dir() else [])
-    try:
-        return any("dmm.source" in read_metadata(f) for f in files)
-    except (FileNotFoundError, BadInput):
-        return False
-
-
-def _check_target(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise BadInput(f"--output {path}: already exists; pass --overwrite to replace it")
-    if path.exists() and not _written_by_export(path):
-        raise BadInput(f"--output {path}: exists and was not written by dmm export, so --overwrite will not replace "
-                       "it; choose another --output")
 
 
 def eval_figures(folder: Path, metrics: Path | None, index: int | None) -> dict:
@@ -113,7 +95,7 @@ def export(ref: str, *, style: str | None = None, output: Path | None = None, si
     if single_file and any(path.suffix != ".safetensors" for path, _, _ in targets):
         raise BadInput(f"--output {targets[0][0]}: a single file must end in .safetensors")
     for path, _, _ in targets:
-        _check_target(path, overwrite)
+        check_replaceable(path, overwrite, "export", "dmm.source")
     unet_config = json.loads((folder / "unet" / "config.json").read_text())
     weights = _read(folder / "unet")
     if dtype is not None:
@@ -122,7 +104,7 @@ def export(ref: str, *, style: str | None = None, output: Path | None = None, si
     for path, label, vector in targets:
         with output_lock(path):
             remove_leftovers(path)
-            _check_target(path, overwrite)
+            check_replaceable(path, overwrite, "export", "dmm.source")
             if fmt == "dmm-official":
                 _write_folder(folder, path, *official_unet(weights, unet_config), official=True)
             elif vector is None:

@@ -15,8 +15,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..errors import DMMError
+from ..errors import BadInput, DMMError
 from ..interrupts import deferred
+from .safetensors_header import read_metadata
 
 
 def _umask() -> int:
@@ -74,11 +75,13 @@ def atomic_file(path: Path):
 
 
 @contextlib.contextmanager
-def atomic_folder(path: Path):
+def atomic_folder(path: Path, keep_existing: bool = False):
     """Yield a temporary folder beside `path`; on success it takes the place of `path`.
 
     An existing folder at `path` is moved aside first and deleted only once the new one is in place;
-    interrupts wait until both renames are done.
+    interrupts wait until both renames are done. With `keep_existing` (a cache whose content depends only
+    on its name), a folder another process put there meanwhile is kept and ours dropped, so readers of
+    it are never pulled from under.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,6 +96,8 @@ def atomic_folder(path: Path):
         _public(tmp)
         with deferred():
             old = None
+            if path.exists() and keep_existing:
+                return
             if path.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
                 os.replace(path, old / path.name)
@@ -163,6 +168,23 @@ def output_lock(path: Path):
     finally:
         os.unlink(lock)
         os.close(fd)
+
+
+def check_replaceable(path: Path, overwrite: bool, command: str, key: str) -> None:
+    """An existing output is replaced only with --overwrite, and only if `dmm {command}` wrote it: its weights (the
+    file itself, or a pipeline folder's UNet) carry the metadata `key`. Never an arbitrary file or folder."""
+    if not path.exists():
+        return
+    if not overwrite:
+        raise BadInput(f"--output {path}: already exists; pass --overwrite to replace it")
+    files = [path] if path.is_file() else sorted((path / "unet").glob("*.safetensors"))
+    try:
+        ours = any(key in read_metadata(f) for f in files)
+    except BadInput:
+        ours = False
+    if not ours:
+        raise BadInput(f"--output {path}: exists and was not written by dmm {command}, so --overwrite will not "
+                       "replace it; choose another --output")
 
 
 def writable_folder(path: Path) -> bool:

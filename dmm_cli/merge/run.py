@@ -8,10 +8,9 @@ from pathlib import Path
 import torch
 
 from .. import console
-from ..errors import BadInput, ModelError
-from ..files.atomic import atomic_folder, output_lock, remove_leftovers
+from ..errors import BadInput
+from ..files.atomic import atomic_folder, check_replaceable, output_lock, remove_leftovers
 from ..files.hashing import component_sha256_many
-from ..files.safetensors_header import read_metadata, weight_files
 from ..models import references
 from ..models.folders import check_links, copy_part, derived_model_index, model_root
 from .registry import METHODS, OPTIONS, MergeParams
@@ -57,23 +56,6 @@ def check_request(method: str, teachers: list[str], base: str | None, weights: l
         raise BadInput("--weights must not add up to 0 for average")
 
 
-def is_merge_output(folder: Path) -> bool:
-    """Whether `folder` is a pipeline `dmm baseline-merge` wrote (its UNet's metadata names the method)."""
-    try:
-        return (folder / "model_index.json").is_file() and any(
-            "dmm.method" in read_metadata(f) for f in weight_files(folder / "unet"))
-    except (FileNotFoundError, ModelError):
-        return False
-
-
-def _check_output(output: Path, overwrite: bool) -> None:
-    if output.exists() and not overwrite:
-        raise BadInput(f"--output {output}: already exists; pass --overwrite to replace it")
-    if output.exists() and not is_merge_output(output):
-        raise BadInput(f"--output {output}: exists and is not a dmm baseline-merge output, so --overwrite will not "
-                       "replace it; choose another --output")
-
-
 def _differs(folders: list[Path], part: str) -> bool:
     return len(set(component_sha256_many([f / part for f in folders if (f / part).is_dir()]))) > 1
 
@@ -87,10 +69,10 @@ def baseline_merge(method: str, teachers: list[str], *, base: str | None = None,
     `density`, `lam`, `seed` and `dare_sign` may be given only to the methods that use them (None: default)."""
     check_request(method, teachers, base, weights, density, lam, seed, dare_sign)
     output = Path(output)
-    _check_output(output, overwrite)
+    check_replaceable(output, overwrite, "baseline-merge", "dmm.method")
     with output_lock(output):
         remove_leftovers(output)
-        _check_output(output, overwrite)
+        check_replaceable(output, overwrite, "baseline-merge", "dmm.method")
         return _merge(method, teachers, base, weights, 0.2 if density is None else density, lam,
                       0 if seed is None else seed, dare_sign, output, vae, dtype, device)
 

@@ -208,7 +208,7 @@ def _pickles_to_safetensors(folder: Path) -> Path:
     if (target / "model_index.json").is_file():
         return target
     state.store("converted")
-    with atomic_folder(target) as tmp:
+    with atomic_folder(target, keep_existing=True) as tmp:
         copy_part(folder, tmp, model_root(folder), skip=PICKLE_SUFFIXES)
         for p in pickles:
             weights = torch.load(p, map_location="cpu", weights_only=True)

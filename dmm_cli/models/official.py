@@ -56,7 +56,7 @@ def student_folder(folder: Path) -> Path:
     config = json.loads((folder / "unet" / "config.json").read_text())
     weights, config = convert_unet(_read(folder / "unet"), config)
     n = config["projection_class_embeddings_input_dim"]
-    with atomic_folder(target) as tmp:
+    with atomic_folder(target, keep_existing=True) as tmp:
         for part in ("vae", "text_encoder", "tokenizer", "scheduler"):
             copy_part(folder / part, tmp / part, model_root(folder))
         (tmp / "unet").mkdir()

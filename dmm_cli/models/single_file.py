@@ -242,7 +242,7 @@ def convert_to_diffusers(path: Path, folder: Path, prediction_type: str | None =
     cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
     extra = {} if kind == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
     widest = max(dtypes.values(), key=lambda d: d.itemsize)  # loaded in the widest, each then cast back: exact
-    with atomic_folder(folder) as tmp, tempfile.TemporaryDirectory() as work:
+    with atomic_folder(folder, keep_existing=True) as tmp, tempfile.TemporaryDirectory() as work:
         config = _config_folder(kind, metadata, prediction_type, path, Path(work))
         try:
             pipe = cls.from_single_file(str(path), config=str(config), local_files_only=True, torch_dtype=widest,

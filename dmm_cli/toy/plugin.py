@@ -62,7 +62,7 @@ def shapes_folder() -> Path:
     if (folder / "metadata.jsonl").is_file():
         return folder
     state.store("toy-data")
-    with atomic_folder(folder) as tmp:
+    with atomic_folder(folder, keep_existing=True) as tmp:
         lines = []
         items = [item for style in shapes.STYLES
                  for item in shapes.dataset(style, shapes.training_pairs(), IMAGES_PER_PAIR, seed=1234)]
