@@ -40,7 +40,8 @@ def recipe(work: Path, name: str, teachers: list[str], steps: int, train: dict |
     spec = {"name": name, "base": "toy:base", "teachers": [{"name": t, "model": f"toy:{t}"} for t in teachers],
             "data": data or {"folder": "toy:shapes"},
             "train": {"max_steps": steps, "batch_size": 32, "lr": 5.0e-4, "warmup_steps": 50, "checkpoint_every": 400,
-                      "log_every": 50, **(train or {})},
+                      "log_every": 50, "feature_loss": {"weight": 0.001, "reduce": "mean", "type": "l2"},
+                      **(train or {})},
             "output": str(work / name)}
     if init_from is not None:
         spec["init_from"] = str(init_from)

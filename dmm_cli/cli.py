@@ -217,7 +217,8 @@ def _describe_plan(d: dict) -> str:
     lines.append(f"data   {images} from {data['folder'] or 'the teachers (synthesized)'}: "
                  f"{data['bytes'] / 1e6:.1f} MB on disk{cache}")
     lines.append(f"train  {t['max_steps']} steps x batch {t['batch_size']} x accum {t['grad_accum']}, lr {t['lr']}, "
-                 f"precision {t['precision']}, feature loss {t['feature_loss']['type']} x {t['feature_loss']['weight']}, "
+                 f"precision {t['precision']}, feature loss {t['feature_loss']['weight']} x {t['feature_loss']['reduce']} of "
+                 f"{t['feature_loss']['type']}, "
                  f"caption dropout {t['caption_dropout']}")
     lines.append(f"memory {d['memory']['summary']}")
     lines += [f"       a {card} card: {answer}" for card, answer in d["memory"]["fits"].items()]
@@ -337,38 +338,52 @@ def eval_(
     recipe: Path = typer.Option(..., "--recipe", help="The recipe whose teachers are the FID references."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="One prompt per line. Default: the toy captions "
                                                                     "for toy teachers, else shipped COCO-style captions."),
-    num_images: int = typer.Option(50, "--num-images", "-k", help="Samples per style and per teacher (K ≥ 2)."),
+    num_images: Optional[int] = typer.Option(None, "--num-images", "-k", help="Samples per style and per teacher "
+                                                                              "(K ≥ 2). Default 50."),
     seed: int = typer.Option(0, "--seed", help="Teachers use seed+k; the reference and models use other seeds."),
-    steps: int = typer.Option(25, "--steps", help="Sampling steps."),
-    guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps. Default 25."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale. Default 7.5."),
+    negative: Optional[str] = typer.Option(None, "--negative", help="Negative prompt for every sample."),
     batch_size: int = typer.Option(16, "--batch-size", help="Pictures per forward pass."),
-    features: str = typer.Option("auto", "--features", help="auto (toy for toy teachers, else inception), inception, "
-                                                            "pixels (no weights needed; not comparable with "
-                                                            "published FIDs), toy, or a path to the Inception "
-                                                            "weights file."),
+    features: Optional[str] = typer.Option(None, "--features",
+                                           help="auto (toy for toy teachers, else inception; the default), inception, "
+                                                "pixels (no weights needed; not comparable with published FIDs), "
+                                                "toy, or a path to the Inception weights file."),
     clip: Optional[Path] = typer.Option(None, "--clip", help="Local CLIP model folder for CLIP score."),
     output: Path = typer.Option(Path("eval-out"), "--output", "-o", help="Report folder."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, fp16, bf16."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Sampler for every model (default: each own)."),
+    protocol: Optional[str] = typer.Option(None, "--protocol", help="paper: the released DMM's sampling settings "
+                                                                    "(DPM++ Karras, 25 steps, guidance 7, its negative "
+                                                                    "prompt) and K = 5,000 Inception samples; options "
+                                                                    "given explicitly win."),
     as_json: bool = typer.Option(False, "--json", help="Print metrics.json to stdout instead of the report path."),
+    style_map: Optional[str] = typer.Option(None, "--style-map", help="Pair a student's styles with the recipe's "
+                                                                      "teachers when their names differ: "
+                                                                      "style-0=anime,style-1=realism."),
 ) -> None:
-    """Measure how faithfully each style survives (the paper's FID_t) and write a report; print its path.
+    """Measure how faithfully each style survives (the paper's FID_t, with KID beside it) and write a report.
 
-    Samples are cached, so re-running or adding a model regenerates nothing already made.
+    Each student style is compared with the recipe teacher of the same name. Samples are cached, so
+    re-running or adding a model regenerates nothing already made.
 
     \b
     Examples:
       dmm eval runs/toy_styles runs/ties runs/average --recipe recipes/toy_styles.yaml -k 100
       dmm eval runs/anime_realism --recipe recipes/anime_realism.yaml --clip ./clip-vit-l14 --json
+      dmm eval converted/ --recipe recipes/anime_realism.yaml --style-map style-0=anime,style-1=realism
+      dmm eval runs/anime_realism --recipe recipes/anime_realism.yaml --protocol paper --prompts coco-5k.txt
     """
     import json
 
-    from .eval.run import evaluate
+    from .eval.run import evaluate, parse_style_map, settings_for
 
-    metrics = evaluate(models, recipe, prompts_file=prompts, num_images=num_images, seed=seed, steps=steps,
-                       guidance=guidance, batch_size=batch_size, features=features, clip=clip, output=output,
-                       device=device, dtype=dtype, scheduler=scheduler)
+    chosen = settings_for(protocol, {"num_images": num_images, "steps": steps, "guidance": guidance,
+                                     "features": features, "scheduler": scheduler, "negative": negative})
+    metrics = evaluate(models, recipe, prompts_file=prompts, seed=seed, batch_size=batch_size, clip=clip,
+                       output=output, device=device, dtype=dtype, style_map=parse_style_map(style_map),
+                       protocol=protocol, **chosen)
     if as_json:
         console.result(json.dumps(metrics, indent=2))
     else:

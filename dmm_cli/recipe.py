@@ -22,8 +22,13 @@ class Teacher(Strict):
 
 
 class FeatureLoss(Strict):
-    weight: float = Field(0.001, ge=0, description="λ_feat; the paper uses 0.001.")
-    type: Literal["l2", "cos"] = "l2"
+    """λ_feat × (the mean, or sum, over the 9 tapped blocks of each block's loss). The released code applies 0.002
+    to the mean, which is these defaults; the paper writes λ_feat = 0.001 over a sum, 0.009 on the mean."""
+
+    weight: float = Field(0.002, ge=0, description="λ_feat.")
+    reduce: Literal["mean", "sum"] = Field("mean", description="How the per-block losses combine.")
+    type: Literal["l2", "cos"] = Field("l2", description="l2: mean squared error; cos: 1 - cosine similarity over "
+                                                         "channels at each pixel, as released.")
 
 
 class Synthesize(Strict):
@@ -103,6 +108,9 @@ class Train(Strict):
                                                 "for the old styles (0 = no regulariser); default proportional.")
     new_style_init: Literal["mean", "zero", "random"] = Field("mean", description="With init_from: how the new "
                                                                                   "styles' inputs start.")
+    style_init: Literal["zero", "random"] = Field("zero", description="The style embedding's last layer: zero (the "
+                                                                      "student starts as its base exactly) or "
+                                                                      "random, as the released code does.")
 
     @field_validator("precision", mode="before")
     @classmethod

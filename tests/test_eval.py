@@ -100,6 +100,35 @@ def test_permuted_student_shows_the_permutation_and_the_cache_holds(dmm, student
     assert json.loads((tmp_path / "report2" / "metrics.json").read_text())["models"] == metrics["models"]
 
 
+def renamed(folder: Path, names: list[str]) -> Path:
+    table = json.loads((folder / "styles.json").read_text())
+    for style, name in zip(table["styles"], names):
+        style["name"] = name
+    (folder / "styles.json").write_text(json.dumps(table))
+    return folder
+
+
+def test_styles_are_paired_with_teachers_by_name(dmm, student, tmp_path):
+    """Swapped style inputs named accordingly give the student's own M back; other names need --style-map."""
+    folder, recipe = student
+    r = dmm("eval", folder, "--recipe", recipe, "--json", "-o", tmp_path / "plain", *FAST)
+    assert r.code == 0, r
+    original = json.loads(r.out)["models"][1]["M"]
+    swapped = renamed(permuted_copy(folder, tmp_path / "swapped"), ["checker", "night"])
+    r = dmm("eval", swapped, "--recipe", recipe, "--json", "-o", tmp_path / "by-name", *FAST)
+    assert r.code == 0, r
+    assert json.loads(r.out)["models"][1]["M"] == original
+    converted = renamed(permuted_copy(folder, tmp_path / "converted"), ["style-0", "style-1"])
+    r = dmm("eval", converted, "--recipe", recipe, "-o", tmp_path / "mismatch", *FAST)
+    assert_one_sentence_error(r, 2, "style-0, style-1", "night, checker", "--style-map")
+    r = dmm("eval", converted, "--recipe", recipe, "--style-map", "style-0=checker,style-1=night", "--json",
+            "-o", tmp_path / "mapped", *FAST)
+    assert r.code == 0, r
+    assert json.loads(r.out)["models"][1]["M"] == original
+    r = dmm("eval", converted, "--recipe", recipe, "--style-map", "style-9=night", "-o", tmp_path / "bad", *FAST)
+    assert_one_sentence_error(r, 2, "--style-map", "no style 'style-9'")
+
+
 def test_weight_merge_gets_one_row_against_every_teacher(dmm, student, tmp_path):
     _, recipe = student
     merged = dmm("baseline-merge", "--recipe", recipe, "-o", tmp_path / "avg")
@@ -116,7 +145,8 @@ def test_bad_input(dmm, student, tmp_path):
     folder, _ = student
     four = write_recipe(tmp_path / "four", ["night", "outline", "stripes", "checker"])
     out = tmp_path / "out"
-    assert_one_sentence_error(dmm("eval", folder, "--recipe", four, "-o", out), 2, "2 styles", "4 teachers")
+    assert_one_sentence_error(dmm("eval", folder, "--recipe", four, "-o", out), 2, "its styles (night, checker) are not",
+                              "(night, outline, stripes, checker)")
     assert_one_sentence_error(dmm("eval", "toy:night", "--recipe", four, "--prompts", tmp_path / "none.txt",
                                   "-o", out), 2, "none.txt: no such file")
     assert_one_sentence_error(dmm("eval", "toy:night", "--recipe", four, "-k", "1", "-o", out), 2,
@@ -124,3 +154,30 @@ def test_bad_input(dmm, student, tmp_path):
     assert_one_sentence_error(dmm("eval", "toy:night", "--recipe", four, "--features", "inception", "-o", out), 2,
                               "pt_inception-2015-12-05-6726825d.pth")
     assert not out.exists()
+
+
+def test_kid_settings_and_the_small_k_warning_are_recorded(dmm, student, tmp_path):
+    folder, recipe = student
+    r = dmm("eval", folder, "--recipe", recipe, "--negative", "blurry", "-o", tmp_path / "report", "--json", *FAST)
+    assert r.code == 0, r
+    metrics = json.loads(r.out)
+    s = metrics["settings"]
+    assert s["negative"] == "blurry" and s["k_below_feature_dims"] and s["feature_dims"] == 64
+    assert s["distinct_prompts"] == 12 and len(s["prompts_sha256"]) == 64 and s["protocol"] is None
+    assert "below the 64 feature dimensions" in r.err
+    for m in metrics["models"]:
+        assert len(m["kid_diag"]) == 2 and m["kid_t"] == sum(m["kid_diag"])
+    rows = {m["kind"]: m for m in metrics["models"]}
+    assert rows["reference"]["kid_t"] < rows["student"]["kid_t"]  # a teacher is closest to itself, in KID too
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "**Warning:** K = 12" in report and "KID_t" in report and "'blurry'" in report
+
+
+def test_protocols(dmm, tmp_path):
+    from dmm_cli.eval.run import settings_for
+
+    paper = settings_for("paper", {"steps": 10})
+    assert paper["steps"] == 10 and paper["scheduler"] == "dpm++-karras" and paper["num_images"] == 5000
+    assert settings_for(None, {})["num_images"] == 50
+    r = dmm("eval", "toy:night", "--recipe", "recipes/toy_styles.yaml", "--protocol", "iclr", "-o", tmp_path / "x")
+    assert_one_sentence_error(r, 2, "--protocol: unknown protocol 'iclr'")

@@ -83,3 +83,31 @@ def test_feature_taps_see_every_block(base):
     with torch.no_grad():
         base(x, t, encoder_hidden_states=ctx)
     assert taps.take() == {}
+
+
+def test_a_random_style_embedding_starts_the_student_away_from_its_base(base):
+    """`train.style_init: random`, as the released code initialises it: seeded, and no longer the base exactly."""
+    x, t, ctx = inputs(base)
+    a, b = make_student(base, 2, seed=3, zero_last=False).eval(), make_student(base, 2, seed=3, zero_last=False)
+    assert torch.equal(a.class_embedding.linear_2.weight, b.class_embedding.linear_2.weight)
+    with torch.no_grad():
+        got = a(x, t, encoder_hidden_states=ctx, class_labels=one_hot(0, 2).expand(3, -1)).sample
+        assert not torch.allclose(got, base(x, t, encoder_hidden_states=ctx).sample)
+
+
+def test_the_feature_loss_reduces_over_blocks_and_its_cosine_is_per_pixel_over_channels():
+    from torch.nn import functional as F
+
+    from dmm_cli.distill.losses import feature_loss
+
+    g = torch.Generator().manual_seed(0)
+    student = {f"b{i}": torch.randn(2, 8, 4, 4, generator=g) for i in range(3)}
+    teacher = {k: torch.randn(2, 8, 4, 4, generator=g) for k in student}
+    per_block = torch.stack([F.mse_loss(student[k], teacher[k]) for k in student])
+    assert torch.allclose(feature_loss(student, teacher, "l2", "mean"), per_block.mean())
+    assert torch.allclose(feature_loss(student, teacher, "l2", "sum"), per_block.sum())
+    s, t = student["b0"], teacher["b0"]
+    by_pixel = 1 - (s * t).sum(1) / (s.norm(dim=1) * t.norm(dim=1))  # over channels, at each of the 4x4 pixels
+    one = feature_loss({"b0": s}, {"b0": t}, "cos")
+    assert torch.allclose(one, by_pixel.mean(), atol=1e-6)
+    assert not torch.allclose(one, (1 - F.cosine_similarity(s.flatten(1), t.flatten(1))).mean(), atol=1e-3)

@@ -111,7 +111,7 @@ def load_models(recipe: Recipe, base: Path, teachers: list[Path | None], device:
         frozen = earlier.to(dtype).to(teacher_device)
     else:
         base_unet = load_component(UNet2DConditionModel, base, "unet", torch.float32)
-        student = make_student(base_unet, len(teachers), recipe.train.seed)
+        student = make_student(base_unet, len(teachers), recipe.train.seed, recipe.train.style_init == "zero")
     for i, folder in enumerate(teachers):
         if folder is None:
             unets.append(frozen)
@@ -374,7 +374,8 @@ class Trainer:
                 x = xt.contiguous(memory_format=self.memory_format)
                 prediction = self.student(x, t, encoder_hidden_states=ctx, class_labels=style).sample
                 s_loss = score_loss(prediction, target)
-                f_loss = feature_loss(self.student_taps.take(), teacher_feats, cfg.feature_loss.type)
+                f_loss = feature_loss(self.student_taps.take(), teacher_feats, cfg.feature_loss.type,
+                                      cfg.feature_loss.reduce)
                 loss = s_loss + cfg.feature_loss.weight * f_loss
                 if adversarial:
                     t2 = mb.t2.to(dev, non_blocking=True)

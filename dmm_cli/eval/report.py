@@ -64,16 +64,25 @@ def markdown(metrics: dict, pictures: dict, output: Path) -> str:
     lines = [
         "# DMM evaluation",
         "",
-        f"Teachers: {teachers}. {s['num_images']} samples per style, {s['steps']} steps, guidance {s['guidance']}, "
-        f"seed {s['seed']}, FID in the {s['features']} feature space. FID_t = trace(M), lower is better; the "
-        "reference compares each teacher with itself under other seeds.",
+        f"Teachers: {teachers}. {s['num_images']} samples per style ({s['distinct_prompts']} distinct prompts from "
+        f"{s['prompts']}), sampler {s['scheduler']}, {s['steps']} steps, guidance {s['guidance']}, negative prompt "
+        f"{s['negative']!r}, seed {s['seed']}"
+        + (f", protocol {s['protocol']}" if s["protocol"] else "")
+        + f". FID in the {s['features']} feature space ({s['feature_dims']} dimensions). FID_t = trace(M), lower is "
+        "better; the reference compares each teacher with itself under other seeds. KID_t sums the same pairs' "
+        "kernel distances (unbiased, so meaningful at small K).",
         "",
-        "| model | kind | FID_t | FID_t / reference | style accuracy | colour accuracy | CLIP score |",
-        "|---|---|---|---|---|---|---|",
+    ]
+    if s["k_below_feature_dims"]:
+        lines += [f"**Warning:** K = {s['num_images']} is below the {s['feature_dims']} feature dimensions: the FIDs "
+                  "are biased and depend on K; compare them only at equal K, or read KID.", ""]
+    lines += [
+        "| model | kind | FID_t | FID_t / reference | KID_t | style accuracy | colour accuracy | CLIP score |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for e in sorted(metrics["models"], key=lambda e: e["fid_t"]):
         lines.append(f"| {e['name']} | {e['kind']} | {e['fid_t']:.2f} | {_fmt(e['fid_t_over_reference'], '.3f')} | "
-                     f"{_fmt(e['style_accuracy'], '.1%')} | {_fmt(e['colour_accuracy'], '.1%')} | "
+                     f"{e['kid_t']:.4f} | {_fmt(e['style_accuracy'], '.1%')} | {_fmt(e['colour_accuracy'], '.1%')} | "
                      f"{_fmt(e['clip_score'])} |")
     lines += ["", "## Per model", ""]
     for e in metrics["models"]:

@@ -7,6 +7,7 @@ teacher: its M is one row and its "diagonal" is that row.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from ..models import references
 from ..models.styles import StyleTable, one_hot
 from ..recipe import load_recipe
 from .features import feature_space, features_of
-from .fid import fid_matrix
+from .fid import fid_matrix, kid
 from .measures import measures_for
 OTHER_SEEDS = 1_000_003  # offset of the seeds of the reference and of evaluated models
 SCHEMA = "dmm-eval/1"
@@ -44,6 +45,11 @@ class Row:
     def fid_t(self) -> float:
         return float(sum(self.diag))
 
+    def kid_diag(self, real: list[torch.Tensor], fake: list[torch.Tensor]) -> list[float]:
+        """KID of the pairs on M's diagonal (a model without styles: its one set against every teacher)."""
+        pairs = zip(real, fake) if len(fake) > 1 else ((r, fake[0]) for r in real)
+        return [kid(r, f) for r, f in pairs]
+
 
 def _clip_score(row: Row, clip: Path) -> float:
     from torchmetrics.multimodal.clip_score import CLIPScore
@@ -56,10 +62,53 @@ def _clip_score(row: Row, clip: Path) -> float:
     return float(metric.compute())
 
 
+DEFAULTS = {"num_images": 50, "steps": 25, "guidance": 7.5, "features": "auto", "scheduler": None, "negative": None}
+PROTOCOLS = {
+    # The released DMM inference settings (its inference.py): DPM++ with Karras sigmas, 25 steps, guidance 7, this
+    # negative prompt, and the paper's K of 5,000 samples per style with Inception features. Not matched: the paper's
+    # prompts are 5,000 COCO captions, which dmm does not ship (give them with --prompts), and its seeds are not
+    # published.
+    "paper": {"num_images": 5000, "steps": 25, "guidance": 7.0, "features": "inception", "scheduler": "dpm++-karras",
+              "negative": "worst quality,low quality,normal quality,lowres,watermark,nsfw"},
+}
+
+
+def settings_for(protocol: str | None, given: dict) -> dict:
+    """Eval settings: the ones given, else the protocol's, else dmm's defaults."""
+    if protocol is not None and protocol not in PROTOCOLS:
+        raise BadInput(f"--protocol: unknown protocol {protocol!r} (known: {', '.join(PROTOCOLS)})")
+    preset = PROTOCOLS.get(protocol, {})
+    return {k: given[k] if given.get(k) is not None else preset.get(k, default) for k, default in DEFAULTS.items()}
+
+
+def parse_style_map(spec: str | None) -> dict[str, str]:
+    """`--style-map style-0=anime,style-1=realism`: a student's style names → the recipe's teacher names."""
+    if not spec:
+        return {}
+    pairs = [part.partition("=") for part in spec.split(",")]
+    if any(not a.strip() or not sep or not b.strip() for a, sep, b in pairs):
+        raise BadInput(f"--style-map {spec!r}: expected style=teacher pairs separated by commas")
+    return {a.strip(): b.strip() for a, _, b in pairs}
+
+
+def style_order(ref: str, styles: list[str], teachers: list[str], recipe: Path, style_map: dict[str, str]
+                ) -> list[int]:
+    """For each recipe teacher, the index of the student's style of the same name (after `style_map`)."""
+    unknown = sorted(set(style_map) - set(styles))
+    if unknown:
+        raise BadInput(f"--style-map: {ref} has no style {unknown[0]!r} (its styles: {', '.join(styles)})")
+    named = [style_map.get(s, s) for s in styles]
+    if sorted(named) != sorted(teachers):
+        raise BadInput(f"{ref}: its styles ({', '.join(named)}) are not {recipe}'s teachers ({', '.join(teachers)}); "
+                       "pair them by name with --style-map style=teacher,...")
+    return [named.index(t) for t in teachers]
+
+
 def evaluate(models: list[str], recipe_path: Path, *, prompts_file: Path | None = None, num_images: int = 50,
              seed: int = 0, steps: int = 25, guidance: float = 7.5, batch_size: int = 16, features: str = "auto",
              clip: Path | None = None, output: Path = Path("eval-out"), device: str = "auto", dtype: str = "auto",
-             scheduler: str | None = None) -> dict:
+             scheduler: str | None = None, style_map: dict[str, str] | None = None, negative: str | None = None,
+             protocol: str | None = None) -> dict:
     """Sample, measure and report; returns the metrics dict also written to `output/metrics.json`."""
     from ..generate.sampling import check_generation_args
     from ..models.devices import pick_device, pick_dtype
@@ -82,10 +131,8 @@ def evaluate(models: list[str], recipe_path: Path, *, prompts_file: Path | None 
 
     model_dirs = [references.resolve(m) for m in models]
     tables = [StyleTable.read(d) for d in model_dirs]
-    for ref, table in zip(models, tables):
-        if table is not None and len(table.names) != len(names):
-            raise BadInput(f"{ref}: a student with {len(table.names)} styles cannot be evaluated against "
-                           f"{recipe_path}'s {len(names)} teachers")
+    orders = [None if t is None else style_order(ref, t.names, names, recipe_path, style_map or {})
+              for ref, t in zip(models, tables)]
     teacher_dirs = [references.resolve(r) for r in teacher_refs]
 
     def loader(folder: Path):
@@ -98,18 +145,18 @@ def evaluate(models: list[str], recipe_path: Path, *, prompts_file: Path | None 
             return cache["pipe"]
         return pipe_for
 
-    teacher_settings = SamplerSettings(steps, guidance, seed, scheduler)
-    other_settings = SamplerSettings(steps, guidance, seed + OTHER_SEEDS, scheduler)
+    teacher_settings = SamplerSettings(steps, guidance, seed, scheduler, negative=negative)
+    other_settings = SamplerSettings(steps, guidance, seed + OTHER_SEEDS, scheduler, negative=negative)
     teacher_sets = [sample_set(loader(d), d, None, prompts, teacher_settings, batch_size, f"teacher {n}")
                     for d, n in zip(teacher_dirs, names)]
     rows = [Row("reference", "reference",
                 [sample_set(loader(d), d, None, prompts, other_settings, batch_size, f"reference {n}")
                  for d, n in zip(teacher_dirs, names)])]
-    for ref, folder, table in zip(models, model_dirs, tables):
+    for ref, folder, table, order in zip(models, model_dirs, tables, orders):
         pipe_for = loader(folder)
-        if table is not None:
-            sets = [sample_set(pipe_for, folder, one_hot(i, len(names)), prompts, other_settings, batch_size,
-                               f"{ref} style {table.names[i]}") for i in range(len(names))]
+        if table is not None:  # the student's style of each teacher's name, in the recipe's order
+            sets = [sample_set(pipe_for, folder, one_hot(i, len(table.names)), prompts, other_settings, batch_size,
+                               f"{ref} style {table.names[i]}") for i in order]
             rows.append(Row(ref, "student", sets))
         else:
             rows.append(Row(ref, "model", [sample_set(pipe_for, folder, None, prompts, other_settings, batch_size,
@@ -117,8 +164,13 @@ def evaluate(models: list[str], recipe_path: Path, *, prompts_file: Path | None 
 
     console.say(f"eval: FID in the {space.name} feature space")
     real = [features_of(s, space) for s in teacher_sets]
+    if num_images < space.num_features:
+        console.warn(f"eval: K = {num_images} samples is below the {space.num_features} feature dimensions, so FID's "
+                     "covariances are singular and FID depends on K: compare FIDs only at equal K, or read KID")
     for row in rows:
-        row.M = fid_matrix(real, [features_of(s, space) for s in row.sets])
+        fake = [features_of(s, space) for s in row.sets]
+        row.M = fid_matrix(real, fake)
+        row.extras["kid_diag"] = row.kid_diag(real, fake)
         for measure in measures_for(teacher_refs):
             row.extras.update(measure.measure(row.sets, teacher_refs))
         if clip is not None:
@@ -131,10 +183,15 @@ def evaluate(models: list[str], recipe_path: Path, *, prompts_file: Path | None 
         "schema": SCHEMA,
         "teachers": [{"name": n, "ref": r} for n, r in zip(names, teacher_refs)],
         "settings": {"num_images": num_images, "seed": seed, "steps": steps, "guidance": guidance,
-                     "scheduler": scheduler, "features": space.name, "prompts": str(prompts_file or "default")},
+                     "negative": negative, "scheduler": scheduler or "each model's own", "features": space.name,
+                     "feature_dims": space.num_features, "prompts": str(prompts_file or "default"),
+                     "distinct_prompts": len(set(prompts)),
+                     "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+                     "protocol": protocol, "k_below_feature_dims": num_images < space.num_features},
         "models": [{
             "name": row.name, "kind": row.kind, "M": row.M, "diag": row.diag, "fid_t": row.fid_t,
             "fid_t_over_reference": row.fid_t / reference_fid_t if reference_fid_t else None,
+            "kid_diag": row.extras["kid_diag"], "kid_t": sum(row.extras["kid_diag"]),
             "clip_score": row.extras.get("clip_score"),
             "style_accuracy": row.extras.get("style_accuracy"),
             "colour_accuracy": row.extras.get("colour_accuracy"),

@@ -30,6 +30,7 @@ class SamplerSettings:
     scheduler: str | None = None
     width: int | None = None
     height: int | None = None
+    negative: str | None = None
 
 
 @dataclass
@@ -71,6 +72,7 @@ def sample_set(pipe_for, model: Path, style: torch.Tensor | None, prompts: list[
         for start in range(0, len(missing), batch_size):
             chunk = missing[start:start + batch_size]
             images = generate(pipe, [prompts[k] for k in chunk], steps=settings.steps, guidance=settings.guidance,
+                              negative=settings.negative,
                               width=settings.width, height=settings.height, style=style, batch_size=len(chunk),
                               seeds=[settings.seed + k for k in chunk])
             for k, image in zip(chunk, images):

@@ -14,8 +14,12 @@ from diffusers import UNet2DConditionModel
 from ..errors import ModelError
 
 
-def make_student(base: UNet2DConditionModel, num_styles: int, seed: int = 0) -> UNet2DConditionModel:
-    """A copy of `base` that also takes an N-dim style vector as `class_labels`; the same seed, the same student."""
+def make_student(base: UNet2DConditionModel, num_styles: int, seed: int = 0,
+                 zero_last: bool = True) -> UNet2DConditionModel:
+    """A copy of `base` that also takes an N-dim style vector as `class_labels`; the same seed, the same student.
+
+    With `zero_last` the style embedding's last layer starts at zero, so the student is its base exactly;
+    otherwise it starts at nn.Linear's random range too, as the released code's does."""
     if base.config.class_embed_type is not None:
         raise ModelError(f"the base UNet already has a class embedding ({base.config.class_embed_type!r})")
     config = {k: v for k, v in base.config.items() if not k.startswith("_")}
@@ -29,8 +33,13 @@ def make_student(base: UNet2DConditionModel, num_styles: int, seed: int = 0) -> 
     with torch.no_grad():
         first.weight.copy_(torch.rand(first.weight.shape, generator=g, device="cpu") * 2 * bound - bound)
         first.bias.copy_(torch.rand(first.bias.shape, generator=g, device="cpu") * 2 * bound - bound)
-        last.weight.zero_()
-        last.bias.zero_()
+        if zero_last:
+            last.weight.zero_()
+            last.bias.zero_()
+        else:
+            bound = 1 / math.sqrt(last.in_features)
+            last.weight.copy_(torch.rand(last.weight.shape, generator=g, device="cpu") * 2 * bound - bound)
+            last.bias.copy_(torch.rand(last.bias.shape, generator=g, device="cpu") * 2 * bound - bound)
     return student
 
 
