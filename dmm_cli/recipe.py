@@ -34,14 +34,14 @@ class FeatureLoss(Strict):
 class Synthesize(Strict):
     """Distill on each teacher's own generations (paper §4.2, stage 2), cached like eval samples."""
 
-    images_per_teacher: int = Field(ge=1)
-    prompts: Optional[str] = Field(None, description="One prompt per line; default: the toy captions for toy "
-                                                     "teachers, else the shipped synthesis prompts (600, none of "
-                                                     "them an eval prompt).")
+    images_per_teacher: int = Field(ge=1, le=1_000_000)
+    prompts: Optional[str] = Field(None, description="One prompt per line, none of them an eval prompt; default: "
+                                                     "the toy training captions for toy teachers, else the shipped "
+                                                     "synthesis prompts (600).")
     after_step: int = Field(0, ge=0, description="Train on data.folder until this step, then on the generations.")
     steps: int = Field(25, ge=1, description="Sampling steps for the generations.")
     guidance: float = Field(7.5, ge=0)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**61, description="Picture k takes seed 2**62 + seed + k, a range eval never uses.")
 
 
 class Data(Strict):

@@ -163,7 +163,7 @@ def test_kid_settings_and_the_small_k_warning_are_recorded(dmm, student, tmp_pat
     metrics = json.loads(r.out)
     s = metrics["settings"]
     assert s["negative"] == "blurry" and s["k_below_feature_dims"] and s["feature_dims"] == 64
-    assert s["distinct_prompts"] == 12 and len(s["prompts_sha256"]) == 64 and s["protocol"] is None
+    assert s["distinct_prompts"] == 4 and len(s["prompts_sha256"]) == 64 and s["protocol"] is None
     assert "below the 64 feature dimensions" in r.err
     for m in metrics["models"]:
         assert len(m["kid_diag"]) == 2 and m["kid_t"] == sum(m["kid_diag"])

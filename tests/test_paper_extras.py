@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,47 @@ def test_old_teacher_names_must_match_the_student(dmm, tmp_path):
     wrong = recipe(tmp_path / "second", teachers=("checker", "night", "outline"), init_from=str(tmp_path / "first" / "run"))
     assert_one_sentence_error(dmm("distill", wrong), 2, "must be init_from's styles in order (night, checker)")
     assert not (tmp_path / "second" / "run").exists()
+
+
+def test_a_student_is_never_evaluated_on_its_synthesized_training_pictures(dmm, tmp_path):
+    from dmm_cli.data.prompts import read_prompts
+
+    toy = ["toy:night", "toy:checker"]
+    for refs in (toy, ["org/anime"]):  # the default lists: the toy plug-in's and the shipped ones
+        assert not set(read_prompts(None, refs, "eval")) & set(read_prompts(None, refs, "synthesis"))
+
+    # distill refuses synthesis prompts that are eval prompts (here a held-out toy pair, spelt differently)
+    prompts = tmp_path / "synthesis.txt"
+    prompts.write_text("a red circle\nA  Blue triangle\n")
+    synth = {"images_per_teacher": 4, "steps": 2, "after_step": 2, "prompts": str(prompts)}
+    path = recipe(tmp_path, data={"folder": "toy:shapes", "synthesize": synth})
+    assert_one_sentence_error(dmm("distill", path), 2, str(prompts), "'A  Blue triangle' is an eval prompt")
+    assert not (tmp_path / "run").exists()
+
+    prompts.write_text("a red circle\na green circle\n")
+    assert dmm("distill", path).code == 0
+    student = tmp_path / "run"
+    record = StyleTable.read(student).lineage[-1]["synthesis"]
+    assert len(record["prompts_sha256"]) == 2
+
+    # eval refuses the prompts the student's synthesized data used, in any spelling
+    mine = tmp_path / "mine.txt"
+    mine.write_text("a blue triangle\nA RED circle\n")
+    assert_one_sentence_error(dmm("eval", student, "--recipe", path, "--prompts", mine, "-k", "2"), 2,
+                              str(student), "'A RED circle'")
+    assert_one_sentence_error(dmm("eval", student, "--recipe", path, "-k", "4", "--seed", str(2**62 - 10)), 2,
+                              "--seed")
+
+    # every picture eval compared, against every picture the student trained on: no prompt or seed in common
+    r = dmm("eval", student, "--recipe", path, "-k", "4", "--steps", "2", "--features", "pixels",
+            "-o", tmp_path / "eval")
+    assert r.code == 0, r
+    sets = [json.loads(p.read_text()) for p in Path(os.environ["DMM_HOME"]).glob("samples/*/done.json")]
+    trained = [s for s in sets if s["label"].startswith("synthesize")]
+    measured = [s for s in sets if not s["label"].startswith("synthesize")]
+    assert len(trained) == 2 and len(measured) == 6  # 2 teachers, 2 references, 2 student styles
+    seeds = lambda s: range(s["settings"]["seed"], s["settings"]["seed"] + len(s["prompts"]))  # noqa: E731
+    for t in trained:
+        assert seeds(t)[0] == record["seeds"][0] and seeds(t)[-1] < record["seeds"][1]
+        for m in measured:
+            assert not set(seeds(t)) & set(seeds(m)) and not set(t["prompts"]) & set(m["prompts"])

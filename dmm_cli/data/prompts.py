@@ -1,8 +1,10 @@
 """Prompt lists for evaluation and for synthesized training data: a file, a plug-in's own set for its
-models, or the shipped ones. The shipped lists for the two purposes share no prompt, so a student is
-never trained on pictures of the prompts it is evaluated on."""
+models, or the shipped ones. A student is never trained on pictures of the prompts it is evaluated on:
+the default lists for the two purposes share no prompt, distill refuses synthesis prompts that are eval
+prompts, and eval refuses prompts a student's synthesized data used (it records their digests)."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Callable
 
@@ -34,3 +36,13 @@ def read_prompts(path: Path | None, teacher_refs: list[str], purpose: str = "eva
     if not prompts:
         raise BadInput(f"--prompts {path}: no prompts in the file")
     return prompts
+
+
+def prompt_digest(prompt: str) -> str:
+    """The same for prompts that differ only in case or spacing."""
+    return hashlib.sha256(" ".join(prompt.casefold().split()).encode()).hexdigest()[:16]
+
+
+def shared_prompts(prompts: list[str], digests: set[str]) -> list[str]:
+    """The prompts whose digest is in `digests`, in order."""
+    return [p for p in prompts if prompt_digest(p) in digests]

@@ -12,18 +12,20 @@ import torch
 import yaml
 
 from .. import console
+from ..data.prompts import prompt_digest
 from ..data.sources import FolderImages, open_images, resolve_data
 from ..errors import BadInput, DMMError, ModelError, RecipeError
 from ..files import state
 from ..files.atomic import atomic_file, atomic_folder, clear_temporaries, output_lock
 from ..files.hashing import component_sha256
 from ..files.safetensors_header import component_shapes
+from ..generate.sampling import SYNTHESIS_SEEDS
 from ..interrupts import deferred
 from ..models import references
 from ..models.folders import check_links, check_pipeline_folder, copy_part, derived_model_index, model_root
 from ..models.schedule import read_schedule
 from ..models.styles import STYLES_FILE, Style, StyleTable
-from ..recipe import Recipe, load_recipe
+from ..recipe import Recipe, Synthesize, load_recipe
 from .latents import encode_items
 
 RUN_FILE = "run.json"
@@ -170,12 +172,32 @@ def plan_run(recipe_path: Path, overrides: list[str] = (), *, output: Path | Non
     data = _plan_data(recipe, base, len(teachers))
     synth, prompts = recipe.data.synthesize, None
     if synth is not None:
-        from ..data.prompts import read_prompts
-
-        prompts = read_prompts(Path(synth.prompts) if synth.prompts else None,
-                               [t.model for t in recipe.teachers[old:]], "synthesis")
+        prompts = _synthesis_prompts(recipe, old)
     return RunPlan(recipe, Path(recipe_path), out, base, teachers, data, resume_from, overwrite, previous, table,
                    prompts)
+
+
+def _synthesis_prompts(recipe: Recipe, old_styles: int) -> list[str]:
+    """data.synthesize's prompts, none of which may be an eval prompt for these teachers."""
+    from ..data.prompts import read_prompts, shared_prompts
+
+    given = recipe.data.synthesize.prompts
+    prompts = read_prompts(Path(given) if given else None, [t.model for t in recipe.teachers[old_styles:]],
+                           "synthesis")
+    eval_prompts = read_prompts(None, [t.model for t in recipe.teachers], "eval")
+    clash = shared_prompts(prompts, {prompt_digest(p) for p in eval_prompts})
+    if clash:
+        raise BadInput(f"data.synthesize.prompts {given or '(default)'}: {clash[0]!r} is an eval prompt for these "
+                       f"teachers ({len(clash)} such prompts), and a student must not train on its teachers' "
+                       "pictures of the prompts it is evaluated on; remove them")
+    return prompts
+
+
+def synthesis_settings(synth: Synthesize):
+    """How the teachers draw synthesized data: seeds from SYNTHESIS_SEEDS up, which eval never uses."""
+    from ..generate.samples import SamplerSettings
+
+    return SamplerSettings(synth.steps, synth.guidance, SYNTHESIS_SEEDS + synth.seed)
 
 
 def _check_optimizer(optimizer: str) -> None:
@@ -317,7 +339,7 @@ def _train(plan: RunPlan, accelerator) -> Path:
 
 def data_sources(plan: RunPlan, tokenizer, device) -> list:
     """The run's training data as latents: the image folder, then (or only) each teacher's own generations."""
-    from ..generate.samples import SamplerSettings, sample_set
+    from ..generate.samples import sample_set
     from ..models.devices import pick_dtype
     from ..models.pipeline import load_pipeline
     from ..models.styles import one_hot
@@ -337,7 +359,7 @@ def data_sources(plan: RunPlan, tokenizer, device) -> list:
     if synth is not None:
         old = len(plan.previous_styles.names) if plan.previous_styles else 0
         prompts = [plan.synthesis_prompts[k % len(plan.synthesis_prompts)] for k in range(synth.images_per_teacher)]
-        settings = SamplerSettings(synth.steps, synth.guidance, synth.seed)
+        settings = synthesis_settings(synth)
         latents, captions, labels = [], [], []
         for i, (spec, folder) in enumerate(zip(recipe.teachers, plan.teachers)):
             model = folder or plan.previous  # old styles come from the previous student itself
@@ -384,6 +406,11 @@ def write_student(plan: RunPlan, student, last: dict) -> None:
                     for t, folder in zip(recipe.teachers[len(old):], plan.teachers[len(old):])]
     entry = {"recipe": recipe.name, "base": recipe.base, "steps": last.get("step"),
              "styles": [t.name for t in recipe.teachers], "prediction_type": trained.prediction_type}
+    synth = recipe.data.synthesize
+    if synth is not None:  # what eval must not measure this student on
+        first = synthesis_settings(synth).seed
+        entry["synthesis"] = {"prompts_sha256": sorted({prompt_digest(p) for p in plan.synthesis_prompts}),
+                              "seeds": [first, first + synth.images_per_teacher]}
     if earlier:
         entry.update(init_from=recipe.init_from, new_styles=[s.name for s in styles[len(old):]],
                      old_style_fraction=recipe.train.old_style_fraction)

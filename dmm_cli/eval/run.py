@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .. import console
-from ..data.prompts import read_prompts
+from ..data.prompts import read_prompts, shared_prompts
 from ..errors import BadInput
 from ..files.atomic import atomic_file
 from ..generate.samples import SampleSet, SamplerSettings, sample_set
@@ -104,20 +104,29 @@ def style_order(ref: str, styles: list[str], teachers: list[str], recipe: Path, 
     return [named.index(t) for t in teachers]
 
 
+def check_not_trained_on(ref: str, table: StyleTable | None, prompts: list[str]) -> None:
+    """Refuse eval prompts whose teacher pictures the student trained on: its FID would reward recall."""
+    clash = shared_prompts(prompts, table.synthesis_prompt_digests) if table else []
+    if clash:
+        raise BadInput(f"{ref} was trained on its teachers' pictures of the eval prompt {clash[0]!r} (synthesized "
+                       "data), so its FID there would measure recall of training pictures; evaluate with other "
+                       "--prompts")
+
+
 def evaluate(models: list[str], recipe_path: Path, *, prompts_file: Path | None = None, num_images: int = 50,
              seed: int = 0, steps: int = 25, guidance: float = 7.5, batch_size: int = 16, features: str = "auto",
              clip: Path | None = None, output: Path = Path("eval-out"), device: str = "auto", dtype: str = "auto",
              scheduler: str | None = None, style_map: dict[str, str] | None = None, negative: str | None = None,
              protocol: str | None = None) -> dict:
     """Sample, measure and report; returns the metrics dict also written to `output/metrics.json`."""
-    from ..generate.sampling import check_generation_args
+    from ..generate.sampling import SYNTHESIS_SEEDS, check_generation_args
     from ..models.devices import pick_device, pick_dtype
     from ..models.pipeline import load_pipeline
 
     if num_images < 2:
         raise BadInput(f"--num-images must be at least 2: FID needs two samples or more (got {num_images})")
     check_generation_args(steps=steps, guidance=guidance, width=None, height=None, num_images=num_images,
-                          batch_size=batch_size, seed=seed, seed_span=OTHER_SEEDS)
+                          batch_size=batch_size, seed=seed, seed_span=OTHER_SEEDS, seed_limit=SYNTHESIS_SEEDS)
     recipe = load_recipe(recipe_path)
     teacher_refs = [t.model for t in recipe.teachers]
     names = [t.name for t in recipe.teachers]
@@ -133,6 +142,8 @@ def evaluate(models: list[str], recipe_path: Path, *, prompts_file: Path | None 
     tables = [StyleTable.read(d) for d in model_dirs]
     orders = [None if t is None else style_order(ref, t.names, names, recipe_path, style_map or {})
               for ref, t in zip(models, tables)]
+    for ref, table in zip(models, tables):
+        check_not_trained_on(ref, table, prompts)
     teacher_dirs = [references.resolve(r) for r in teacher_refs]
 
     def loader(folder: Path):

@@ -78,11 +78,16 @@ def generate(pipe, prompts: list[str], **kwargs) -> list[Image.Image]:
 
 
 SEED_LIMIT = 2**63  # torch generators take seeds below this
+# Disjoint by construction: pictures that eval measures take seeds below SYNTHESIS_SEEDS, a student's synthesized
+# training pictures take seeds from it up, so a student is never trained on a picture eval compares it with.
+SYNTHESIS_SEEDS = 2**62
 
 
 def check_generation_args(*, steps: int, guidance: float, width: int | None, height: int | None,
-                          num_images: int, batch_size: int, seed: int = 0, seed_span: int = 0) -> None:
-    """Refuse bad sampling arguments in one sentence; `seed_span`: how far past seed + num_images seeds reach."""
+                          num_images: int, batch_size: int, seed: int = 0, seed_span: int = 0,
+                          seed_limit: int = SEED_LIMIT) -> None:
+    """Refuse bad sampling arguments in one sentence; `seed_span`: how far past seed + num_images seeds reach;
+    every seed used stays below `seed_limit`."""
     if steps < 1:
         raise BadInput(f"--steps must be at least 1 (got {steps})")
     if not (math.isfinite(guidance) and guidance >= 0):
@@ -94,5 +99,5 @@ def check_generation_args(*, steps: int, guidance: float, width: int | None, hei
         raise BadInput(f"--num-images must be at least 1 (got {num_images})")
     if batch_size < 1:
         raise BadInput(f"--batch-size must be at least 1 (got {batch_size})")
-    if not 0 <= seed <= SEED_LIMIT - 1 - num_images - seed_span:
-        raise BadInput(f"--seed must be between 0 and {SEED_LIMIT - 1 - num_images - seed_span} (got {seed})")
+    if not 0 <= seed <= seed_limit - 1 - num_images - seed_span:
+        raise BadInput(f"--seed must be between 0 and {seed_limit - 1 - num_images - seed_span} (got {seed})")

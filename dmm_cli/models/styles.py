@@ -37,6 +37,11 @@ class StyleTable:
     def names(self) -> list[str]:
         return [s.name for s in self.styles]
 
+    @property
+    def synthesis_prompt_digests(self) -> set[str]:
+        """Digests of every prompt whose teacher pictures this student (or an earlier stage) trained on."""
+        return {d for entry in self.lineage for d in entry.get("synthesis", {}).get("prompts_sha256", [])}
+
     def to_json(self) -> str:
         return json.dumps({
             "format": "dmm-styles/1",

@@ -2,7 +2,7 @@
 
 - model references `toy:<name>`;
 - the image set `toy:shapes` for recipes' `data.folder`;
-- its captions as the default prompts for toy teachers;
+- its held-out captions as the default eval prompts for toy teachers, the other captions as synthesis prompts;
 - the `toy` feature space (the style classifier's penultimate layer), `--features auto` for toy teachers;
 - style and colour accuracy in eval reports;
 - its configs and tokenizer as the template for importing toy single files.
@@ -35,8 +35,8 @@ IMAGES_PER_PAIR = 12
 def register() -> None:
     register_scheme("toy", model_folder, model_names, store=ZOO)
     register_image_set(IMAGE_SET, shapes_folder)
-    register_prompts("eval", all_toy, captions)
-    register_prompts("synthesis", all_toy, captions)
+    register_prompts("eval", all_toy, held_out_captions)
+    register_prompts("synthesis", all_toy, training_captions)
     register_feature_space("toy", lambda device: toy_space(), default_for=all_toy)
     register_measure("toy accuracies", all_toy, accuracies)
     register_config_template(is_toy_config, lambda: ZOO / manifest()["base"])
@@ -74,12 +74,17 @@ def shapes_folder() -> Path:
     return folder
 
 
-def captions() -> list[str]:
-    """The held-out colour/shape pairs first, then the rest."""
+def held_out_captions() -> list[str]:
+    """The colour/shape pairs no training picture shows: eval measures styles on prompts never trained on."""
     from . import shapes
 
-    return [shapes.caption(c, s) for c, s in shapes.HELD_OUT] + \
-           [shapes.caption(c, s) for c, s in shapes.training_pairs()]
+    return [shapes.caption(c, s) for c, s in shapes.HELD_OUT]
+
+
+def training_captions() -> list[str]:
+    from . import shapes
+
+    return [shapes.caption(c, s) for c, s in shapes.training_pairs()]
 
 
 def toy_space() -> FeatureSpace:
