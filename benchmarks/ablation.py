@@ -1,10 +1,12 @@
 """The paper's ablations on the toy zoo, through the real CLI; writes docs/ablation.md and docs/ablation.json.
 
 Table 1 analogue: score only → + feature → + adversarial → + synthesized, 4 teachers, FID_t and style
-accuracy (held-out prompts). Table 2 analogue: 2 teachers, then 2 more added incrementally without the
-old-student regulariser (old_style_fraction 0) and with it (proportional), against all 4 at once.
+accuracy (held-out prompts). Probes: one setting of the adversarial or synthesized stage changed at a time,
+with what FID_t is made of (mean distance against spread). Table 2 analogue: 2 teachers, then 2 more added
+incrementally without the old-student regulariser (old_style_fraction 0) and with it (proportional), against
+all 4 at once.
 
-  python benchmarks/ablation.py --work /tmp/ablation          # about 40 minutes on 2 CPU cores
+  python benchmarks/ablation.py --work /tmp/ablation          # about 2 hours on 2 CPU cores
 """
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 import yaml
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -62,25 +66,74 @@ def evaluate(models: list[Path], teachers_recipe: Path, out: Path, env: dict) ->
     return {Path(m["name"]).name: m for m in json.loads((out / "metrics.json").read_text())["models"]}
 
 
-def table1(work: Path, steps: int, env: dict) -> tuple[list[dict], float]:
-    adversarial = {"weight": 0.01, "lr": 1e-4, "start_step": steps // 3}
-    synthesize = {"images_per_teacher": 128, "after_step": steps * 2 // 3, "steps": 20, "guidance": 4.0}
-    settings = [
-        ("score only", recipe(work, "t1-score", TEACHERS, steps, {"feature_loss": {"weight": 0.0}})),
-        ("+ feature", recipe(work, "t1-feature", TEACHERS, steps)),
-        ("+ adversarial", recipe(work, "t1-adversarial", TEACHERS, steps, {"adversarial_loss": adversarial})),
-        ("+ synthesized", recipe(work, "t1-synthesized", TEACHERS, steps, {"adversarial_loss": adversarial},
-                                 {"folder": "toy:shapes", "synthesize": synthesize})),
-    ]
+def sample_features(home: Path) -> dict[str, torch.Tensor]:
+    """The cached eval features of every sample set, by the label eval gave it ("teacher night", "RUN style night")."""
+    found = {}
+    for done in home.glob("samples/*/done.json"):
+        features = list(done.parent.glob("features-*.safetensors"))
+        if features:
+            found[json.loads(done.read_text())["label"]] = load_file(features[0])["features"]
+    return found
+
+
+def anatomy(folder: Path, features: dict[str, torch.Tensor]) -> dict:
+    """FID = |mu_s - mu_t|^2 + a covariance term. `mean_share`: the first term's share of FID_t; `spread`: the
+    student's feature variance (trace of its covariance) over the teacher's, averaged over styles (< 1: the student
+    draws a narrower range of pictures than its teacher)."""
+    mean_terms, spreads = 0.0, []
+    for style in TEACHERS:
+        s, t = features[f"{folder} style {style}"], features[f"teacher {style}"]
+        mean_terms += float((s.mean(0) - t.mean(0)).square().sum())
+        spreads.append(float(torch.cov(s.T).trace() / torch.cov(t.T).trace()))
+    return {"mean_term": mean_terms, "spread": sum(spreads) / len(spreads)}
+
+
+ADVERSARIAL = {"weight": 0.01, "lr": 1e-4}  # start_step: a third of the run
+SYNTHESIZE = {"images_per_teacher": 128, "steps": 20, "guidance": 4.0}  # after_step: two thirds of the run
+
+
+def measured(settings: list[tuple[str, Path]], work: Path, steps: int, env: dict, eval_name: str
+             ) -> tuple[list[dict], float]:
+    """Train (or reuse) each setting's run, evaluate them together, and measure each one."""
     folders = [run(work, path, env) for _, path in settings]
-    metrics = evaluate(folders, settings[1][1], work / "eval-table1", env)
+    metrics = evaluate(folders, recipe(work, "t1-feature", TEACHERS, steps), work / eval_name, env)
+    features = sample_features(Path(env["DMM_HOME"]))
     rows = []
     for (label, _), folder in zip(settings, folders):
         acc = measure(folder, 25, 20, 4.0, 123)["student_style_accuracy"]
         m = metrics[folder.name]
+        parts = anatomy(folder, features)
         rows.append({"setting": label, "fid_t": m["fid_t"], "fid_t_over_reference": m["fid_t_over_reference"],
+                     "kid_t": m["kid_t"], "mean_share": parts["mean_term"] / m["fid_t"], "spread": parts["spread"],
                      "style_accuracy_held_out": sum(acc.values()) / len(acc), "per_style": acc})
     return rows, metrics["reference"]["fid_t"]
+
+
+def table1(work: Path, steps: int, env: dict) -> tuple[list[dict], float]:
+    adversarial = dict(ADVERSARIAL, start_step=steps // 3)
+    synthesized = {"folder": "toy:shapes", "synthesize": dict(SYNTHESIZE, after_step=steps * 2 // 3)}
+    return measured([
+        ("score only", recipe(work, "t1-score", TEACHERS, steps, {"feature_loss": {"weight": 0.0}})),
+        ("+ feature", recipe(work, "t1-feature", TEACHERS, steps)),
+        ("+ adversarial", recipe(work, "t1-adversarial", TEACHERS, steps, {"adversarial_loss": adversarial})),
+        ("+ synthesized", recipe(work, "t1-synthesized", TEACHERS, steps, {"adversarial_loss": adversarial},
+                                 synthesized)),
+    ], work, steps, env, "eval-table1")
+
+
+def probes(work: Path, steps: int, env: dict) -> list[dict]:
+    """One setting of Table 1's last two rows changed at a time."""
+    adversarial = dict(ADVERSARIAL, start_step=steps // 3)
+    synthesize = dict(SYNTHESIZE, after_step=steps * 2 // 3)
+    return measured([
+        ("+ adversarial, weight 0.1", recipe(work, "p-adv-weight-0.1", TEACHERS, steps,
+                                             {"adversarial_loss": dict(adversarial, weight=0.1)})),
+        ("+ synthesized, no adversarial", recipe(work, "p-synth-no-adv", TEACHERS, steps, None,
+                                                 {"folder": "toy:shapes", "synthesize": synthesize})),
+        ("+ synthesized, 512 pictures per teacher", recipe(
+            work, "p-synth-512", TEACHERS, steps, {"adversarial_loss": adversarial},
+            {"folder": "toy:shapes", "synthesize": dict(synthesize, images_per_teacher=512)})),
+    ], work, steps, env, "eval-probes")[0]
 
 
 def table2(work: Path, steps: int, env: dict) -> tuple[list[dict], dict]:
@@ -103,28 +156,46 @@ def table2(work: Path, steps: int, env: dict) -> tuple[list[dict], dict]:
     return rows, measure(first, 25, 20, 4.0, 123)["student_style_accuracy"]
 
 
+HEADER = ["| setting | FID_t | FID_t / reference | KID_t | mean share | spread | style accuracy |",
+          "|---|---|---|---|---|---|---|"]
+
+
+def table_row(r: dict) -> str:
+    return (f"| {r['setting']} | {r['fid_t']:.2f} | {r['fid_t_over_reference']:.3f} | {r['kid_t']:.4f} | "
+            f"{r['mean_share']:.0%} | {r['spread']:.2f} | {r['style_accuracy_held_out']:.1%} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--steps", type=int, default=1200)
-    p.add_argument("--tables", type=int, nargs="+", choices=[1, 2], default=[1, 2])
+    p.add_argument("--tables", type=int, nargs="+", choices=[1, 2, 3], default=[1, 2, 3],
+                   help="1: Table 1; 2: Table 2; 3: the probes")
     p.add_argument("--docs", type=Path, default=ROOT / "docs")
     a = p.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, DMM_HOME=str(a.work / "home"))
     os.environ["DMM_HOME"] = env["DMM_HOME"]
+    a.docs.mkdir(parents=True, exist_ok=True)
+    previous = (a.docs / "ablation.md").read_text() if (a.docs / "ablation.md").is_file() else ""
+    analysis = previous[previous.index("\n## Analysis"):] if "\n## Analysis" in previous else ""
     result = {"steps": a.steps}
     lines = ["# Ablations on the toy zoo", "",
-             f"`python benchmarks/ablation.py --work DIR` ({a.steps} steps per 4-teacher run, batch 32; style accuracy"
-             " on prompts held out of the distillation captions; FID in the toy classifier's feature space).", ""]
+             f"`python benchmarks/ablation.py --work DIR` ({a.steps} steps per 4-teacher run, batch 32; FID_t over the "
+             "toy zoo's held-out colour/shape pairs, K = 100, in the toy classifier's feature space; style accuracy on "
+             "the same held-out pairs). Mean share: the part of FID_t that is the distance between mean features; "
+             "spread: the student's feature variance over its teacher's, averaged over styles (1 = as varied).", ""]
+
+    def write() -> None:  # after every stage, so a long run keeps what it has measured
+        (a.docs / "ablation.json").write_text(json.dumps(result, indent=2) + "\n")
+        (a.docs / "ablation.md").write_text("\n".join(lines) + "\n" + analysis)
+
     if 1 in a.tables:
         rows1, reference = table1(a.work, a.steps, env)
         result.update(table1=rows1, reference_fid_t=reference)
         lines += ["## Table 1 analogue", "", f"Reference FID_t (teacher against teacher, other seeds): {reference:.2f}.",
-                  "", "| setting | FID_t | FID_t / reference | style accuracy |", "|---|---|---|---|"]
-        lines += [f"| {r['setting']} | {r['fid_t']:.2f} | {r['fid_t_over_reference']:.3f} | "
-                  f"{r['style_accuracy_held_out']:.1%} |" for r in rows1]
-        lines.append("")
+                  "", *HEADER, *map(table_row, rows1), ""]
+        write()
     if 2 in a.tables:
         rows2, first_acc = table2(a.work, a.steps, env)
         result.update(table2=rows2, first_two_alone=first_acc)
@@ -135,9 +206,13 @@ def main() -> None:
                   " stripes / checker |", "|---|---|---|---|"]
         lines += [f"| {r['setting']} | {r['old_style_accuracy']:.1%} | {r['new_style_accuracy']:.1%} | "
                   + " / ".join(f"{v:.1f}" for v in r["fid_per_style"].values()) + " |" for r in rows2]
-    a.docs.mkdir(parents=True, exist_ok=True)
-    (a.docs / "ablation.json").write_text(json.dumps(result, indent=2) + "\n")
-    (a.docs / "ablation.md").write_text("\n".join(lines) + "\n")
+        lines.append("")
+        write()
+    if 3 in a.tables:
+        result["probes"] = probes(a.work, a.steps, env)
+        lines += ["## Probes: one setting of the last two rows changed at a time", "", *HEADER,
+                  *map(table_row, result["probes"]), ""]
+        write()
     print(json.dumps(result, indent=2))
 
 

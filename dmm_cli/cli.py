@@ -349,7 +349,10 @@ def eval_(
                                            help="auto (toy for toy teachers, else inception; the default), inception, "
                                                 "pixels (no weights needed; not comparable with published FIDs), "
                                                 "toy, or a path to the Inception weights file."),
-    clip: Optional[Path] = typer.Option(None, "--clip", help="Local CLIP model folder for CLIP score."),
+    clip: Optional[str] = typer.Option(None, "--clip", help="CLIP model for CLIP score: a local folder or a Hub "
+                                                           "reference org/name[@revision] (fetched and verified like "
+                                                           "models), or none. Default: openai/clip-vit-large-patch14 "
+                                                           "when the Hub can be reached or it is cached."),
     output: Path = typer.Option(Path("eval-out"), "--output", "-o", help="Report folder."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, fp16, bf16."),
@@ -371,7 +374,7 @@ def eval_(
     \b
     Examples:
       dmm eval runs/toy_styles runs/ties runs/average --recipe recipes/toy_styles.yaml -k 100
-      dmm eval runs/anime_realism --recipe recipes/anime_realism.yaml --clip ./clip-vit-l14 --json
+      dmm eval runs/anime_realism --recipe recipes/anime_realism.yaml --clip openai/clip-vit-base-patch32 --json
       dmm eval converted/ --recipe recipes/anime_realism.yaml --style-map style-0=anime,style-1=realism
       dmm eval runs/anime_realism --recipe recipes/anime_realism.yaml --protocol paper --prompts coco-5k.txt
     """

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -151,9 +152,74 @@ def test_bad_input(dmm, student, tmp_path):
                                   "-o", out), 2, "none.txt: no such file")
     assert_one_sentence_error(dmm("eval", "toy:night", "--recipe", four, "-k", "1", "-o", out), 2,
                               "--num-images must be at least 2")
-    assert_one_sentence_error(dmm("eval", "toy:night", "--recipe", four, "--features", "inception", "-o", out), 2,
-                              "pt_inception-2015-12-05-6726825d.pth")
+    try:  # this machine's torch has no matching torchvision, so torch-fidelity cannot load here
+        import torch_fidelity  # noqa: F401
+        missing = "pt_inception-2015-12-05-6726825d.pth are not here and HF_HUB_OFFLINE is set"
+    except (ImportError, RuntimeError):
+        missing = "--features inception needs torch-fidelity"
+    assert_one_sentence_error(dmm("eval", "toy:night", "--recipe", four, "--features", "inception", "-o", out), 1,
+                              missing)
     assert not out.exists()
+
+
+@pytest.fixture
+def file_server(tmp_path):
+    """A real HTTP server on 127.0.0.1 serving a folder, counting the requests for each file."""
+    import functools
+    import http.server
+    import threading
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+    hits: dict[str, int] = {}
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            hits[self.path] = hits.get(self.path, 0) + 1
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}", hits
+    server.shutdown()
+
+
+def test_inception_weights_are_downloaded_once_verified_and_cached(file_server, monkeypatch, capsys):
+    import hashlib
+
+    from dmm_cli.errors import NetworkError
+    from dmm_cli.eval import features
+
+    folder, url, hits = file_server
+    weights = b"stand-in for the Inception weights" * 4096
+    (folder / features.INCEPTION_FILE).write_bytes(weights)
+    monkeypatch.setattr(features, "INCEPTION_URL", f"{url}/{features.INCEPTION_FILE}")
+    monkeypatch.setattr(features, "INCEPTION_SHA256", hashlib.sha256(weights).hexdigest())
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    cached = state.home() / "weights" / features.INCEPTION_FILE
+
+    assert features.inception_weights(None) == cached and cached.read_bytes() == weights
+    assert features.inception_weights(None) == cached and sum(hits.values()) == 1  # cached, checked, not refetched
+    cached.write_bytes(b"corrupt")
+    assert features.inception_weights(None) == cached and cached.read_bytes() == weights
+    assert sum(hits.values()) == 2 and "not the FID Inception weights" in capsys.readouterr().err
+
+    cached.unlink()
+    monkeypatch.setattr(features, "INCEPTION_SHA256", "0" * 64)  # the server hands out something else
+    with pytest.raises(NetworkError, match="nothing was kept"):
+        features.inception_weights(None)
+    assert list(cached.parent.iterdir()) == []  # no file, no temporary litter
+
+    monkeypatch.setattr(features, "INCEPTION_URL", f"{url}/missing.pth")
+    with pytest.raises(NetworkError, match=f"download it by hand to {cached}"):
+        features.inception_weights(None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(NetworkError, match="HF_HUB_OFFLINE is set; download http"):
+        features.inception_weights(None)
+    assert sum(hits.values()) == 4
 
 
 def test_kid_settings_and_the_small_k_warning_are_recorded(dmm, student, tmp_path):
@@ -181,3 +247,56 @@ def test_protocols(dmm, tmp_path):
     assert settings_for(None, {})["num_images"] == 50
     r = dmm("eval", "toy:night", "--recipe", "recipes/toy_styles.yaml", "--protocol", "iclr", "-o", tmp_path / "x")
     assert_one_sentence_error(r, 2, "--protocol: unknown protocol 'iclr'")
+
+
+def tiny_clip(folder: Path) -> Path:
+    """A CLIP model of the real architecture at tiny widths, with the toy zoo's CLIP tokenizer."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    from dmm_cli.models.references import resolve
+
+    tokenizer = CLIPTokenizer.from_pretrained(resolve("toy:base") / "tokenizer")
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+    config = CLIPConfig(text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=77, **small),
+                        vision_config=dict(image_size=32, patch_size=8, **small), projection_dim=16)
+    CLIPModel(config).save_pretrained(folder, safe_serialization=True)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+def test_clip_score_from_a_hub_reference_the_default_and_bad_references(student, tmp_path):
+    from conftest import dmm_cli, one_sentence
+    from dmm_cli.eval.clip import DEFAULT_CLIP
+    from hub_server import FakeHub
+
+    folder, recipe = student
+    clip = tiny_clip(tmp_path / "clip")
+    not_clip = tmp_path / "not-clip"
+    shutil.copytree(clip, not_clip)
+    config = json.loads((not_clip / "config.json").read_text())
+    (not_clip / "config.json").write_text(json.dumps(dict(config, model_type="siglip")))
+    args = ["eval", str(folder), "--recipe", str(recipe), "-k", "4", "--steps", "2", "--features", "pixels", "--json"]
+    with FakeHub() as hub:
+        hub.add(DEFAULT_CLIP, clip)
+        hub.add("someone/not-clip", not_clip)
+        p = dmm_cli(tmp_path, hub.url, *args, "-o", str(tmp_path / "default"))  # online: the default CLIP
+        assert p.returncode == 0, p.stderr
+        metrics = json.loads(p.stdout)
+        assert metrics["settings"]["clip"] == DEFAULT_CLIP
+        scores = [m["clip_score"] for m in metrics["models"]]
+        assert all(isinstance(s, float) and -100 <= s <= 100 for s in scores) and len(set(scores)) > 1
+
+        one_sentence(dmm_cli(tmp_path, hub.url, *args, "--clip", "someone/not-clip"), 2,
+                     "--clip someone/not-clip: not a CLIP model (its config.json says model_type 'siglip')")
+        one_sentence(dmm_cli(tmp_path, hub.url, *args, "--clip", "someone/missing"), 2,
+                     "someone/missing: no such repo or file on the Hub")
+    # offline: the cached copy serves, verified, named or by default; an uncached default is skipped with a note
+    p = dmm_cli(tmp_path, None, *args, "--clip", DEFAULT_CLIP, "-o", str(tmp_path / "offline"), offline=True)
+    assert p.returncode == 0, p.stderr
+    assert [m["clip_score"] for m in json.loads(p.stdout)["models"]] == scores  # same pictures, same weights
+    p = dmm_cli(tmp_path / "fresh", None, *args, "-o", str(tmp_path / "fresh-out"), offline=True)
+    assert p.returncode == 0 and "CLIP score skipped" in p.stderr, p.stderr
+    assert json.loads(p.stdout)["settings"]["clip"] is None
+    one_sentence(dmm_cli(tmp_path, None, *args, "--clip", str(not_clip), offline=True), 2, "not a CLIP model")

@@ -4,37 +4,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import dmm_cli, one_sentence
 from dmm_cli.models.references import resolve
 from hub_server import COMMIT, FakeHub
 
 UNET = "unet/diffusion_pytorch_model.safetensors"
-
-
-def dmm_cli(tmp_path: Path, endpoint: str | None, *args: str, offline: bool = False) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(DMM_HOME=str(tmp_path / "home"), HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_TELEMETRY="1",
-               HF_HUB_ETAG_TIMEOUT="5", HF_HUB_DOWNLOAD_TIMEOUT="5")
-    if endpoint:
-        env["HF_ENDPOINT"] = endpoint
-    if offline:
-        env["HF_HUB_OFFLINE"] = "1"
-    return subprocess.run([sys.executable, "-m", "dmm_cli", *args], capture_output=True, text=True, env=env,
-                          timeout=300)
-
-
-def one_sentence(p: subprocess.CompletedProcess, code: int, fragment: str) -> None:
-    assert p.returncode == code, p.stderr
-    lines = [line for line in p.stderr.splitlines() if line.startswith("dmm: ")]
-    assert len(lines) == 1 and fragment in lines[0], p.stderr
-    assert "Traceback" not in p.stderr and p.stdout == ""
 
 
 @pytest.fixture

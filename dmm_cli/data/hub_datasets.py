@@ -8,8 +8,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import BadInput, ModelError, NetworkError
-from ..models.hub import download, hub_error, offline, verify_cached
+from ..errors import BadInput
+from ..models.hub import fetch_files, hub_error, offline
 from ..files.images import IMAGE_SUFFIXES
 
 DATASET_REF = re.compile(r"^datasets/(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@(?P<rev>[\w.-]+))?$")
@@ -61,27 +61,6 @@ def _image_count(files: list[str]) -> int | None:
 
 def fetch_dataset(ref: str) -> Path:
     """The local folder of a dataset repo's data files (downloaded if missing, each one verified)."""
-    from huggingface_hub import HfApi, snapshot_download
-
     match = DATASET_REF.match(ref)
-    repo, revision = match["repo"], match["rev"]
-    if offline():
-        try:
-            folder = Path(snapshot_download(repo, repo_type="dataset", revision=revision, local_files_only=True,
-                                            allow_patterns=[f"*{s}" for s in DATA_SUFFIXES]))
-        except Exception as e:  # every huggingface_hub failure becomes one sentence
-            raise hub_error(ref, e) from e
-        verify_cached(ref, folder, None)
-        return folder
-    try:
-        info = HfApi().dataset_info(repo, revision=revision, files_metadata=True)
-        sha = {s.rfilename: (s.lfs.sha256 if s.lfs else None) for s in info.siblings or []}
-        files = _data_files(sha)
-        if not files:
-            raise BadInput(f"{ref}: the dataset repo holds no parquet shards or captioned pictures")
-        paths = [download(repo, name, info.sha, sha[name], None, repo_type="dataset") for name in files]
-    except (BadInput, NetworkError, ModelError):
-        raise
-    except Exception as e:  # network trouble in the middle of a download
-        raise hub_error(ref, e) from e
-    return paths[0].parents[len(Path(files[0]).parts) - 1]
+    return fetch_files(ref, match["repo"], match["rev"], _data_files, [f"*{s}" for s in DATA_SUFFIXES],
+                       "the dataset repo holds no parquet shards or captioned pictures", repo_type="dataset")

@@ -2,6 +2,7 @@
 classifier). Features of a sample set are computed once and cached beside its pictures."""
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +13,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from .. import plugins
-from ..errors import BadInput
+from .. import console, plugins
+from ..errors import BadInput, DMMError, NetworkError
 from ..files import state
 from ..files.atomic import atomic_file
 from ..files.hashing import sha256_file
@@ -21,6 +22,7 @@ from ..generate.samples import SampleSet
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 
 
 @dataclass
@@ -33,33 +35,52 @@ class FeatureSpace:
 
 
 def inception_weights(path: str | None) -> Path:
-    """The FID Inception weights file, which cannot be downloaded here: say exactly what to put where."""
-    candidates = [Path(path)] if path else [
-        state.home() / "weights" / INCEPTION_FILE,
-        Path(os.environ.get("TORCH_HOME", "~/.cache/torch")).expanduser() / "hub" / "checkpoints" / INCEPTION_FILE,
-    ]
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise BadInput(f"--features inception: the FID Inception weights {INCEPTION_FILE} are not available offline; "
-                   f"download {INCEPTION_URL} to {candidates[0]}")
+    """The FID Inception weights: the file given, else a copy already here whose sha256 is right, else downloaded
+    once into $DMM_HOME/weights (never offline: then say exactly what to put where)."""
+    from ..files.download import download_verified
+    from ..files.hashing import cached_sha256
+    from ..models.hub import offline
+
+    if path:
+        return Path(path)
+    target = state.home() / "weights" / INCEPTION_FILE
+    torch_hub = Path(os.environ.get("TORCH_HOME", "~/.cache/torch")).expanduser() / "hub" / "checkpoints"
+    for candidate in (target, torch_hub / INCEPTION_FILE):
+        if candidate.is_file():
+            if cached_sha256(candidate) == INCEPTION_SHA256:
+                return candidate
+            console.warn(f"{candidate}: not the FID Inception weights (wrong sha256); ignoring it")
+    if offline():
+        raise NetworkError(f"--features inception: the FID Inception weights {INCEPTION_FILE} are not here and "
+                       f"HF_HUB_OFFLINE is set; download {INCEPTION_URL} to {target}")
+    state.store("weights")
+    return download_verified(INCEPTION_URL, target, INCEPTION_SHA256, "the FID Inception weights")
 
 
 def inception_space(path: str | None, device: torch.device) -> FeatureSpace:
-    weights = inception_weights(path)
+    """Features as torch-fidelity computes them (the TF FID reference): uint8 pictures at their own size,
+    resized inside the network by its TF1-style bilinear resize, in float32."""
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
     try:
-        from torchmetrics.image.fid import NoTrainInceptionV3
-    except ImportError:
-        raise BadInput("--features inception needs torch-fidelity: pip install torch-fidelity") from None
-    net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+        import torch_fidelity  # noqa: F401  (torchmetrics' Inception is torch-fidelity's)
+    except (ImportError, RuntimeError) as e:  # RuntimeError: a torchvision built for another torch
+        raise DMMError(f"--features inception needs torch-fidelity and a torchvision that matches torch ({e}): "
+                       "pip install 'dmm-cli[inception]'") from None
+    weights = inception_weights(path)
+    # torchmetrics 1.8+ resizes with antialiasing by default, which torch-fidelity and TF FID do not
+    reference_resize = {"antialias": False} if "antialias" in inspect.signature(NoTrainInceptionV3).parameters else {}
+    net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], **reference_resize,
                              feature_extractor_weights_path=str(weights)).to(device).eval()
 
     @torch.inference_mode()
     def extract(images):
-        arr = np.stack([np.asarray(i.convert("RGB").resize((299, 299), Image.BICUBIC)) for i in images])
-        return net(torch.from_numpy(arr).permute(0, 3, 1, 2).to(device)).double().cpu()
+        pixels = [torch.from_numpy(np.array(i.convert("RGB"))).permute(2, 0, 1) for i in images]
+        if len({p.shape for p in pixels}) > 1:  # pictures of several sizes: one at a time
+            return torch.cat([net(p[None].to(device)) for p in pixels]).double().cpu()
+        return net(torch.stack(pixels).to(device)).double().cpu()
 
-    return FeatureSpace("inception", "inception-" + sha256_file(weights)[:12], 2048, extract, batch_size=32)
+    return FeatureSpace("inception", "inception-tf-" + sha256_file(weights)[:12], 2048, extract, batch_size=32)
 
 
 @dataclass(frozen=True)

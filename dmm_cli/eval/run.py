@@ -22,6 +22,7 @@ from ..generate.samples import SampleSet, SamplerSettings, sample_set
 from ..models import references
 from ..models.styles import StyleTable, one_hot
 from ..recipe import load_recipe
+from .clip import DEFAULT_CLIP, clip_score, resolve_clip
 from .features import feature_space, features_of
 from .fid import fid_matrix, kid
 from .measures import measures_for
@@ -49,17 +50,6 @@ class Row:
         """KID of the pairs on M's diagonal (a model without styles: its one set against every teacher)."""
         pairs = zip(real, fake) if len(fake) > 1 else ((r, fake[0]) for r in real)
         return [kid(r, f) for r, f in pairs]
-
-
-def _clip_score(row: Row, clip: Path) -> float:
-    from torchmetrics.multimodal.clip_score import CLIPScore
-
-    metric = CLIPScore(model_name_or_path=str(clip))
-    for samples in row.sets:
-        for image, prompt in zip(samples.images(), samples.prompts):
-            import numpy as np
-            metric.update(torch.from_numpy(np.asarray(image)).permute(2, 0, 1), prompt)
-    return float(metric.compute())
 
 
 DEFAULTS = {"num_images": 50, "steps": 25, "guidance": 7.5, "features": "auto", "scheduler": None, "negative": None}
@@ -115,7 +105,7 @@ def check_not_trained_on(ref: str, table: StyleTable | None, prompts: list[str])
 
 def evaluate(models: list[str], recipe_path: Path, *, prompts_file: Path | None = None, num_images: int = 50,
              seed: int = 0, steps: int = 25, guidance: float = 7.5, batch_size: int = 16, features: str = "auto",
-             clip: Path | None = None, output: Path = Path("eval-out"), device: str = "auto", dtype: str = "auto",
+             clip: str | None = None, output: Path = Path("eval-out"), device: str = "auto", dtype: str = "auto",
              scheduler: str | None = None, style_map: dict[str, str] | None = None, negative: str | None = None,
              protocol: str | None = None) -> dict:
     """Sample, measure and report; returns the metrics dict also written to `output/metrics.json`."""
@@ -134,8 +124,7 @@ def evaluate(models: list[str], recipe_path: Path, *, prompts_file: Path | None 
     prompts = [prompts[k % len(prompts)] for k in range(num_images)]
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
-    if clip is not None and not Path(clip).is_dir():
-        raise BadInput(f"--clip {clip}: no such CLIP model folder")
+    clip_folder = resolve_clip(clip)
     space = feature_space(features, teacher_refs, torch_device)
 
     model_dirs = [references.resolve(m) for m in models]
@@ -184,10 +173,8 @@ def evaluate(models: list[str], recipe_path: Path, *, prompts_file: Path | None 
         row.extras["kid_diag"] = row.kid_diag(real, fake)
         for measure in measures_for(teacher_refs):
             row.extras.update(measure.measure(row.sets, teacher_refs))
-        if clip is not None:
-            row.extras["clip_score"] = _clip_score(row, Path(clip))
-    if clip is None:
-        console.say("eval: CLIP score skipped (no --clip folder given)")
+        if clip_folder is not None:
+            row.extras["clip_score"] = clip_score(row.sets, clip_folder)
 
     reference_fid_t = rows[0].fid_t
     metrics = {
@@ -198,7 +185,8 @@ def evaluate(models: list[str], recipe_path: Path, *, prompts_file: Path | None 
                      "feature_dims": space.num_features, "prompts": str(prompts_file or "default"),
                      "distinct_prompts": len(set(prompts)),
                      "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
-                     "protocol": protocol, "k_below_feature_dims": num_images < space.num_features},
+                     "protocol": protocol, "k_below_feature_dims": num_images < space.num_features,
+                     "clip": (clip or DEFAULT_CLIP) if clip_folder is not None else None},
         "models": [{
             "name": row.name, "kind": row.kind, "M": row.M, "diag": row.diag, "fid_t": row.fid_t,
             "fid_t_over_reference": row.fid_t / reference_fid_t if reference_fid_t else None,

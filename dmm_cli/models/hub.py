@@ -8,6 +8,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 from .. import console
 from ..errors import BadInput, ModelError, NetworkError
@@ -140,6 +141,37 @@ def _evict(path: Path) -> None:
     for p in {path, real}:
         if p.exists() or p.is_symlink():
             p.unlink()
+
+
+def fetch_files(ref: str, repo: str, revision: str | None, choose: Callable[[list[str]], list[str]],
+                patterns: list[str], nothing: str, repo_type: str = "model") -> Path:
+    """The local snapshot of the files `choose` picks from a repo that is not a pipeline (a dataset, a CLIP model):
+    pinned to one commit, each file verified; offline, the cached files matching `patterns`, verified once.
+    `nothing`: what to say when the repo holds none of them."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    if offline():
+        try:
+            folder = Path(snapshot_download(repo, repo_type=repo_type, revision=revision, local_files_only=True,
+                                            allow_patterns=patterns))
+        except Exception as e:  # every huggingface_hub failure becomes one sentence
+            raise hub_error(ref, e) from e
+        verify_cached(ref, folder, None)
+        return folder
+    try:
+        info = HfApi().repo_info(repo, repo_type=repo_type, revision=revision, files_metadata=True)
+        sha = {s.rfilename: (s.lfs.sha256 if s.lfs else None) for s in info.siblings or []}
+        files = choose(list(sha))
+        if not files:
+            raise BadInput(f"{ref}: {nothing}")
+        # the first by revision name, so the cache maps it to the commit and offline use finds it
+        paths = [download(repo, name, info.sha if k else revision or "main", sha[name], None, repo_type=repo_type)
+                 for k, name in enumerate(files)]
+    except (BadInput, NetworkError, ModelError):
+        raise
+    except Exception as e:  # network trouble in the middle of a download
+        raise hub_error(ref, e) from e
+    return paths[0].parents[len(Path(files[0]).parts) - 1]
 
 
 def fetch_hub(ref: str, repo: str, revision: str | None, path: str | None, *, allow_pickle: bool,
