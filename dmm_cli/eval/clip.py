@@ -53,7 +53,7 @@ def resolve_clip(ref: str | None) -> Path | None:
     try:
         folder = fetch_files(ref, match["repo"], match["rev"], lambda names: [n for n in FILES if n in names],
                              FILES, "no CLIP model files in the repo")
-    except NetworkError as e:
+    except (NetworkError, BadInput) as e:  # BadInput: a Hub (or mirror) without the default repo
         if given:
             raise
         if offline():
