@@ -336,8 +336,10 @@ def export_(
 def eval_(
     models: list[str] = typer.Argument(..., metavar="MODEL...", help="Students, weight merges or single models."),
     recipe: Path = typer.Option(..., "--recipe", help="The recipe whose teachers are the FID references."),
-    prompts: Optional[Path] = typer.Option(None, "--prompts", help="One prompt per line. Default: the toy captions "
-                                                                    "for toy teachers, else shipped COCO-style captions."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="One prompt per line. Default: the held-out "
+                                                                    "captions for toy teachers, else shipped "
+                                                                    "COCO-style captions. Prompts a student's "
+                                                                    "synthesized data used are refused."),
     num_images: Optional[int] = typer.Option(None, "--num-images", "-k", help="Samples per style and per teacher "
                                                                               "(K ≥ 2). Default 50."),
     seed: int = typer.Option(0, "--seed", help="Teachers use seed+k; the reference and models use other seeds."),
