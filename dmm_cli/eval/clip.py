@@ -1,6 +1,6 @@
 """The CLIP model behind CLIP score: a local folder or a Hub reference (`org/name[@revision]`), fetched pinned
 and verified like models. By default the ViT-L/14 CLIP that text-to-image papers score with, when the Hub can be
-reached or it is cached; otherwise CLIP score is skipped, and the report says so."""
+reached or it is cached; otherwise CLIP score is skipped, with a note (metrics.json records the CLIP used)."""
 from __future__ import annotations
 
 import json

@@ -52,7 +52,7 @@ def inception_weights(path: str | None) -> Path:
             console.warn(f"{candidate}: not the FID Inception weights (wrong sha256); ignoring it")
     if offline():
         raise NetworkError(f"--features inception: the FID Inception weights {INCEPTION_FILE} are not here and "
-                       f"HF_HUB_OFFLINE is set; download {INCEPTION_URL} to {target}")
+                           f"HF_HUB_OFFLINE is set; download {INCEPTION_URL} to {target}")
     state.store("weights")
     return download_verified(INCEPTION_URL, target, INCEPTION_SHA256, "the FID Inception weights")
 

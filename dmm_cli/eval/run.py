@@ -124,7 +124,6 @@ def evaluate(models: list[str], recipe_path: Path, *, prompts_file: Path | None 
     prompts = [prompts[k % len(prompts)] for k in range(num_images)]
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
-    clip_folder = resolve_clip(clip)
     space = feature_space(features, teacher_refs, torch_device)
 
     model_dirs = [references.resolve(m) for m in models]
@@ -133,6 +132,7 @@ def evaluate(models: list[str], recipe_path: Path, *, prompts_file: Path | None 
               for ref, t in zip(models, tables)]
     for ref, table in zip(models, tables):
         check_not_trained_on(ref, table, prompts)
+    clip_folder = resolve_clip(clip)  # after the cheap checks: the default CLIP is a 1.7 GB download
     teacher_dirs = [references.resolve(r) for r in teacher_refs]
 
     def loader(folder: Path):
