@@ -1,8 +1,8 @@
 """The paper's ablations on the toy zoo, through the real CLI; writes docs/ablation.md and docs/ablation.json.
 
 Table 1 analogue: score only → + feature → + adversarial → + synthesized, 4 teachers, FID_t and style
-accuracy (held-out prompts). Probes: one setting of the adversarial or synthesized stage changed at a time,
-with what FID_t is made of (mean distance against spread). Table 2 analogue: 2 teachers, then 2 more added
+accuracy (held-out prompts), with what FID_t is made of (mean distance against spread). Probes: the
+synthesized stage with one setting changed at a time. Table 2 analogue: 2 teachers, then 2 more added
 incrementally without the old-student regulariser (old_style_fraction 0) and with it (proportional), against
 all 4 at once.
 
@@ -88,8 +88,14 @@ def anatomy(folder: Path, features: dict[str, torch.Tensor]) -> dict:
     return {"mean_term": mean_terms, "spread": sum(spreads) / len(spreads)}
 
 
-ADVERSARIAL = {"weight": 0.01, "lr": 1e-4}  # start_step: a third of the run
-SYNTHESIZE = {"images_per_teacher": 128, "steps": 20, "guidance": 4.0}  # after_step: two thirds of the run
+def adversarial(steps: int) -> dict:
+    return {"weight": 0.01, "lr": 1e-4, "start_step": steps // 3}
+
+
+def synthesized(steps: int, **change) -> dict:
+    """Data for the last third of a run: each teacher's own pictures (128 each), after the toy shapes."""
+    synthesize = {"images_per_teacher": 128, "steps": 20, "guidance": 4.0, "after_step": steps * 2 // 3, **change}
+    return {"folder": "toy:shapes", "synthesize": synthesize}
 
 
 def measured(settings: list[tuple[str, Path]], work: Path, steps: int, env: dict, eval_name: str
@@ -110,27 +116,22 @@ def measured(settings: list[tuple[str, Path]], work: Path, steps: int, env: dict
 
 
 def table1(work: Path, steps: int, env: dict) -> tuple[list[dict], float]:
-    adversarial = dict(ADVERSARIAL, start_step=steps // 3)
-    synthesized = {"folder": "toy:shapes", "synthesize": dict(SYNTHESIZE, after_step=steps * 2 // 3)}
     return measured([
         ("score only", recipe(work, "t1-score", TEACHERS, steps, {"feature_loss": {"weight": 0.0}})),
         ("+ feature", recipe(work, "t1-feature", TEACHERS, steps)),
-        ("+ adversarial", recipe(work, "t1-adversarial", TEACHERS, steps, {"adversarial_loss": adversarial})),
-        ("+ synthesized", recipe(work, "t1-synthesized", TEACHERS, steps, {"adversarial_loss": adversarial},
-                                 synthesized)),
+        ("+ adversarial", recipe(work, "t1-adversarial", TEACHERS, steps, {"adversarial_loss": adversarial(steps)})),
+        ("+ synthesized", recipe(work, "t1-synthesized", TEACHERS, steps, {"adversarial_loss": adversarial(steps)},
+                                 synthesized(steps))),
     ], work, steps, env, "eval-table1")
 
 
 def probes(work: Path, steps: int, env: dict) -> list[dict]:
     """The synthesized stage without the adversarial loss, and with four times the pictures."""
-    adversarial = dict(ADVERSARIAL, start_step=steps // 3)
-    synthesize = dict(SYNTHESIZE, after_step=steps * 2 // 3)
     return measured([  # one change at a time from Table 1's "+ synthesized"
-        ("+ synthesized, no adversarial", recipe(work, "p-synth-no-adv", TEACHERS, steps, None,
-                                                 {"folder": "toy:shapes", "synthesize": synthesize})),
-        ("+ synthesized, 512 pictures per teacher", recipe(
-            work, "p-synth-512", TEACHERS, steps, {"adversarial_loss": adversarial},
-            {"folder": "toy:shapes", "synthesize": dict(synthesize, images_per_teacher=512)})),
+        ("+ synthesized, no adversarial", recipe(work, "p-synth-no-adv", TEACHERS, steps, None, synthesized(steps))),
+        ("+ synthesized, 512 pictures per teacher", recipe(work, "p-synth-512", TEACHERS, steps,
+                                                           {"adversarial_loss": adversarial(steps)},
+                                                           synthesized(steps, images_per_teacher=512))),
     ], work, steps, env, "eval-probes")[0]
 
 

@@ -17,7 +17,7 @@ from .. import console, plugins
 from ..errors import BadInput, DMMError, NetworkError
 from ..files import state
 from ..files.atomic import atomic_file
-from ..files.hashing import sha256_file
+from ..files.hashing import cached_sha256
 from ..generate.samples import SampleSet
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -38,7 +38,6 @@ def inception_weights(path: str | None) -> Path:
     """The FID Inception weights: the file given, else a copy already here whose sha256 is right, else downloaded
     once into $DMM_HOME/weights (never offline: then say exactly what to put where)."""
     from ..files.download import download_verified
-    from ..files.hashing import cached_sha256
     from ..models.hub import offline
 
     if path:
@@ -80,7 +79,7 @@ def inception_space(path: str | None, device: torch.device) -> FeatureSpace:
             return torch.cat([net(p[None].to(device)) for p in pixels]).double().cpu()
         return net(torch.stack(pixels).to(device)).double().cpu()
 
-    return FeatureSpace("inception", "inception-tf-" + sha256_file(weights)[:12], 2048, extract, batch_size=32)
+    return FeatureSpace("inception", "inception-tf-" + cached_sha256(weights)[:12], 2048, extract, batch_size=32)
 
 
 @dataclass(frozen=True)
