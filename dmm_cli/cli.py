@@ -70,6 +70,9 @@ def fetch(
     prediction_type: Optional[str] = typer.Option(None, "--prediction-type",
                                                   help="What a foreign single-file checkpoint predicts (epsilon, "
                                                        "v_prediction, sample), when no .yaml config beside it says."),
+    lora: bool = typer.Option(False, "--lora", help="The REFs are LoRAs: print each one's local .safetensors file "
+                                                    "(or folder); a pickle one, with --allow-pickle, is kept as "
+                                                    "safetensors."),
 ) -> None:
     """Resolve model references to local diffusers folders (downloading what is missing); print one per line.
 
@@ -83,12 +86,19 @@ def fetch(
       dmm fetch stable-diffusion-v1-5/stable-diffusion-v1-5 --variant fp16
       dmm fetch SG161222/Realistic_Vision_V5.1_noVAE@main --store ./models
       dmm fetch ./sd15-finetune.safetensors
+      dmm fetch --lora org/style-lora org/other-loras/watercolor.safetensors
     """
     import json
     from dataclasses import asdict
 
     from .models.references import fetch as fetch_ref, scheme_of
 
+    if lora:
+        from .models.lora import fetch_lora
+
+        for ref in refs:
+            console.result(str(fetch_lora(ref, allow_pickle)))
+        return
     if export_single_file is not None and len(refs) != 1:
         raise BadInput("--export-single-file takes exactly one REF")
     manifest = []
@@ -140,6 +150,11 @@ def generate(
                                   help="auto (xformers if a real test op runs, else SDPA), sdpa, xformers."),
     batch_size: int = typer.Option(8, "--batch-size", help="Pictures per forward pass."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace pictures that already exist."),
+    loras: list[str] = typer.Option([], "--lora", help="A LoRA fused into the model, REF[:SCALE] (scale default 1; "
+                                                        "repeatable): a kohya/A1111 file, a diffusers/PEFT folder, "
+                                                        "org/name[/file.safetensors] on the Hub, or toy:<style>-lora."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept a pickle (.ckpt/.pt/.bin) LoRA, loaded "
+                                                                    "with weights_only=True."),
 ) -> None:
     """Generate pictures with a Stable Diffusion family model and print their paths, each as it is written.
 
@@ -152,12 +167,13 @@ def generate(
       dmm generate --style all "a red circle"          # after dmm distill: one picture per style
       dmm generate --style night:0.7,outline:0.3 "a blue square" --model runs/toy_styles
       dmm generate "a cat" --model ./sd15 --steps 25 --scheduler dpm++ -o cat.png
+      dmm generate "a red circle" --model toy:base --lora toy:night-lora:0.8 --lora toy:stripes-lora:0.5
     """
     from .generate.run import run
 
     run(prompt, model=model, style=style, negative=negative, steps=steps, guidance=guidance, seed=seed, width=width,
         height=height, num_images=num_images, scheduler=scheduler, output=output, device=device, dtype=dtype,
-        attention=attention, batch_size=batch_size, overwrite=overwrite,
+        attention=attention, batch_size=batch_size, overwrite=overwrite, loras=loras, allow_pickle=allow_pickle,
         on_written=lambda path: console.result(str(path)))
 
 
@@ -275,7 +291,7 @@ def baseline_merge(
         if teachers:
             raise BadInput("give teachers either as arguments or with --recipe, not both")
         r = load_recipe(recipe)
-        teachers, base = [t.model for t in r.teachers], base or r.base
+        teachers, base = [t.ref for t in r.teachers], base or r.base
     if dtype != "auto" and dtype not in DTYPES:
         raise BadInput(f"--dtype: unknown dtype {dtype!r} (use auto, {', '.join(DTYPES)})")
     try:

@@ -16,9 +16,21 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class Lora(Strict):
+    model: str = Field(min_length=1, description="LoRA reference: a kohya/A1111 file, a diffusers/PEFT folder, a Hub "
+                                                 "repo org/name[@rev][/file.safetensors], or toy:<style>-lora.")
+    scale: float = Field(1.0, ge=0, allow_inf_nan=False, description="Its strength, as in A1111's <lora:name:0.8>.")
+
+
 class Teacher(Strict):
     name: str = Field(min_length=1, description="Style name, used by `dmm generate --style NAME`.")
     model: str = Field(min_length=1, description="Model reference: Hub id, local folder, or toy:<name>.")
+    loras: list[Lora] = Field([], description="LoRAs fused into the model: the teacher is the model with them.")
+
+    @property
+    def ref(self) -> str:
+        """The teacher as one reference, `MODEL+LORA:SCALE+...`, as every command reads it."""
+        return self.model + "".join(f"+{lora.model}:{lora.scale!r}" for lora in self.loras)
 
 
 class FeatureLoss(Strict):
@@ -150,7 +162,7 @@ class Recipe(Strict):
 
     def fingerprint(self) -> str:
         """Identifies the run's model: base, teachers and data (not step counts or logging)."""
-        key = {"base": self.base, "teachers": [t.model_dump() for t in self.teachers], "data": self.data.model_dump()}
+        key = {"base": self.base, "teachers": [{"name": t.name, "model": t.ref} for t in self.teachers], "data": self.data.model_dump()}
         if self.init_from:
             key["init_from"] = self.init_from
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

@@ -21,7 +21,7 @@ from ..files.hashing import component_sha256
 from ..files.safetensors_header import component_shapes
 from ..generate.sampling import SYNTHESIS_SEEDS
 from ..interrupts import deferred
-from ..models import references
+from ..models import lora, references
 from ..models.folders import check_links, check_pipeline_folder, copy_part, derived_model_index, model_root
 from ..models.schedule import read_schedule
 from ..models.styles import STYLES_FILE, Style, StyleTable
@@ -164,7 +164,7 @@ def plan_run(recipe_path: Path, overrides: list[str] = (), *, output: Path | Non
     base = references.resolve(recipe.base)
     previous, table = _previous_student(recipe) if recipe.init_from else (None, None)
     old = len(table.names) if table else 0
-    teachers = [None if i < old else references.resolve(t.model) for i, t in enumerate(recipe.teachers)]
+    teachers = [None if i < old else lora.resolve(t.ref) for i, t in enumerate(recipe.teachers)]
     _check_teachers(recipe, base, teachers)
     for part in COPIED_PARTS:  # the student folder gets copies of these: no link may lead out of the base
         check_links(base / part, model_root(base))
@@ -182,9 +182,9 @@ def _synthesis_prompts(recipe: Recipe, old_styles: int) -> list[str]:
     from ..data.prompts import read_prompts, shared_prompts
 
     given = recipe.data.synthesize.prompts
-    prompts = read_prompts(Path(given) if given else None, [t.model for t in recipe.teachers[old_styles:]],
+    prompts = read_prompts(Path(given) if given else None, [t.ref for t in recipe.teachers[old_styles:]],
                            "synthesis")
-    eval_prompts = read_prompts(None, [t.model for t in recipe.teachers], "eval")
+    eval_prompts = read_prompts(None, [t.ref for t in recipe.teachers], "eval")
     clash = shared_prompts(prompts, {prompt_digest(p) for p in eval_prompts})
     if clash:
         raise BadInput(f"data.synthesize.prompts {given or '(default)'}: {clash[0]!r} is an eval prompt for these "
@@ -402,7 +402,7 @@ def write_student(plan: RunPlan, student, last: dict) -> None:
         raise DMMError(f"{out / 'scheduler'}: does not match the base's scheduler the student was trained with")
     earlier = plan.previous_styles
     old = earlier.styles if earlier else []
-    styles = old + [Style(t.name, t.model, component_sha256(folder / "unet"))
+    styles = old + [Style(t.name, t.ref, component_sha256(folder / "unet"))
                     for t, folder in zip(recipe.teachers[len(old):], plan.teachers[len(old):])]
     entry = {"recipe": recipe.name, "base": recipe.base, "steps": last.get("step"),
              "styles": [t.name for t in recipe.teachers], "prediction_type": trained.prediction_type}
@@ -425,7 +425,7 @@ def write_student(plan: RunPlan, student, last: dict) -> None:
 
 def model_card(plan: RunPlan, last: dict) -> str:
     recipe = plan.recipe
-    rows = "\n".join(f"| {i} | {t.name} | `{t.model}` |" for i, t in enumerate(recipe.teachers))
+    rows = "\n".join(f"| {i} | {t.name} | `{t.ref}` |" for i, t in enumerate(recipe.teachers))
     losses = ", ".join(f"{k} {last[k]:.5g}" for k in ("loss", "score_loss", "feature_loss") if k in last)
     first = recipe.teachers[0].name
     return f"""---

@@ -19,7 +19,7 @@ from ..data.prompts import read_prompts, shared_prompts
 from ..errors import BadInput
 from ..files.atomic import atomic_file
 from ..generate.samples import SampleSet, SamplerSettings, sample_set
-from ..models import references
+from ..models import lora
 from ..models.styles import StyleTable, one_hot
 from ..recipe import load_recipe
 from .clip import DEFAULT_CLIP, clip_score, resolve_clip
@@ -118,7 +118,7 @@ def evaluate(models: list[str], recipe_path: Path, *, prompts_file: Path | None 
     check_generation_args(steps=steps, guidance=guidance, width=None, height=None, num_images=num_images,
                           batch_size=batch_size, seed=seed, seed_span=OTHER_SEEDS, seed_limit=SYNTHESIS_SEEDS)
     recipe = load_recipe(recipe_path)
-    teacher_refs = [t.model for t in recipe.teachers]
+    teacher_refs = [t.ref for t in recipe.teachers]
     names = [t.name for t in recipe.teachers]
     prompts = read_prompts(prompts_file, teacher_refs)
     prompts = [prompts[k % len(prompts)] for k in range(num_images)]
@@ -126,14 +126,14 @@ def evaluate(models: list[str], recipe_path: Path, *, prompts_file: Path | None 
     torch_dtype = pick_dtype(dtype, torch_device)
     space = feature_space(features, teacher_refs, torch_device)
 
-    model_dirs = [references.resolve(m) for m in models]
+    model_dirs = [lora.resolve(m) for m in models]
     tables = [StyleTable.read(d) for d in model_dirs]
     orders = [None if t is None else style_order(ref, t.names, names, recipe_path, style_map or {})
               for ref, t in zip(models, tables)]
     for ref, table in zip(models, tables):
         check_not_trained_on(ref, table, prompts)
     clip_folder = resolve_clip(clip)  # after the cheap checks: the default CLIP is a 1.7 GB download
-    teacher_dirs = [references.resolve(r) for r in teacher_refs]
+    teacher_dirs = [lora.resolve(r) for r in teacher_refs]
 
     def loader(folder: Path):
         cache = {}

@@ -19,7 +19,7 @@ from ..files import state
 from ..files.atomic import writable_folder
 from ..files.images import grid, save_png, slug
 from ..interrupts import deferred
-from ..models import references
+from ..models import lora, references
 from ..models.devices import pick_device, pick_dtype
 from ..models.pipeline import load_pipeline
 from ..models.student import num_styles
@@ -67,13 +67,18 @@ def run(prompt: str, *, model: str | None, style: str | None = None, negative: s
         guidance: float = 7.5, seed: int = 0, width: int | None = None, height: int | None = None,
         num_images: int = 1, scheduler: str | None = None, output: Path = Path("dmm-out"), device: str = "auto",
         dtype: str = "auto", attention: str = "auto", batch_size: int = 8, overwrite: bool = False,
+        loras: list[str] = (), allow_pickle: bool = False,
         on_written: Callable[[Path], None] | None = None) -> list[Path]:
     """Make `num_images` pictures per requested style and return the files written (a grid last for `all`);
-    `on_written` hears of each file as soon as it is on disk."""
+    `loras` (REF[:SCALE]) are fused into the model in memory; `on_written` hears of each file as soon as it is on
+    disk."""
     check_generation_args(steps=steps, guidance=guidance, width=width, height=height, num_images=num_images,
                           batch_size=batch_size, seed=seed)
     ref, source = (model, "") if model else default_model()
+    ref, specs = lora.split_ref(ref)
+    specs += [lora.parse_lora(text) for text in loras]
     folder = references.resolve(ref)
+    added = lora.load_loras(specs, folder, ref, allow_pickle)
     notes = [n for n in (source, str(folder) if str(folder) != ref else "") if n]
     console.say(f"model: {ref}" + (f" ({'; '.join(notes)})" if notes else ""))
     table = StyleTable.read(folder)
@@ -84,7 +89,7 @@ def run(prompt: str, *, model: str | None, style: str | None = None, negative: s
                        "an index, `all`, or a mix like a:0.5,b:0.5)")
     styles = parse_style(style, table.names) if table is not None else [(None, None)]
 
-    digest = request_digest(folder, prompt=prompt, negative=negative, steps=steps, guidance=guidance,
+    digest = request_digest(folder, loras=[[x.sha256, x.spec.scale] for x in added], prompt=prompt, negative=negative, steps=steps, guidance=guidance,
                             scheduler=scheduler, width=width, height=height)
     stem, width_k = f"{slug(prompt)}-{digest}", max(3, len(str(num_images - 1)))
     names = [f"{stem}{'-' + slug(label) if label else ''}-s{seed}-{k:0{width_k}d}.png" for label, _ in styles
@@ -95,6 +100,7 @@ def run(prompt: str, *, model: str | None, style: str | None = None, negative: s
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
     pipe = load_pipeline(folder, torch_device, torch_dtype, scheduler=scheduler, attention=attention)
+    lora.fuse_pipeline(pipe, added)
     if table is not None and num_styles(pipe.unet) != len(table.names):
         raise BadInput(f"{folder}: styles.json lists {len(table.names)} styles but the UNet takes "
                        f"{num_styles(pipe.unet)}")

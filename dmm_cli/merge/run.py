@@ -11,7 +11,7 @@ from .. import console
 from ..errors import BadInput
 from ..files.atomic import atomic_folder, check_replaceable, output_lock, remove_leftovers
 from ..files.hashing import component_sha256_many
-from ..models import references
+from ..models import lora, references
 from ..models.folders import check_links, copy_part, derived_model_index, model_root
 from .registry import METHODS, OPTIONS, MergeParams
 from .stream import keep_freed_memory, merge_component
@@ -79,7 +79,10 @@ def baseline_merge(method: str, teachers: list[str], *, base: str | None = None,
 
 def _merge(method, teachers, base, weights, density, lam, seed, dare_sign, output, vae, dtype, device) -> Path:
     base_dir = references.resolve(base) if base else None
-    teacher_dirs = [references.resolve(t) for t in teachers]
+    split = [lora.split_ref(t) for t in teachers]
+    teacher_dirs = [references.resolve(model) for model, _ in split]
+    teacher_loras = [lora.load_loras(specs, folder, model) for (model, specs), folder in zip(split, teacher_dirs)]
+    changed = set().union(*map(lora.parts_changed, teacher_loras))
     vae_dir = references.resolve(vae) if vae else None
     classes = {json.loads((f / "model_index.json").read_text())["_class_name"]
                for f in teacher_dirs + ([base_dir] if base_dir else [])}
@@ -90,14 +93,16 @@ def _merge(method, teachers, base, weights, density, lam, seed, dare_sign, outpu
     params = MergeParams(tuple(weights), density, lam, seed, dare_sign)
     template = base_dir or teacher_dirs[0]
     everyone = teacher_dirs + ([base_dir] if base_dir else [])
-    parts = [p for p in MERGED_PARTS if (template / p).is_dir() and (p == "unet" or _differs(everyone, p))]
+    parts = [p for p in MERGED_PARTS if (template / p).is_dir() and (p == "unet" or p in changed or _differs(everyone, p))]
     copied = {p.name: (vae_dir if p.name == "vae" and vae_dir else template)
               for p in sorted(template.iterdir()) if p.is_dir() and p.name not in parts}
     for part, owner in copied.items():  # no link may lead out of a model into the output
         check_links(owner / part, model_root(owner))
     unet_sha = component_sha256_many([f / "unet" for f in everyone])
     inputs = {"base": {"ref": base, "sha256": unet_sha[-1]} if base_dir else None,
-              "teachers": [{"ref": r, "sha256": h} for r, h in zip(teachers, unet_sha)]}
+              "teachers": [{"ref": r, "sha256": h, **({"loras": [{"ref": x.spec.ref, "scale": x.spec.scale,
+                                                                  "sha256": x.sha256} for x in own]} if own else {})}
+                           for r, h, own in zip(teachers, unet_sha, teacher_loras)]}
     used = METHODS[method].uses
     recorded = {"weights": weights, **{k: v for k, v in (("density", density), ("lambda", lam),
                                                           ("dare_sign", dare_sign)) if k in used}}
@@ -108,7 +113,8 @@ def _merge(method, teachers, base, weights, density, lam, seed, dare_sign, outpu
     with atomic_folder(output) as tmp:
         for part in parts:
             merge_component(method, base_dir / part if base_dir else None, [f / part for f in teacher_dirs],
-                            tmp / part, params, metadata, dtype=dtype, device=device, labels=teachers)
+                            tmp / part, params, metadata, dtype=dtype, device=device, labels=teachers,
+                            loras=teacher_loras)
         for part, owner in copied.items():
             copy_part(owner / part, tmp / part, model_root(owner))
         (tmp / "model_index.json").write_text(derived_model_index(template))

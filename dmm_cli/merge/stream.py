@@ -14,6 +14,7 @@ from .. import console
 from ..errors import ModelError
 from ..files.safetensors_header import weight_files
 from ..files.safetensors_io import TORCH_DTYPES, StreamingWriter, TensorReader, check_finite
+from ..models.lora import delta
 from .registry import METHODS, MergeParams
 
 
@@ -39,6 +40,20 @@ class _Inputs:
 
     def shapes(self) -> dict[str, list[int]]:
         return {k: v["shape"] for k, v in self.header.items()}
+
+
+class _LoraTeacher:
+    """A LoRA teacher's tensors: its model's, plus scale·up·down where its LoRAs touch them, one tensor at a time, so
+    no LoRA teacher is ever materialised."""
+
+    def __init__(self, inputs: _Inputs, part: str, loras: list):
+        self.inputs, self.part, self.loras = inputs, part, loras
+        self.dtype, self.shapes = inputs.dtype, inputs.shapes
+
+    def get(self, name: str) -> torch.Tensor:
+        tensor = self.inputs.get(name)
+        update = delta(self.loras, self.part, name, tensor.shape) if tensor.is_floating_point() else None
+        return tensor if update is None else tensor.float() + update
 
 
 def _first_mismatch(reference: dict, other: dict) -> str | None:
@@ -76,11 +91,14 @@ def keep_freed_memory() -> None:
 
 def merge_component(method: str, base: Path | None, teachers: list[Path], out_dir: Path, params: MergeParams,
                     metadata: dict[str, str], *, dtype: torch.dtype | None = None, device: str = "cpu",
-                    labels: list[str] | None = None) -> Path:
-    """Merge one component (e.g. unet/) tensor by tensor into `out_dir`, which gets the config and weights."""
+                    labels: list[str] | None = None, loras: list[list] | None = None) -> Path:
+    """Merge one component (e.g. unet/) tensor by tensor into `out_dir`, which gets the config and weights.
+    `loras`: each teacher's LoRAs (models.lora), added to its tensors as they are read."""
     fn = METHODS[method].fn
     base_in = _Inputs(base) if base is not None else None
     teacher_in = [_Inputs(t) for t in teachers]
+    if loras is not None:
+        teacher_in = [_LoraTeacher(t, out_dir.name, own) if own else t for t, own in zip(teacher_in, loras)]
     labels = labels or [str(t) for t in teachers]
     reference = (base_in or teacher_in[0]).shapes()
     against = "the base's" if base_in else "the first teacher's"

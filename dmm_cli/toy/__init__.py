@@ -16,5 +16,9 @@ def model_names(zoo: Path = ZOO) -> list[str]:
     return [m["base"], *m["teachers"]]
 
 
+def lora_names(zoo: Path = ZOO) -> list[str]:
+    return manifest(zoo).get("loras", {}).get("names", [])
+
+
 def classifier_folder(zoo: Path = ZOO) -> Path:
     return zoo / "classifier"

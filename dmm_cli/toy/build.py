@@ -11,15 +11,15 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from .. import console
 from ..files.atomic import atomic_folder
 from ..generate.sampling import generate
 from . import classifier as style_classifier
-from . import components, shapes
+from . import components, loras, shapes
+from .training import progress, train_denoiser
 
 SHARED_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -30,6 +30,8 @@ class BuildPlan:
     vae_steps: int = 800
     base_steps: int = 2000
     teacher_steps: int = 300
+    lora_steps: int = 300
+    lora_lr: float = 5e-3
     batch: int = 32
     lr: float = 1e-3
     caption_dropout: float = 0.1
@@ -43,12 +45,8 @@ class BuildPlan:
     @classmethod
     def reduced(cls) -> "BuildPlan":
         """A few steps of everything: proves the builder runs, not that the zoo is good."""
-        return cls(images_per_pair=2, vae_steps=3, base_steps=3, teacher_steps=2, batch=8, check_per_pair=1,
+        return cls(images_per_pair=2, vae_steps=3, base_steps=3, teacher_steps=2, lora_steps=2, batch=8, check_per_pair=1,
                    classifier_train_per_style=8, classifier_test_per_style=4, classifier_steps=3, sample_steps=2)
-
-
-def _progress(total: int, desc: str):
-    return tqdm(total=total, desc=desc, disable=console.progress_disabled(), leave=False)
 
 
 def train_vae(images: torch.Tensor, plan: BuildPlan, seed: int):
@@ -56,7 +54,7 @@ def train_vae(images: torch.Tensor, plan: BuildPlan, seed: int):
     vae = components.vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=plan.lr)
     gen = torch.Generator().manual_seed(seed)
-    with _progress(plan.vae_steps, "vae") as bar:
+    with progress(plan.vae_steps, "vae") as bar:
         for _ in range(plan.vae_steps):
             x = images[torch.randint(0, len(images), (plan.batch,), generator=gen)]
             posterior = vae.encode(x).latent_dist
@@ -73,43 +71,6 @@ def train_vae(images: torch.Tensor, plan: BuildPlan, seed: int):
     # Stable Diffusion's convention: scale latents to unit variance for the UNet.
     vae.register_to_config(scaling_factor=float(1 / latents.std()))
     return vae
-
-
-def train_denoiser(unet, text_encoder, tokenizer, latents, captions, steps, plan: BuildPlan, seed, desc, train_text):
-    """Plain epsilon-prediction diffusion training with caption dropout, as Stable Diffusion is trained."""
-    torch.manual_seed(seed)
-    noise_schedule = DDPMScheduler(**{k: v for k, v in components.SCHEDULER.items() if k in
-                                      ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")})
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
-    params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else [])
-    text_encoder.requires_grad_(train_text)
-    opt = torch.optim.AdamW(params, lr=plan.lr, weight_decay=1e-4)
-    lr_at = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * (1 - 0.9 * s / max(steps, 1)))
-    gen = torch.Generator().manual_seed(seed)
-    unet.train()
-    with _progress(steps, desc) as bar:
-        for _ in range(steps):
-            idx = torch.randint(0, len(latents), (plan.batch,), generator=gen)
-            x0 = latents[idx]
-            drop = torch.rand(plan.batch, generator=gen) < plan.caption_dropout
-            batch_ids = torch.where(drop[:, None], empty, ids[idx])
-            noise = torch.randn(x0.shape, generator=gen)
-            t = torch.randint(0, noise_schedule.config.num_train_timesteps, (plan.batch,), generator=gen)
-            xt = noise_schedule.add_noise(x0, noise, t)
-            context = text_encoder(batch_ids)[0]
-            loss = F.mse_loss(unet(xt, t, encoder_hidden_states=context).sample, noise)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            lr_at.step()
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-            bar.update()
-    unet.eval()
-    text_encoder.requires_grad_(False)
-    return unet
 
 
 def _pipeline(vae, text_encoder, tokenizer, unet) -> StableDiffusionPipeline:
@@ -179,6 +140,9 @@ def build(out: Path, seed: int = 0, plan: BuildPlan | None = None) -> dict:
         teacher_pipes[style] = _pipeline(vae, text_encoder, tokenizer, unet)
         _save_model(teacher_pipes[style], out / style, out / "base")
 
+    console.say("toy zoo: training a LoRA per style")
+    lora_manifest = loras.derive(out, plan, seed)
+
     console.say("toy zoo: measuring the base model's colour following")
     images, prompts = _samples(base_pipe, pairs, plan.check_per_pair, seed + 1000, plan)
     base_colour = colour_following(images, prompts)
@@ -212,6 +176,7 @@ def build(out: Path, seed: int = 0, plan: BuildPlan | None = None) -> dict:
         "colours": list(shapes.COLOURS),
         "shapes": list(shapes.SHAPES),
         "held_out_pairs": [list(p) for p in shapes.HELD_OUT],
+        "loras": lora_manifest,
         "measured": {
             "base_colour_following": round(base_colour, 4),
             "teacher_colour_following": {k: round(v, 4) for k, v in teacher_colour.items()},

@@ -25,7 +25,7 @@ from ..files.atomic import atomic_folder
 from ..files.hashing import sha256_file
 from ..models.references import register_scheme
 from ..models.single_file import register_config_template
-from . import ZOO, classifier_folder, manifest, model_names
+from . import ZOO, classifier_folder, lora_names, manifest, model_names
 
 PREFIX = "toy:"
 IMAGE_SET = "toy:shapes"
@@ -47,9 +47,14 @@ def all_toy(teacher_refs: list[str]) -> bool:
 
 
 def model_folder(name: str) -> Path:
+    """A toy model's folder, or a toy LoRA's file or folder."""
+    from .loras import path_of
+
+    if name in lora_names():
+        return path_of(ZOO, name)
     names = model_names()
     if name not in names:
-        raise ModelError(f"{PREFIX}{name}: no such toy model (the toy zoo has {', '.join(names)})")
+        raise ModelError(f"{PREFIX}{name}: no such toy model (the toy zoo has {', '.join(names + lora_names())})")
     return ZOO / name
 
 
@@ -107,7 +112,7 @@ def accuracies(sets, teacher_refs: list[str]) -> dict:
     from . import shapes
     from .classifier import StyleClassifier, predict, to_pixels
 
-    teacher_styles = [ref[len(PREFIX):] for ref in teacher_refs]
+    teacher_styles = [style_of(ref) for ref in teacher_refs]
     clf = StyleClassifier.load(classifier_folder())
     hits = []
     colour_hits = colour_total = 0
@@ -124,6 +129,12 @@ def accuracies(sets, teacher_refs: list[str]) -> dict:
                 colour_hits += shapes.dominant_colour(image.resize((32, 32))) == words[1]
     return {"style_accuracy": sum(hits) / len(hits) if hits else None,
             "colour_accuracy": colour_hits / colour_total if colour_total else None}
+
+
+def style_of(ref: str) -> str:
+    """The toy style a teacher shows: its model's (toy:night), or its last LoRA's (toy:base+toy:night-lora:0.8)."""
+    last = ref.split("+")[-1]
+    return last[len(PREFIX):].split(":")[0].split("-lora")[0]
 
 
 def is_toy_config(configs: dict) -> bool:
