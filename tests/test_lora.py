@@ -207,3 +207,90 @@ def test_the_sd15_topology_takes_a_lora_of_its_own_layers(dmm, tmp_path):
     conv = before[f"{layers[1]}.weight"]
     expected = 0.5 * (tensors[f"{key}.lora_up.weight"].flatten(1) @ tensors[f"{key}.lora_down.weight"].flatten(1))
     torch.testing.assert_close(after[f"{layers[1]}.weight"] - conv, expected.reshape(conv.shape))
+
+
+def test_a_peft_adapter_folder_reads_like_its_diffusers_file(tmp_path):
+    """PEFT's own save_pretrained folder (base_model.model keys, α in adapter_config.json) gives the same fused
+    weights as the diffusers file it was made from, α/r included."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig, get_peft_model
+
+    from dmm_cli.models.lora import resolve
+
+    state = load_file(PEFT / "pytorch_lora_weights.safetensors")
+    layers = sorted({k[len("unet."):].rsplit(".lora_", 1)[0] for k in state})
+    rank = state[f"unet.{layers[0]}.lora_A.weight"].shape[0]
+    unet = UNet2DConditionModel.from_pretrained(ZOO / "base" / "unet")
+    model = get_peft_model(unet, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=layers))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_" in name:
+                layer, which = name.removeprefix("base_model.model.").split(".lora_")
+                param.copy_(state[f"unet.{layer}.lora_{which.replace('.default', '')}"])
+    model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+    name = "unet/diffusion_pytorch_model.safetensors"
+    from_adapter = load_file(resolve(f"toy:base+{tmp_path / 'adapter'}:0.5") / name)  # α = 2r, halved back
+    from_file = load_file(resolve("toy:base+toy:checker-lora-peft") / name)
+    assert from_adapter.keys() == from_file.keys()
+    for key in from_file:
+        torch.testing.assert_close(from_adapter[key], from_file[key], rtol=0, atol=1e-3)
+
+
+def test_hub_loras_are_fetched_pinned_verified_and_cached(tmp_path):
+    from conftest import dmm_cli, one_sentence
+    from hub_server import FakeHub
+
+    repos = {name: tmp_path / "repos" / name for name in ("night", "checker", "two", "pickled")}
+    for folder in repos.values():
+        folder.mkdir(parents=True)
+    (repos["night"] / "night_v1.safetensors").write_bytes(KOHYA.read_bytes())
+    (repos["night"] / "README.md").write_text("a LoRA\n")
+    (repos["checker"] / "pytorch_lora_weights.safetensors").write_bytes(
+        (PEFT / "pytorch_lora_weights.safetensors").read_bytes())
+    for k in range(2):
+        (repos["two"] / f"v{k}.safetensors").write_bytes(KOHYA.read_bytes())
+    torch.save(load_file(KOHYA), repos["pickled"] / "lora.bin")
+    with FakeHub() as hub:
+        for name, folder in repos.items():
+            hub.add(f"someone/{name}-lora", folder)
+        p = dmm_cli(tmp_path, hub.url, "fetch", "--lora", "someone/night-lora", "someone/checker-lora",
+                    "someone/two-lora/v1.safetensors")
+        assert p.returncode == 0, p.stderr
+        night, checker, second = map(Path, p.stdout.split())
+        assert night.read_bytes() == KOHYA.read_bytes() and night.name == "night_v1.safetensors"
+        assert checker.name == "pytorch_lora_weights.safetensors" and checker.is_file()
+        assert second.name == "v1.safetensors" and "snapshots" in second.parts  # in the Hub cache, pinned
+        p = dmm_cli(tmp_path, hub.url, "generate", "a red circle", "--model", "toy:base", "--lora",
+                    "someone/night-lora:0.8", "--lora", "someone/checker-lora", "--steps", "2", "-o",
+                    str(tmp_path / "out"))
+        assert p.returncode == 0 and len(p.stdout.split()) == 1, p.stderr
+        one_sentence(dmm_cli(tmp_path, hub.url, "fetch", "--lora", "someone/two-lora"), 2,
+                     "someone/two-lora: the repo holds 2 .safetensors files; name one")
+        one_sentence(dmm_cli(tmp_path, hub.url, "fetch", "--lora", "someone/pickled-lora"), 2, "--allow-pickle")
+        one_sentence(dmm_cli(tmp_path, hub.url, "fetch", "--lora", "someone/missing-lora"), 2,
+                     "no such repo or file on the Hub")
+    p = dmm_cli(tmp_path, None, "fetch", "--lora", "someone/night-lora", offline=True)  # the cache, verified
+    assert p.returncode == 0 and Path(p.stdout.strip()) == night, p.stderr
+
+
+def test_a_lora_teacher_recipe_distils_to_90_percent_style_accuracy_on_held_out_prompts(dmm, tmp_path):
+    recipe = yaml.safe_load(Path("recipes/toy_loras.yaml").read_text())
+    recipe["teachers"] = [recipe["teachers"][0], recipe["teachers"][3]]  # night (kohya file), checker (PEFT folder)
+    recipe["train"].update(max_steps=300, batch_size=16, checkpoint_every=1000)
+    recipe["output"] = str(tmp_path / "run")
+    path = tmp_path / "loras.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    r = dmm("distill", path)
+    assert r.code == 0, r
+    styles = json.loads((tmp_path / "run" / "styles.json").read_text())
+    assert [s["teacher"] for s in styles["styles"]] == ["toy:base+toy:night-lora:1.0",
+                                                         "toy:base+toy:checker-lora-peft:1.0"]
+    # eval's default toy prompts are the colour/shape pairs no training picture shows
+    r = dmm("eval", tmp_path / "run", "--recipe", path, "-k", "24", "--steps", "20", "--guidance", "4", "--json",
+            "-o", tmp_path / "eval")
+    assert r.code == 0, r
+    reference, student = json.loads(r.out)["models"]
+    assert reference["style_accuracy"] >= 0.9  # the LoRA teachers show their styles
+    assert student["style_accuracy"] >= 0.9

@@ -151,11 +151,14 @@ def _unpickled(path: Path, allow_pickle: bool) -> Path:
 
 def _peft_adapter(folder: Path) -> dict[str, torch.Tensor]:
     """A PEFT `save_pretrained` folder, as diffusers-format keys with α/r folded into lora_B."""
-    config = json.loads((folder / PEFT_FILES[1]).read_text())
+    try:
+        config = json.loads((folder / PEFT_FILES[1]).read_text())
+        r, alpha = int(config["r"]), float(config["lora_alpha"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise ModelError(f"{folder / PEFT_FILES[1]}: not a PEFT LoRA config (it needs r and lora_alpha)") from None
     if config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern"):
         raise ModelError(f"{folder}: a DoRA adapter or one with per-layer ranks or alphas, which dmm does not read")
-    r = config["r"]
-    factor = config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)
+    factor = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
     out = {}
     for key, tensor in _tensors(folder / PEFT_FILES[0]).items():
         key = key.removeprefix("base_model.model.")

@@ -30,7 +30,7 @@ class BuildPlan:
     vae_steps: int = 800
     base_steps: int = 2000
     teacher_steps: int = 300
-    lora_steps: int = 300
+    lora_steps: int = 600
     lora_lr: float = 5e-3
     batch: int = 32
     lr: float = 1e-3
