@@ -162,7 +162,8 @@ class Recipe(Strict):
 
     def fingerprint(self) -> str:
         """Identifies the run's model: base, teachers and data (not step counts or logging)."""
-        key = {"base": self.base, "teachers": [{"name": t.name, "model": t.ref} for t in self.teachers], "data": self.data.model_dump()}
+        key = {"base": self.base, "teachers": [{"name": t.name, "model": t.ref} for t in self.teachers],
+               "data": self.data.model_dump()}
         if self.init_from:
             key["init_from"] = self.init_from
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

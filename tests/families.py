@@ -54,3 +54,32 @@ def build(folder: Path, family: str, seed: int = 0, base: Path | None = None, no
         feature_extractor=None, requires_safety_checker=False)
     pipe.to(dtype).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+SDXL_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=[32, 64, 64],
+                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                 up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                 transformer_layers_per_block=[1, 2, 2], attention_head_dim=[2, 4, 8], use_linear_projection=True,
+                 cross_attention_dim=32 + 48, addition_embed_type="text_time", addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=6 * 8 + 48, norm_num_groups=16)
+# The second encoder is wider than the first, as in SDXL (768, 1280): diffusers' loader tells them apart by width.
+TEXT_2 = dict(TEXT, hidden_size=48, intermediate_size=96, projection_dim=48)
+
+
+def build_sdxl(folder: Path, seed: int = 0, dtype: torch.dtype = torch.float16) -> Path:
+    """A pipeline folder of SDXL's topology at small widths: two text encoders (CLIP, then OpenCLIP-style with a
+    projection) whose hidden states are concatenated for the cross-attention, and the text-time embedding."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    text = CLIPTextModel(CLIPTextConfig(**TEXT, hidden_act="quick_gelu"))
+    text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_2, hidden_act="gelu"))
+    pipe = StableDiffusionXLPipeline(
+        vae=AutoencoderKL(**VAE, scaling_factor=0.13025), text_encoder=text, text_encoder_2=text_2,
+        tokenizer=CLIPTokenizer.from_pretrained(CONFIGS / "sdxl" / "tokenizer"),
+        tokenizer_2=CLIPTokenizer.from_pretrained(CONFIGS / "sdxl" / "tokenizer_2"),
+        unet=UNet2DConditionModel(**SDXL_UNET),
+        scheduler=EulerDiscreteScheduler.from_pretrained(CONFIGS / "sdxl" / "scheduler"))
+    pipe.to(dtype).save_pretrained(folder, safe_serialization=True)
+    return folder

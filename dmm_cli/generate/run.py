@@ -89,8 +89,9 @@ def run(prompt: str, *, model: str | None, style: str | None = None, negative: s
                        "an index, `all`, or a mix like a:0.5,b:0.5)")
     styles = parse_style(style, table.names) if table is not None else [(None, None)]
 
-    digest = request_digest(folder, loras=[[x.sha256, x.spec.scale] for x in added], prompt=prompt, negative=negative, steps=steps, guidance=guidance,
-                            scheduler=scheduler, width=width, height=height)
+    digest = request_digest(folder, loras=[[x.sha256, x.spec.scale] for x in added], prompt=prompt,
+                            negative=negative, steps=steps, guidance=guidance, scheduler=scheduler, width=width,
+                            height=height)
     stem, width_k = f"{slug(prompt)}-{digest}", max(3, len(str(num_images - 1)))
     names = [f"{stem}{'-' + slug(label) if label else ''}-s{seed}-{k:0{width_k}d}.png" for label, _ in styles
              for k in range(num_images)]

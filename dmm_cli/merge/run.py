@@ -93,7 +93,8 @@ def _merge(method, teachers, base, weights, density, lam, seed, dare_sign, outpu
     params = MergeParams(tuple(weights), density, lam, seed, dare_sign)
     template = base_dir or teacher_dirs[0]
     everyone = teacher_dirs + ([base_dir] if base_dir else [])
-    parts = [p for p in MERGED_PARTS if (template / p).is_dir() and (p == "unet" or p in changed or _differs(everyone, p))]
+    parts = [p for p in MERGED_PARTS
+             if (template / p).is_dir() and (p == "unet" or p in changed or _differs(everyone, p))]
     copied = {p.name: (vae_dir if p.name == "vae" and vae_dir else template)
               for p in sorted(template.iterdir()) if p.is_dir() and p.name not in parts}
     for part, owner in copied.items():  # no link may lead out of a model into the output

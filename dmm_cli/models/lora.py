@@ -191,7 +191,10 @@ def _layer_table(raw: dict[str, torch.Tensor], path: Path, pipeline_cls, unet_co
 
     if any("dora_scale" in k or "lora_magnitude_vector" in k for k in raw):
         raise ModelError(f"{path}: a DoRA adapter, which dmm does not read (plain LoRAs only)")
-    kwargs = {"unet_config": unet_config} if pipeline_cls.__name__ == "StableDiffusionXLPipeline" else {}
+    from diffusers.configuration_utils import FrozenDict
+
+    # SDXL kohya files name UNet blocks the original way; diffusers maps them with the UNet's config.
+    kwargs = {"unet_config": FrozenDict(unet_config)} if pipeline_cls.__name__ == "StableDiffusionXLPipeline" else {}
     try:
         converted, _ = pipeline_cls.lora_state_dict(_fold_alphas(raw, path), **kwargs)
         table = {}

@@ -30,6 +30,8 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
+XL_TEXT_PREFIX = "conditioner.embedders.0.transformer."
+XL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 CONFIGS = Path(__file__).parent / "configs"
 
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -47,6 +49,7 @@ def unet_key(key: str, config: dict) -> str:
     per = config["layers_per_block"] + 1
     fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
              "class_embedding.linear_1": "label_emb.0.0", "class_embedding.linear_2": "label_emb.0.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",  # SDXL's
              "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
     for src, dst in fixed.items():
         if key.startswith(src + "."):
@@ -125,12 +128,13 @@ def _read(component: Path) -> dict[str, torch.Tensor]:
 def export_single_file(folder: Path, path: Path, dtype: torch.dtype | None = None, *,
                        unet: tuple[dict[str, torch.Tensor], dict] | None = None,
                        metadata: dict[str, str] | None = None) -> Path:
-    """Write an SD1.x/2.x diffusers folder (a DMM student included) as one original-layout .safetensors file.
+    """Write an SD1.x/2.x/SDXL diffusers folder (a DMM student included) as one original-layout .safetensors file.
 
     `unet` (weights, config) stands in for the folder's own UNet (a style baked in); `metadata` is added."""
     index = json.loads((folder / "model_index.json").read_text())
-    if index.get("_class_name") != "StableDiffusionPipeline":
-        raise ModelError(f"{folder}: only Stable Diffusion 1.x/2.x pipelines can be exported as one file so far")
+    if index.get("_class_name") not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
+        raise ModelError(f"{folder}: only Stable Diffusion 1.x/2.x/XL pipelines can be exported as one file")
+    xl = index["_class_name"] == "StableDiffusionXLPipeline"
     out: dict[str, torch.Tensor] = {}
     unet_weights, unet_config = unet or (_read(folder / "unet"), json.loads((folder / "unet" / "config.json").read_text()))
     for key, tensor in unet_weights.items():
@@ -142,14 +146,21 @@ def export_single_file(folder: Path, path: Path, dtype: torch.dtype | None = Non
         out[VAE_PREFIX + vae_key(key, vae_config)] = tensor
     text_config = json.loads((folder / "text_encoder" / "config.json").read_text())
     text = {k.removeprefix("text_model."): v for k, v in _read(folder / "text_encoder").items()}
-    if is_open_clip(text_config):
+    if is_open_clip(text_config) and not xl:
         out.update({OPEN_CLIP_PREFIX + k: v for k, v in open_clip_tensors(text, text_config).items()})
     else:  # transformers >= 5.6 saves CLIPTextModel without its `text_model.` level; single files keep it
-        out.update({f"{TEXT_PREFIX}text_model.{k}": v for k, v in text.items()})
+        prefix = XL_TEXT_PREFIX if xl else TEXT_PREFIX
+        out.update({f"{prefix}text_model.{k}": v for k, v in text.items()})
+    if xl:  # SDXL's second encoder is OpenCLIP's, its projection stored transposed
+        text_2_config = json.loads((folder / "text_encoder_2" / "config.json").read_text())
+        text_2 = {k.removeprefix("text_model."): v for k, v in _read(folder / "text_encoder_2").items()}
+        out.update({XL_OPEN_CLIP_PREFIX + k: v for k, v in open_clip_tensors(text_2, text_2_config).items()})
+        out[XL_OPEN_CLIP_PREFIX + "text_projection"] = text_2["text_projection.weight"].T
     if dtype is not None:
         out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
     # The diffusers configs travel along, so a re-import rebuilds exactly this model (a toy or a student too).
-    configs = {part: json.loads((folder / part / "config.json").read_text()) for part in ("vae", "text_encoder")}
+    configs = {part: json.loads((folder / part / "config.json").read_text())
+               for part in ("vae", "text_encoder", "text_encoder_2") if (folder / part / "config.json").is_file()}
     configs["scheduler"] = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     metadata = {"dmm.source": str(folder), "dmm.configs": json.dumps({"unet": unet_config, **configs}),
                 **(metadata or {})}

@@ -45,8 +45,9 @@ class BuildPlan:
     @classmethod
     def reduced(cls) -> "BuildPlan":
         """A few steps of everything: proves the builder runs, not that the zoo is good."""
-        return cls(images_per_pair=2, vae_steps=3, base_steps=3, teacher_steps=2, lora_steps=2, batch=8, check_per_pair=1,
-                   classifier_train_per_style=8, classifier_test_per_style=4, classifier_steps=3, sample_steps=2)
+        return cls(images_per_pair=2, vae_steps=3, base_steps=3, teacher_steps=2, lora_steps=2, batch=8,
+                   check_per_pair=1, classifier_train_per_style=8, classifier_test_per_style=4, classifier_steps=3,
+                   sample_steps=2)
 
 
 def train_vae(images: torch.Tensor, plan: BuildPlan, seed: int):
