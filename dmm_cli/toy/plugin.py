@@ -54,7 +54,8 @@ def model_folder(name: str) -> Path:
         return path_of(ZOO, name)
     names = model_names()
     if name not in names:
-        raise ModelError(f"{PREFIX}{name}: no such toy model (the toy zoo has {', '.join(names + lora_names())})")
+        raise ModelError(f"{PREFIX}{name}: no such toy model (the toy zoo has {', '.join(names)}, and the LoRAs "
+                         f"{', '.join(lora_names())})")
     return ZOO / name
 
 
