@@ -294,3 +294,42 @@ def test_a_lora_teacher_recipe_distils_to_90_percent_style_accuracy_on_held_out_
     reference, student = json.loads(r.out)["models"]
     assert reference["style_accuracy"] >= 0.9  # the LoRA teachers show their styles
     assert student["style_accuracy"] >= 0.9
+
+
+def test_an_sdxl_kohya_lora_fuses_as_diffusers_fuses_it(tmp_path):
+    """kohya names SDXL's UNet blocks the original way (input_blocks.4.1...) and its encoders te1/te2; the
+    layers land where diffusers' own SDXL loader puts them, in the UNet and in both text encoders."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from dmm_cli.models.lora import resolve
+    from families import build_sdxl
+
+    base = build_sdxl(tmp_path / "xl", dtype=torch.float32)
+    g = torch.Generator().manual_seed(2)
+    layers = {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k": (64, 80),
+              "lora_unet_output_blocks_1_1_transformer_blocks_1_attn1_to_q": (64, 64),
+              **{f"lora_te1_text_model_encoder_layers_1_self_attn_{p}_proj": (32, 32) for p in ("q", "k", "v", "out")},
+              **{f"lora_te2_text_model_encoder_layers_0_self_attn_{p}_proj": (48, 48) for p in ("q", "k", "v", "out")}}
+    tensors = {}
+    for key, (rows, cols) in layers.items():
+        tensors[f"{key}.lora_down.weight"] = torch.randn(4, cols, generator=g) * 0.2
+        tensors[f"{key}.lora_up.weight"] = torch.randn(rows, 4, generator=g) * 0.2
+        tensors[f"{key}.alpha"] = torch.tensor(8.0)
+    save_file(tensors, tmp_path / "xl-lora.safetensors")
+
+    fused = resolve(f"{base}+{tmp_path / 'xl-lora.safetensors'}:0.7")
+    pipe = StableDiffusionXLPipeline.from_pretrained(base, torch_dtype=torch.float32)
+    pipe.load_lora_weights(str(tmp_path), weight_name="xl-lora.safetensors", adapter_name="xl")
+    pipe.set_adapters(["xl"], adapter_weights=[0.7])
+    pipe.fuse_lora(adapter_names=["xl"])
+    pipe.unload_lora_weights()
+    pipe.save_pretrained(tmp_path / "reference")
+    changed = 0
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        name = "diffusion_pytorch_model.safetensors" if part == "unet" else "model.safetensors"
+        before, mine = load_file(base / part / name), load_file(fused / part / name)
+        reference = load_file(tmp_path / "reference" / part / name)
+        for key in before:
+            torch.testing.assert_close(mine[key], reference[key], rtol=1e-5, atol=1e-6)
+            changed += not torch.equal(mine[key], before[key])
+    assert changed == len(layers)
