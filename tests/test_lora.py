@@ -3,6 +3,7 @@ through generate, baseline-merge and distill, and every bad LoRA input as one se
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -282,8 +283,13 @@ def test_a_lora_teacher_recipe_distils_to_90_percent_style_accuracy_on_held_out_
     recipe["output"] = str(tmp_path / "run")
     path = tmp_path / "loras.yaml"
     path.write_text(yaml.safe_dump(recipe))
+    r = dmm("distill", path, "--dry-run")  # checks every LoRA, fuses none
+    assert r.code == 0 and "toy:base+toy:night-lora:1.0" in r.out, r
+    fused = Path(os.environ["DMM_HOME"]) / "fused"
+    assert not fused.exists()
     r = dmm("distill", path)
     assert r.code == 0, r
+    assert len(list(fused.iterdir())) == 2  # each LoRA teacher fused once
     styles = json.loads((tmp_path / "run" / "styles.json").read_text())
     assert [s["teacher"] for s in styles["styles"]] == ["toy:base+toy:night-lora:1.0",
                                                          "toy:base+toy:checker-lora-peft:1.0"]

@@ -5,7 +5,7 @@ import contextlib
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -50,6 +50,14 @@ class RunPlan:
     previous: Path | None = None
     previous_styles: StyleTable | None = None
     synthesis_prompts: list[str] | None = None  # data.synthesize's prompts, read once while planning
+    teacher_loras: list[list] = field(default_factory=list)  # each teacher's checked LoRAs (models.lora)
+
+    def with_loras_fused(self) -> RunPlan:
+        """The plan with each LoRA teacher's folder its fused copy, written once (not for a dry run)."""
+        if not any(self.teacher_loras):
+            return self
+        return replace(self, teachers=[lora.fused_folder(t, own) if own else t
+                                       for t, own in zip(self.teachers, self.teacher_loras)], teacher_loras=[])
 
     def memory(self) -> dict:
         """The peak GPU memory estimate (distill/memory.py) and the settings that fit common cards."""
@@ -68,7 +76,7 @@ class RunPlan:
             "recipe": str(self.recipe_path), "name": self.recipe.name, "output": str(self.output),
             "base": {"ref": self.recipe.base, "folder": str(self.base),
                      "prediction_type": read_schedule(self.base).prediction_type},
-            "teachers": [{"style": i, "name": tc.name, "ref": tc.model,
+            "teachers": [{"style": i, "name": tc.name, "ref": tc.ref,
                           "folder": str(f) if f else f"old style of {self.previous}",
                           "prediction_type": read_schedule(f or self.previous).prediction_type}
                          for i, (tc, f) in enumerate(zip(self.recipe.teachers, self.teachers))],
@@ -164,7 +172,9 @@ def plan_run(recipe_path: Path, overrides: list[str] = (), *, output: Path | Non
     base = references.resolve(recipe.base)
     previous, table = _previous_student(recipe) if recipe.init_from else (None, None)
     old = len(table.names) if table else 0
-    teachers = [None if i < old else lora.resolve(t.ref) for i, t in enumerate(recipe.teachers)]
+    teachers = [None if i < old else references.resolve(t.model) for i, t in enumerate(recipe.teachers)]
+    teacher_loras = [lora.load_loras([lora.LoraSpec(x.model, x.scale) for x in t.loras], folder, t.model)
+                     if folder is not None else [] for t, folder in zip(recipe.teachers, teachers)]
     _check_teachers(recipe, base, teachers)
     for part in COPIED_PARTS:  # the student folder gets copies of these: no link may lead out of the base
         check_links(base / part, model_root(base))
@@ -174,7 +184,7 @@ def plan_run(recipe_path: Path, overrides: list[str] = (), *, output: Path | Non
     if synth is not None:
         prompts = _synthesis_prompts(recipe, old)
     return RunPlan(recipe, Path(recipe_path), out, base, teachers, data, resume_from, overwrite, previous, table,
-                   prompts)
+                   prompts, teacher_loras)
 
 
 def _synthesis_prompts(recipe: Recipe, old_styles: int) -> list[str]:
@@ -263,6 +273,8 @@ def _train(plan: RunPlan, accelerator) -> Path:
         for folder in (out, out / CHECKPOINTS):  # what a killed run left half-written
             clear_temporaries(folder)
     tokenizer = CLIPTokenizer.from_pretrained(plan.base / "tokenizer")
+    with accelerator.main_process_first():  # one process writes each fused LoRA teacher, the others read it
+        plan = plan.with_loras_fused()
     with accelerator.main_process_first():  # before the run folder: bad data leaves no folder behind
         sources = data_sources(plan, tokenizer, accelerator.device)
     if main:
