@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from families import build
+from families import build, build_sdxl
 from hub_server import FakeHub
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,6 +29,7 @@ def repos(tmp_path_factory):
     for i, teacher in enumerate(recipe["teachers"]):
         served[teacher["model"]] = build(folder / f"teacher{i}", "sd15", seed=10 + i, base=base, noise=0.3)
     served["sd2/v-teacher"] = build(folder / "sd2", "sd2", seed=3)
+    served["sdxl/teacher"] = build_sdxl(folder / "sdxl", seed=4)
     return served
 
 
@@ -67,9 +68,10 @@ def test_anime_realism_recipe_fetches_synthesizes_trains_then_generates_and_eval
     assert (tmp_path / "report" / "report.md").is_file()
 
 
-def test_mixed_sd1_and_sd2_teachers_are_refused_before_any_work(tmp_path, repos):
+@pytest.mark.parametrize("other, family", [("sd2/v-teacher", "SD2.x"), ("sdxl/teacher", "SDXL")])
+def test_teachers_of_another_family_are_refused_before_any_work(tmp_path, repos, other, family):
     recipe = yaml.safe_load(RECIPE.read_text())
-    recipe["teachers"][1]["model"] = "sd2/v-teacher"
+    recipe["teachers"][1]["model"] = other
     path = tmp_path / "mixed.yaml"
     path.write_text(yaml.safe_dump(recipe))
     with FakeHub() as hub:
@@ -78,7 +80,7 @@ def test_mixed_sd1_and_sd2_teachers_are_refused_before_any_work(tmp_path, repos)
         p = cli(tmp_path, hub, "distill", str(path), "-o", "run")
     assert p.returncode == 2 and p.stdout == "", p.stderr
     (line,) = [line for line in p.stderr.splitlines() if line.startswith("dmm: ")]
-    assert "teacher 'realism' (sd2/v-teacher)" in line and "differs from the base's" in line
+    assert f"teacher 'realism' ({other}): an {family} model cannot be distilled with the SD1.x base" in line
     assert not (tmp_path / "run").exists()
 
 

@@ -22,7 +22,14 @@ from ..files.safetensors_header import component_shapes
 from ..generate.sampling import SYNTHESIS_SEEDS
 from ..interrupts import deferred
 from ..models import lora, references
-from ..models.folders import check_links, check_pipeline_folder, copy_part, derived_model_index, model_root
+from ..models.folders import (
+    check_links,
+    check_pipeline_folder,
+    copy_part,
+    derived_model_index,
+    model_family,
+    model_root,
+)
 from ..models.schedule import read_schedule
 from ..models.styles import STYLES_FILE, Style, StyleTable
 from ..recipe import Recipe, Synthesize, load_recipe
@@ -136,7 +143,12 @@ def _previous_student(recipe: Recipe) -> tuple[Path, StyleTable]:
 
 
 def _check_teachers(recipe: Recipe, base: Path, teachers: list[Path | None]) -> None:
-    """Every teacher has the base's UNet and noise schedule; what they predict may differ (it is converted)."""
+    """Every teacher has the base's family, UNet and noise schedule; what they predict may differ (it is converted)."""
+    family = model_family(base)
+    for spec, folder in zip(recipe.teachers, teachers):
+        if folder is not None and model_family(folder) != family:
+            raise ModelError(f"teacher {spec.name!r} ({spec.model}): an {model_family(folder)} model cannot be "
+                             f"distilled with the {family} base {recipe.base}; every teacher must be a fine-tune of it")
     if check_pipeline_folder(base) != "StableDiffusionPipeline":
         raise ModelError(f"base {recipe.base}: only Stable Diffusion 1.x/2.x bases can be distilled so far")
     base_shapes = component_shapes(base / "unet")

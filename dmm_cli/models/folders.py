@@ -35,6 +35,14 @@ def check_pipeline_folder(folder: Path) -> str:
     return name
 
 
+def model_family(folder: Path) -> str:
+    """SDXL by its pipeline; SD2.x by its OpenCLIP text encoder (GELU), else SD1.x (CLIP's quick GELU)."""
+    if json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline":
+        return "SDXL"
+    text = json.loads((folder / "text_encoder" / "config.json").read_text())
+    return "SD2.x" if text.get("hidden_act") == "gelu" else "SD1.x"
+
+
 def derived_model_index(source: Path, **changes) -> str:
     """model_index.json for a folder made from `source`: the same parts (with `changes`), no safety checker."""
     index = {**json.loads((source / "model_index.json").read_text()), **changes}

@@ -24,7 +24,7 @@ from ..files.atomic import atomic_file, atomic_folder
 from ..files.hashing import cached_sha256, component_sha256
 from ..files.safetensors_header import component_shapes, read_header, weight_files
 from ..files.safetensors_io import TORCH_DTYPES, StreamingWriter, TensorReader
-from .folders import check_pipeline_folder, copy_part, derived_model_index, model_root
+from .folders import check_pipeline_folder, copy_part, derived_model_index, model_family, model_root
 from .local import PICKLE_SUFFIXES
 from .references import HUB_REF, SCHEMES, resolve as resolve_model, scheme_of
 
@@ -226,14 +226,6 @@ def _layer_table(raw: dict[str, torch.Tensor], path: Path, pipeline_cls, unet_co
     return table
 
 
-def _base_family(folder: Path) -> str:
-    """SDXL by its pipeline; SD2.x by its OpenCLIP text encoder (GELU), else SD1.x (CLIP's quick GELU)."""
-    if json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline":
-        return "SDXL"
-    text = json.loads((folder / "text_encoder" / "config.json").read_text())
-    return "SD2.x" if text.get("hidden_act") == "gelu" else "SD1.x"
-
-
 def _lora_family(table: dict) -> str | None:
     """SDXL if it has a second text encoder's layers, else by the width its cross-attention reads (None: unknown)."""
     if "text_encoder_2" in table:
@@ -277,7 +269,7 @@ def load_lora(spec: LoraSpec, model: Path, model_ref: str, allow_pickle: bool = 
         raw = _tensors(path)
     unet_config = json.loads((model / "unet" / "config.json").read_text())
     table = _layer_table(raw, path, pipeline_class(model), unet_config)
-    theirs, ours = _lora_family(table), _base_family(model)
+    theirs, ours = _lora_family(table), model_family(model)
     if theirs is not None and theirs != ours:
         raise BadInput(f"{spec.ref}: a LoRA for {theirs} models cannot apply to {model_ref}, an {ours} model")
     total = sum(len(layers) for layers in table.values())
