@@ -96,8 +96,14 @@ def fetch(
     if lora:
         from .models.lora import fetch_lora
 
-        for ref in refs:
-            console.result(str(fetch_lora(ref, allow_pickle)))
+        if export_single_file is not None or variant is not None or store is not None:
+            raise BadInput("--lora fetches LoRA files: --export-single-file, --variant and --store are for models")
+        paths = [fetch_lora(ref, allow_pickle) for ref in refs]
+        if as_json:
+            console.result(json.dumps([{"ref": r, "path": str(p)} for r, p in zip(refs, paths)], indent=2))
+        else:
+            for path in paths:
+                console.result(str(path))
         return
     if export_single_file is not None and len(refs) != 1:
         raise BadInput("--export-single-file takes exactly one REF")
@@ -245,7 +251,9 @@ def _describe_plan(d: dict) -> str:
 
 @app.command("baseline-merge")
 def baseline_merge(
-    teachers: Optional[list[str]] = typer.Argument(None, metavar="[TEACHER...]", help="Teacher model references."),
+    teachers: Optional[list[str]] = typer.Argument(None, metavar="[TEACHER...]",
+                                                   help="Teacher model references; MODEL+LORA[:SCALE] for a LoRA "
+                                                        "style (its update streamed in, never a full teacher)."),
     method: str = typer.Option("average", "--method",
                                help="average: Σwθ/Σw (default weights equal). task-arithmetic: base + λΣw(θ−base), "
                                     "λ default 1/N. ties: per tensor, keep each task vector's ⌈density·n⌉ largest "
@@ -281,6 +289,7 @@ def baseline_merge(
       dmm baseline-merge toy:night toy:outline toy:stripes toy:checker -o runs/average
       dmm baseline-merge --method ties --recipe recipes/toy_styles.yaml --density 0.2 -o runs/ties
       dmm baseline-merge --method dare --base toy:base toy:night toy:outline --seed 3 -o runs/dare
+      dmm baseline-merge --method ties --base toy:base toy:base+toy:night-lora toy:base+toy:stripes-lora:0.8
     """
     from .merge import baseline_merge as merge
     from .models.devices import DTYPES, pick_device

@@ -16,7 +16,7 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class Lora(Strict):
+class LoraRef(Strict):
     model: str = Field(min_length=1, description="LoRA reference: a kohya/A1111 file, a diffusers/PEFT folder, a Hub "
                                                  "repo org/name[@rev][/file.safetensors], or toy:<style>-lora.")
     scale: float = Field(1.0, ge=0, allow_inf_nan=False, description="Its strength, as in A1111's <lora:name:0.8>.")
@@ -25,7 +25,7 @@ class Lora(Strict):
 class Teacher(Strict):
     name: str = Field(min_length=1, description="Style name, used by `dmm generate --style NAME`.")
     model: str = Field(min_length=1, description="Model reference: Hub id, local folder, or toy:<name>.")
-    loras: list[Lora] = Field([], description="LoRAs fused into the model: the teacher is the model with them.")
+    loras: list[LoraRef] = Field([], description="LoRAs fused into the model: the teacher is the model with them.")
 
     @property
     def ref(self) -> str:
