@@ -41,3 +41,11 @@ def test_sd15_distill_smoke_tiny_reports_the_memory_estimate(tmp_path):
     result = json.loads(p.stdout[p.stdout.index("{"):])
     assert result["dry_run"]["rc"] == 0 and result["distill"]["rc"] == 0, result
     assert result["memory_estimate_gb"] > 0 and result["memory_measured_gb"] is None  # no GPU here
+
+
+def test_ties_profile_tiny():
+    result, = [json.loads(subprocess.run([sys.executable, "benchmarks/ties_profile.py", "--numel", "300000",
+                                          "--repeats", "1"], capture_output=True, text=True, cwd=ROOT,
+                                         timeout=600, check=True).stdout)]
+    assert result["numel"] == 300000 and result["ties_over_average"] > 0
+    assert all(seconds > 0 for seconds in result["ties_stage_seconds"].values())
