@@ -143,12 +143,14 @@ def _previous_student(recipe: Recipe) -> tuple[Path, StyleTable]:
 
 
 def _check_teachers(recipe: Recipe, base: Path, teachers: list[Path | None]) -> None:
-    """Every teacher has the base's family, UNet and noise schedule; what they predict may differ (it is converted)."""
+    """Every teacher has the base's family, UNet and noise schedule; what they predict may differ (it is
+    converted)."""
     family = model_family(base)
     for spec, folder in zip(recipe.teachers, teachers):
-        if folder is not None and model_family(folder) != family:
-            raise ModelError(f"teacher {spec.name!r} ({spec.model}): an {model_family(folder)} model cannot be "
-                             f"distilled with the {family} base {recipe.base}; every teacher must be a fine-tune of it")
+        own = model_family(folder) if folder is not None else family
+        if own != family:
+            raise ModelError(f"teacher {spec.name!r} ({spec.model}): an {own} model cannot be distilled with the "
+                             f"{family} base {recipe.base}; every teacher must be a fine-tune of it")
     if check_pipeline_folder(base) != "StableDiffusionPipeline":
         raise ModelError(f"base {recipe.base}: only Stable Diffusion 1.x/2.x bases can be distilled so far")
     base_shapes = component_shapes(base / "unet")
@@ -185,9 +187,9 @@ def plan_run(recipe_path: Path, overrides: list[str] = (), *, output: Path | Non
     previous, table = _previous_student(recipe) if recipe.init_from else (None, None)
     old = len(table.names) if table else 0
     teachers = [None if i < old else references.resolve(t.model) for i, t in enumerate(recipe.teachers)]
+    _check_teachers(recipe, base, teachers)  # before any LoRA is fetched
     teacher_loras = [lora.load_loras([lora.LoraSpec(x.model, x.scale) for x in t.loras], folder, t.model)
                      if folder is not None else [] for t, folder in zip(recipe.teachers, teachers)]
-    _check_teachers(recipe, base, teachers)
     for part in COPIED_PARTS:  # the student folder gets copies of these: no link may lead out of the base
         check_links(base / part, model_root(base))
     _check_optimizer(recipe.train.optimizer)

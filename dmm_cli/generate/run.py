@@ -78,7 +78,6 @@ def run(prompt: str, *, model: str | None, style: str | None = None, negative: s
     ref, specs = lora.split_ref(ref)
     specs += [lora.parse_lora(text) for text in loras]
     folder = references.resolve(ref)
-    added = lora.load_loras(specs, folder, ref, allow_pickle)
     notes = [n for n in (source, str(folder) if str(folder) != ref else "") if n]
     console.say(f"model: {ref}" + (f" ({'; '.join(notes)})" if notes else ""))
     table = StyleTable.read(folder)
@@ -88,6 +87,7 @@ def run(prompt: str, *, model: str | None, style: str | None = None, negative: s
         raise BadInput(f"{ref} is a DMM student: pick a style with --style (one of {', '.join(table.names)}, "
                        "an index, `all`, or a mix like a:0.5,b:0.5)")
     styles = parse_style(style, table.names) if table is not None else [(None, None)]
+    added = lora.load_loras(specs, folder, ref, allow_pickle)  # after the cheap checks: a Hub LoRA downloads
 
     digest = request_digest(folder, loras=[[x.sha256, x.spec.scale] for x in added], prompt=prompt,
                             negative=negative, steps=steps, guidance=guidance, scheduler=scheduler, width=width,

@@ -35,12 +35,16 @@ def check_pipeline_folder(folder: Path) -> str:
     return name
 
 
+def is_open_clip(text_config: dict) -> bool:
+    """SD2.x's text encoder is OpenCLIP's (GELU); SD1.x's is OpenAI CLIP (quick GELU)."""
+    return text_config.get("hidden_act") == "gelu"
+
+
 def model_family(folder: Path) -> str:
-    """SDXL by its pipeline; SD2.x by its OpenCLIP text encoder (GELU), else SD1.x (CLIP's quick GELU)."""
+    """SDXL by its pipeline; SD2.x by its OpenCLIP text encoder, else SD1.x."""
     if json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline":
         return "SDXL"
-    text = json.loads((folder / "text_encoder" / "config.json").read_text())
-    return "SD2.x" if text.get("hidden_act") == "gelu" else "SD1.x"
+    return "SD2.x" if is_open_clip(json.loads((folder / "text_encoder" / "config.json").read_text())) else "SD1.x"
 
 
 def derived_model_index(source: Path, **changes) -> str:

@@ -238,7 +238,6 @@ def _lora_family(table: dict) -> str | None:
 @dataclass(frozen=True)
 class Lora:
     spec: LoraSpec
-    path: Path
     sha256: str
     updates: dict  # part -> weight name in the model's files -> (down, up)
 
@@ -291,7 +290,7 @@ def load_lora(spec: LoraSpec, model: Path, model_ref: str, allow_pickle: bool = 
     if unmatched:
         raise BadInput(f"{spec.ref}: {total - len(unmatched)} of its {total} LoRA layers match a layer of "
                        f"{model_ref} (the first that does not: {unmatched[0]})")
-    return Lora(spec, path, _digest(path), updates)
+    return Lora(spec, _digest(path), updates)
 
 
 def load_loras(specs: list[LoraSpec], model: Path, model_ref: str, allow_pickle: bool = False) -> list[Lora]:
@@ -324,15 +323,13 @@ def delta(loras: list[Lora], part: str, name: str, shape) -> torch.Tensor | None
 def fuse(module: torch.nn.Module, part: str, loras: list[Lora]) -> None:
     """Add the LoRAs' updates into a loaded component's weights, once."""
     params = dict(module.named_parameters())
-    for lora in loras:
-        for name in lora.updates.get(part, {}):
-            target = next((params[n] for n in (name, name.removeprefix("text_model."), f"text_model.{name}")
-                           if n in params), None)
-            if target is None:  # a name the files use but the loaded class does not: fail loudly, never skip
-                raise ModelError(f"{lora.spec.ref}: no weight {part}.{name} in the loaded model")
-    for name, param in params.items():
-        update = next((d for n in (name, f"text_model.{name}", name.removeprefix("text_model."))
-                       if (d := delta(loras, part, n, param.shape)) is not None), None)
+    for name in {name for lora in loras for name in lora.updates.get(part, {})}:  # as the model's files name them
+        param = next((params[n] for n in (name, name.removeprefix("text_model."), f"text_model.{name}")
+                      if n in params), None)
+        if param is None:  # a name the files use but the loaded class does not: fail loudly, never skip
+            owner = next(lora.spec.ref for lora in loras if name in lora.updates.get(part, {}))
+            raise ModelError(f"{owner}: no weight {part}.{name} in the loaded model")
+        update = delta(loras, part, name, param.shape)
         if update is not None:
             param.copy_((param.float() + update.to(param.device)).to(param.dtype))
 

@@ -25,6 +25,7 @@ from .. import plugins
 from ..errors import ModelError
 from ..files.atomic import atomic_file, atomic_folder
 from ..files.safetensors_header import read_header, weight_files
+from .folders import is_open_clip
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -93,11 +94,6 @@ def vae_key(key: str, config: dict) -> str:
     if m := re.match(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
         return f"decoder.up.{levels - 1 - int(m[1])}.upsample.conv.{m[2]}"
     return key
-
-
-def is_open_clip(text_config: dict) -> bool:
-    """SD2.x's text encoder is OpenCLIP's (GELU); SD1.x's is OpenAI CLIP (quick GELU)."""
-    return text_config.get("hidden_act") == "gelu"
 
 
 def open_clip_tensors(text: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:

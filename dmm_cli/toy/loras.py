@@ -28,7 +28,6 @@ def train(base: Path, style: str, plan, seed: int, rank: int) -> dict[str, tuple
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
-
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from .classifier import to_pixels
@@ -44,7 +43,9 @@ def train(base: Path, style: str, plan, seed: int, rank: int) -> dict[str, tuple
     torch.manual_seed(seed)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets))
     text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder", torch_dtype=torch.float32).eval()
-    train_denoiser(unet, text_encoder, CLIPTokenizer.from_pretrained(base / "tokenizer"), latents.clone(), [c for _, c in items], plan.lora_steps,
+    tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
+    # a clone outside inference mode: autograd does not take inference tensors
+    train_denoiser(unet, text_encoder, tokenizer, latents.clone(), [c for _, c in items], plan.lora_steps,
                    dataclasses.replace(plan, lr=plan.lora_lr), seed, f"{style} LoRA", train_text=False)
     state = get_peft_model_state_dict(unet)
     return {layer: (state[f"{layer}.lora_A.weight"].half(), state[f"{layer}.lora_B.weight"].half())
