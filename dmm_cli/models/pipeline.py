@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import torch
@@ -19,8 +20,9 @@ from diffusers import (
 from .. import console
 from ..errors import BadInput, ModelError
 from ..files.safetensors_header import weight_files
-from ..files.safetensors_io import check_finite
+from ..files.safetensors_io import TensorReader, check_finite
 from .folders import check_pipeline_folder
+from .student import holds_style_mlp, load_style_mlp
 
 PIPELINE_CLASSES = {cls.__name__: cls for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline)}
 console.quiet_loading()
@@ -54,6 +56,10 @@ def load_pipeline(
     extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     if cls is StableDiffusionXLPipeline:
         extra = {}
+    if holds_style_mlp(json.loads((folder / "unet" / "config.json").read_text())):
+        from diffusers import UNet2DConditionModel
+
+        extra["unet"] = load_component(UNet2DConditionModel, folder, "unet", dtype)
     try:
         pipe = cls.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True, **extra)
     except (OSError, ValueError, EnvironmentError) as e:
@@ -132,6 +138,20 @@ def load_component(cls, folder: Path, part: str, dtype: torch.dtype | None = Non
         model = cls.from_pretrained(sub, use_safetensors=True, variant=variant, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelError(f"{sub}: cannot load ({str(e).splitlines()[0]})") from e
+    if holds_style_mlp(model.config):
+        load_style_mlp(model, _tensors(files, "class_embedding."))
     for name, tensor in model.state_dict().items():
         check_finite(tensor, sub, name)
     return model
+
+
+def _tensors(files: list[Path], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors whose names start with `prefix`, from weight files (a UNet's shards)."""
+    found = {}
+    for file in files:
+        reader = TensorReader(file)
+        try:
+            found.update({k: reader.get(k) for k in reader.header if k.startswith(prefix)})
+        finally:
+            reader.close()
+    return found

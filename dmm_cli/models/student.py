@@ -3,6 +3,10 @@
 `class_embed_type="projection"` maps an N-dim style vector through Linear → SiLU → Linear to the
 timestep-embedding width and adds it to the timestep embedding, which is what the paper's style
 embedding + MLP computes. Zeroing the last Linear makes the untrained student the base model exactly.
+
+SDXL's text-time embedding already owns `projection_class_embeddings_input_dim`, so an SDXL student
+declares `class_embed_type="identity"` (diffusers adds whatever the class embedding returns to the
+timestep embedding) and holds the same MLP in that slot; `load_style_mlp` restores it on loading.
 """
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import math
 
 import torch
 from diffusers import UNet2DConditionModel
+from diffusers.models.embeddings import TimestepEmbedding
 
 from ..errors import ModelError
 
@@ -22,9 +27,7 @@ def make_student(base: UNet2DConditionModel, num_styles: int, seed: int = 0,
     otherwise it starts at nn.Linear's random range too, as the released code's does."""
     if base.config.class_embed_type is not None:
         raise ModelError(f"the base UNet already has a class embedding ({base.config.class_embed_type!r})")
-    config = {k: v for k, v in base.config.items() if not k.startswith("_")}
-    config.update(class_embed_type="projection", projection_class_embeddings_input_dim=num_styles)
-    student = UNet2DConditionModel.from_config(config).to(base.dtype)
+    student = _styled(base.config, num_styles).to(base.dtype)
     missing, unexpected = student.load_state_dict(base.state_dict(), strict=False)
     assert not unexpected and all(k.startswith("class_embedding.") for k in missing), (missing, unexpected)
     first, last = student.class_embedding.linear_1, student.class_embedding.linear_2
@@ -47,9 +50,7 @@ def grow_student(student: UNet2DConditionModel, total: int, init: str, seed: int
     """The same student with `total` style inputs: old columns kept, new ones `mean` of the old, `zero`, or
     `random` (nn.Linear's range). Everything else, the rest of the style MLP included, is copied."""
     old = num_styles(student)
-    config = {k: v for k, v in student.config.items() if not k.startswith("_")}
-    config["projection_class_embeddings_input_dim"] = total
-    grown = UNet2DConditionModel.from_config(config).to(student.dtype)
+    grown = _styled(student.config, total).to(student.dtype)
     weights = dict(student.state_dict())
     w = weights["class_embedding.linear_1.weight"]
     if init == "mean":
@@ -65,11 +66,40 @@ def grow_student(student: UNet2DConditionModel, total: int, init: str, seed: int
     return grown
 
 
+def _styled(config, styles: int) -> UNet2DConditionModel:
+    """A fresh UNet of `config` whose class embedding is the style MLP of `styles` inputs."""
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    if config.get("addition_embed_type") != "text_time":
+        config.update(class_embed_type="projection", projection_class_embeddings_input_dim=styles)
+        return UNet2DConditionModel.from_config(config)
+    config.update(class_embed_type="identity")
+    unet = UNet2DConditionModel.from_config(config)
+    unet.class_embedding = TimestepEmbedding(styles, unet.time_embedding.linear_2.out_features)
+    return unet
+
+
+def holds_style_mlp(config) -> bool:
+    """Whether a UNet config is an SDXL-form student's, whose style MLP diffusers does not build by itself."""
+    return config.get("class_embed_type") == "identity" and config.get("addition_embed_type") == "text_time"
+
+
+def load_style_mlp(unet: UNet2DConditionModel, weights: dict[str, torch.Tensor]) -> UNet2DConditionModel:
+    """Put an SDXL-form student's style MLP, from its `class_embedding.*` weights, into a UNet loaded by diffusers
+    (which built a parameter-less identity in its place)."""
+    w1, w2 = weights["class_embedding.linear_1.weight"], weights["class_embedding.linear_2.weight"]
+    mlp = TimestepEmbedding(w1.shape[1], w2.shape[0]).to(w1.device, unet.dtype)
+    mlp.load_state_dict({k.removeprefix("class_embedding."): v for k, v in weights.items()})
+    unet.class_embedding = mlp.to(unet.device)
+    return unet
+
+
 def num_styles(unet: UNet2DConditionModel) -> int:
     """How many styles a UNet takes (0 for a plain, style-less UNet)."""
-    if unet.config.class_embed_type != "projection":
-        return 0
-    return int(unet.config.projection_class_embeddings_input_dim)
+    if unet.config.class_embed_type == "projection":
+        return int(unet.config.projection_class_embeddings_input_dim)
+    if isinstance(unet.class_embedding, TimestepEmbedding):
+        return unet.class_embedding.linear_1.in_features
+    return 0
 
 
 class FeatureTaps:
