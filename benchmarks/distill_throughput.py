@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sd15  # noqa: E402
 from dmm_cli.console import quiet_loading, set_debug  # noqa: E402
+from dmm_cli.distill.text import TextEncoders  # noqa: E402
 from dmm_cli.distill.trainer import DataSource, Models, Trainer  # noqa: E402
 from dmm_cli.models.student import make_student  # noqa: E402
 from dmm_cli.recipe import Train  # noqa: E402
@@ -61,14 +62,14 @@ def ours(batch: int, teachers: int, steps: int, warmup: int, tiny: bool, device:
         student=student,
         teachers=[sd15.unet(tiny, dtype, teacher_device, seed=i + 1) for i in range(teachers)],
         teacher_text_keys=["clip"] * teachers,
-        text_encoders={"clip": sd15.text_encoder(tiny, dtype, device).eval()},
+        text_encoders={"clip": TextEncoders([sd15.text_encoder(tiny, dtype, device).eval()], zero_empty=False)},
         student_text_key="clip",
         alphas_cumprod=torch.linspace(0.9991, 0.0047, 1000),
         teacher_dtype=dtype,
     )
     side = sd15.configs(tiny)[0]["sample_size"]
     latents = torch.randn(256, 4, side, side)
-    ids = torch.randint(0, 49408, (256, 77))
+    ids = torch.randint(0, 49408, (256, 1, 77))
     cfg = Train(batch_size=batch, lr=1e-5, precision="bf16" if cuda else "no", compile=compile_ == "on" or
                 ("auto" if compile_ == "auto" else False), teacher_offload="cpu" if offload else "none")
     trainer = Trainer(cfg, models, [DataSource(latents, ids)], ids[0], accelerator)

@@ -58,24 +58,25 @@ def test_teachers_of_another_type_are_converted_into_the_bases(tmp_path):
 
     from dmm_cli.distill import plan_run
     from dmm_cli.distill.run import data_sources
-    from dmm_cli.distill.trainer import Trainer, load_models, tokenize
-    from transformers import CLIPTokenizer
+    from dmm_cli.distill.text import Conditioning, load_tokenizers, tokenize
+    from dmm_cli.distill.trainer import Trainer, load_models
 
     v_teacher = retyped("night", tmp_path / "v-night", prediction_type="v_prediction")
     plan = plan_run(recipe(tmp_path, "toy:base", ["toy:night", str(v_teacher)]))
     assert [t["prediction_type"] for t in plan.describe()["teachers"]] == ["epsilon", "v_prediction"]
     accelerator = Accelerator(cpu=True)
-    tokenizer = CLIPTokenizer.from_pretrained(plan.base / "tokenizer")
+    tokenizers = load_tokenizers(plan.base)
     models = load_models(plan.recipe, plan.base, plan.teachers, accelerator.device)
     assert models.prediction == "epsilon" and models.teacher_predictions == ["epsilon", "v_prediction"]
-    trainer = Trainer(plan.recipe.train, models, data_sources(plan, tokenizer, accelerator.device),
-                      tokenize(tokenizer, [""])[0], accelerator)
+    trainer = Trainer(plan.recipe.train, models, data_sources(plan, tokenizers, accelerator.device),
+                      tokenize(tokenizers, [""])[0], accelerator)
     g = torch.Generator().manual_seed(1)
     xt, t = torch.randn(4, 4, 8, 8, generator=g), torch.tensor([10, 300, 600, 990])
-    ctx = {k: torch.randn(4, 8, 64, generator=g) for k in {models.student_text_key, *models.teacher_text_keys}}
+    ctx = {k: Conditioning(torch.randn(4, 8, 64, generator=g))
+           for k in {models.student_text_key, *models.teacher_text_keys}}
     target, _ = trainer.teacher_targets(xt, t, ctx, [2, 2])
     with torch.inference_mode():
-        raw = models.teachers[1](xt[2:], t[2:], encoder_hidden_states=ctx[models.teacher_text_keys[1]][2:]).sample
+        raw = models.teachers[1](xt[2:], t[2:], encoder_hidden_states=ctx[models.teacher_text_keys[1]].context[2:]).sample
     alpha_bar = models.alphas_cumprod[t[2:]]
     a, s = alpha_bar.sqrt().view(-1, 1, 1, 1), (1 - alpha_bar).sqrt().view(-1, 1, 1, 1)
     assert torch.allclose(target[2:], s * xt[2:] + a * raw, atol=1e-5)  # ε = σ·x_t + α·v

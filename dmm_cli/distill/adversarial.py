@@ -30,12 +30,17 @@ class Discriminator(nn.Module):
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 2 * num_styles),
         )
 
-    def features(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """The frozen encoder's mid-block output; gradients still flow back to `x`."""
+    def features(self, x: torch.Tensor, t: torch.Tensor, cond, time_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The frozen encoder's mid-block output for text conditioning `cond` (and SDXL's size conditioning
+        `time_ids`); gradients still flow back to `x`."""
         enc = self.encoder
         dtype = next(enc.parameters()).dtype
-        x, context = x.to(dtype), context.to(dtype)
+        x, cond = x.to(dtype), cond.to(dtype)
+        context = cond.context
         emb = enc.time_embedding(enc.time_proj(t).to(dtype))
+        if enc.config.addition_embed_type is not None:
+            emb = emb + enc.get_aug_embed(emb=emb, encoder_hidden_states=context,
+                                          added_cond_kwargs=cond.unet_kwargs(time_ids)["added_cond_kwargs"])
         h = enc.conv_in(x)
         for block in enc.down_blocks:
             if getattr(block, "has_cross_attention", False):
@@ -44,8 +49,8 @@ class Discriminator(nn.Module):
                 h, _ = block(hidden_states=h, temb=emb)
         return enc.mid_block(h, emb, encoder_hidden_states=context)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x, t, context).float())
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond, time_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.features(x, t, cond, time_ids).float())
 
 
 def generator_loss(logits: torch.Tensor, styles: torch.Tensor) -> torch.Tensor:

@@ -18,20 +18,24 @@ from ..files import state
 from ..files.atomic import atomic_file
 
 
-def _pixels(image: Image.Image, resolution: int) -> torch.Tensor:
-    """Resize the short side to `resolution`, centre-crop, scale to [-1, 1]."""
+def _pixels(image: Image.Image, resolution: int) -> tuple[torch.Tensor, list[int]]:
+    """Resize the short side to `resolution`, centre-crop, scale to [-1, 1]; with SDXL's size conditioning of
+    the result: original height and width, the crop's top and left, target height and width."""
+    original = [image.height, image.width]
     scale = resolution / min(image.size)
     image = image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))),
                          Image.BICUBIC)
     left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
     image = image.crop((left, top, left + resolution, top + resolution))
-    return torch.from_numpy(np.asarray(image, np.float32) / 127.5 - 1).permute(2, 0, 1)
+    pixels = torch.from_numpy(np.asarray(image, np.float32) / 127.5 - 1).permute(2, 0, 1)
+    return pixels, original + [top, left, resolution, resolution]
 
 
 @dataclass
 class LatentSet:
     latents: torch.Tensor  # (N, C, h, w), already multiplied by the VAE's scaling factor
     captions: list[str]
+    time_ids: torch.Tensor  # (N, 6): SDXL's size conditioning of each picture, as _pixels gives it
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -44,13 +48,14 @@ def encode_items(images: CaptionedImages, vae, vae_sha256: str, resolution: int,
 
     Pictures stream through a batch at a time; those that do not decode are skipped and counted, and more
     than `max_bad_fraction` of them fails the run."""
-    key = hashlib.sha256(f"{vae_sha256}:{resolution}:{images.fingerprint()}".encode()).hexdigest()[:24]
+    key = hashlib.sha256(f"2:{vae_sha256}:{resolution}:{images.fingerprint()}".encode()).hexdigest()[:24]
     path = state.home() / "latents" / f"{key}.safetensors"
     if path.is_file():
         console.say(f"data: {len(images)} images, latents from cache {path}")
-        return LatentSet(load_file(path)["latents"], json.loads(path.with_suffix(".json").read_text()))
+        cached = load_file(path)
+        return LatentSet(cached["latents"], json.loads(path.with_suffix(".json").read_text()), cached["time_ids"])
     console.say(f"data: encoding {len(images)} images at {resolution}px into the latent cache")
-    chunks, captions, batch, bad = [], [], [], 0
+    chunks, captions, sizes, batch, bad = [], [], [], [], 0
     param = next(vae.parameters())
 
     def encode():
@@ -63,7 +68,9 @@ def encode_items(images: CaptionedImages, vae, vae_sha256: str, resolution: int,
         if picture is None:
             bad += 1
             continue
-        batch.append(_pixels(picture, resolution))
+        pixels, size = _pixels(picture, resolution)
+        batch.append(pixels)
+        sizes.append(size)
         captions.append(caption)
         if len(batch) == batch_size:
             encode()
@@ -75,12 +82,12 @@ def encode_items(images: CaptionedImages, vae, vae_sha256: str, resolution: int,
                        f"data.max_bad_fraction ({max_bad_fraction:.0%})")
     if bad:
         console.warn(f"{images.description}: skipped {bad} of {total} pictures that do not decode")
-    latents = torch.cat(chunks)
+    latents, time_ids = torch.cat(chunks), torch.tensor(sizes, dtype=torch.float32)
     try:  # a cache: a read-only or full $DMM_HOME costs a warning, not the run
         with atomic_file(path.with_suffix(".json")) as tmp:
             tmp.write_text(json.dumps(captions))
         with atomic_file(path) as tmp:
-            save_file({"latents": latents.contiguous()}, tmp)
+            save_file({"latents": latents.contiguous(), "time_ids": time_ids}, tmp)
     except (OSError, DMMError) as e:
         console.warn(f"latent cache not written ({e}); the images will be encoded again next time")
-    return LatentSet(latents, captions)
+    return LatentSet(latents, captions, time_ids)

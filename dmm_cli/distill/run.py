@@ -38,6 +38,12 @@ from .latents import encode_items
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
 COPIED_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
+XL_PARTS = ("text_encoder_2", "tokenizer_2")
+
+
+def copied_parts(base: Path) -> tuple[str, ...]:
+    """The parts a student folder copies from its base: all but the UNet."""
+    return COPIED_PARTS + (XL_PARTS if (base / XL_PARTS[0]).is_dir() else ())
 
 
 class Interrupted(DMMError):
@@ -151,8 +157,7 @@ def _check_teachers(recipe: Recipe, base: Path, teachers: list[Path | None]) -> 
         if own != family:
             raise ModelError(f"teacher {spec.name!r} ({spec.model}): an {own} model cannot be distilled with the "
                              f"{family} base {recipe.base}; every teacher must be a fine-tune of it")
-    if check_pipeline_folder(base) != "StableDiffusionPipeline":
-        raise ModelError(f"base {recipe.base}: only Stable Diffusion 1.x/2.x bases can be distilled so far")
+    check_pipeline_folder(base)
     base_shapes = component_shapes(base / "unet")
     if any(k.startswith("class_embedding.") for k in base_shapes):
         raise ModelError(f"base {recipe.base}: is already a style student; a base must be a plain model")
@@ -190,7 +195,7 @@ def plan_run(recipe_path: Path, overrides: list[str] = (), *, output: Path | Non
     _check_teachers(recipe, base, teachers)  # before any LoRA is fetched
     teacher_loras = [lora.load_loras([lora.LoraSpec(x.model, x.scale) for x in t.loras], folder, t.model)
                      if folder is not None else [] for t, folder in zip(recipe.teachers, teachers)]
-    for part in COPIED_PARTS:  # the student folder gets copies of these: no link may lead out of the base
+    for part in copied_parts(base):  # the student folder gets copies of these: no link may lead out of the base
         check_links(base / part, model_root(base))
     _check_optimizer(recipe.train.optimizer)
     data = _plan_data(recipe, base, len(teachers))
@@ -276,21 +281,21 @@ def run(plan: RunPlan) -> Path:
 
 def _train(plan: RunPlan, accelerator) -> Path:
     from tqdm.auto import tqdm
-    from transformers import CLIPTokenizer
 
     from ..models.pipeline import choose_attention
-    from .trainer import MetricsLog, Trainer, load_models, tokenize
+    from .text import load_tokenizers, tokenize
+    from .trainer import MetricsLog, Trainer, load_models
 
     recipe, out, cfg = plan.recipe, plan.output, plan.recipe.train
     main = accelerator.is_main_process
     if main:
         for folder in (out, out / CHECKPOINTS):  # what a killed run left half-written
             clear_temporaries(folder)
-    tokenizer = CLIPTokenizer.from_pretrained(plan.base / "tokenizer")
+    tokenizers = load_tokenizers(plan.base)
     with accelerator.main_process_first():  # one process writes each fused LoRA teacher, the others read it
         plan = plan.with_loras_fused()
     with accelerator.main_process_first():  # before the run folder: bad data leaves no folder behind
-        sources = data_sources(plan, tokenizer, accelerator.device)
+        sources = data_sources(plan, tokenizers, accelerator.device)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         if plan.overwrite and (out / CHECKPOINTS).exists():
@@ -302,7 +307,7 @@ def _train(plan: RunPlan, accelerator) -> Path:
     if choose_attention(cfg.attention, accelerator.device, models.teacher_dtype) == "xformers":
         for unet in {id(u): u for u in [models.student, *models.teachers]}.values():
             unet.enable_xformers_memory_efficient_attention()
-    trainer = Trainer(cfg, models, sources, tokenize(tokenizer, [""])[0], accelerator, plan.resume_from)
+    trainer = Trainer(cfg, models, sources, tokenize(tokenizers, [""])[0], accelerator, plan.resume_from)
     start = trainer.step_done
     log = MetricsLog(out / "logs", start) if main else None
     if start:
@@ -363,13 +368,14 @@ def _train(plan: RunPlan, accelerator) -> Path:
     return out
 
 
-def data_sources(plan: RunPlan, tokenizer, device) -> list:
+def data_sources(plan: RunPlan, tokenizers, device) -> list:
     """The run's training data as latents: the image folder, then (or only) each teacher's own generations."""
     from ..generate.samples import sample_set
     from ..models.devices import pick_dtype
     from ..models.pipeline import load_pipeline
     from ..models.styles import one_hot
-    from .trainer import DataSource, load_vae, tokenize
+    from .text import tokenize
+    from .trainer import DataSource, load_vae
 
     recipe = plan.recipe
     vae = load_vae(plan.base, device)
@@ -380,13 +386,13 @@ def data_sources(plan: RunPlan, tokenizer, device) -> list:
     if data.folder is not None:
         images = open_images(resolve_data(data.folder), data.image_column, data.caption_column)
         real = encode_items(images, vae, vae_sha, resolution, device, max_bad_fraction=data.max_bad_fraction)
-        sources.append(DataSource(real.latents, tokenize(tokenizer, real.captions)))
+        sources.append(DataSource(real.latents, tokenize(tokenizers, real.captions), time_ids=real.time_ids))
     synth = recipe.data.synthesize
     if synth is not None:
         old = len(plan.previous_styles.names) if plan.previous_styles else 0
         prompts = [plan.synthesis_prompts[k % len(plan.synthesis_prompts)] for k in range(synth.images_per_teacher)]
         settings = synthesis_settings(synth)
-        latents, captions, labels = [], [], []
+        latents, captions, labels, sizes = [], [], [], []
         for i, (spec, folder) in enumerate(zip(recipe.teachers, plan.teachers)):
             model = folder or plan.previous  # old styles come from the previous student itself
             style = one_hot(i, old) if folder is None else None
@@ -395,10 +401,11 @@ def data_sources(plan: RunPlan, tokenizer, device) -> list:
             items = FolderImages(list(zip(samples.paths(), samples.prompts)), f"generations of {spec.name}")
             encoded = encode_items(items, vae, vae_sha, resolution, device)
             latents.append(encoded.latents)
+            sizes.append(encoded.time_ids)
             captions += encoded.captions
             labels += [i] * len(encoded.captions)
-        sources.append(DataSource(torch.cat(latents), tokenize(tokenizer, captions), torch.tensor(labels),
-                                  synth.after_step if data.folder is not None else 0))
+        sources.append(DataSource(torch.cat(latents), tokenize(tokenizers, captions), torch.tensor(labels),
+                                  synth.after_step if data.folder is not None else 0, torch.cat(sizes)))
     return sources
 
 
@@ -420,7 +427,7 @@ def write_student(plan: RunPlan, student, last: dict) -> None:
     with atomic_folder(out / "unet") as tmp:
         student.to(dtype).save_pretrained(tmp, safe_serialization=True)
         student.to(torch.float32)
-    for part in COPIED_PARTS:
+    for part in copied_parts(plan.base):
         with atomic_folder(out / part) as tmp:
             copy_part(plan.base / part, tmp, model_root(plan.base))
     trained = read_schedule(plan.base)

@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
-from transformers import CLIPTextModel, CLIPTokenizer
 
+from ..errors import ModelError
 from ..files.atomic import atomic_file, atomic_folder
-from ..files.hashing import component_sha256
 from ..models.pipeline import load_component
 from ..models.schedule import read_schedule
 from ..models.student import FeatureTaps, grow_student, make_student
@@ -27,6 +26,7 @@ from ..recipe import Recipe
 from .adversarial import Discriminator, discriminator_loss, generator_loss
 from .losses import feature_loss, score_loss
 from .prediction import convert, x0_and_eps
+from .text import TextContexts, TextEncoders, load_text_encoders
 
 TRAIN_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -51,12 +51,14 @@ class Teacher:
 
 @dataclass
 class DataSource:
-    """Training items: latents and caption token ids; `labels` pins items to a teacher (its own generations)."""
+    """Training items: latents and caption token ids (items, tokenizers, tokens); `labels` pins items to a teacher
+    (its own generations); `time_ids` are SDXL's size conditioning of each item (original size, crop, target)."""
 
     latents: torch.Tensor
     caption_ids: torch.Tensor
     labels: torch.Tensor | None = None
     from_step: int = 0
+    time_ids: torch.Tensor | None = None
 
 
 @dataclass
@@ -66,7 +68,7 @@ class Models:
     student: UNet2DConditionModel  # fp32 master weights, already style-promptable
     teachers: list[UNet2DConditionModel]
     teacher_text_keys: list[str]  # which text encoder each teacher reads
-    text_encoders: dict[str, CLIPTextModel]
+    text_encoders: dict[str, TextEncoders]
     student_text_key: str
     alphas_cumprod: torch.Tensor
     teacher_dtype: torch.dtype
@@ -81,18 +83,6 @@ def _seed_for(*parts: int) -> int:
     for p in parts:
         value = (value * 6364136223846793005 + p + 1442695040888963407) % (1 << 63)
     return value
-
-
-def load_text_encoders(folders: dict[str, Path], device, dtype) -> tuple[dict[str, str], dict[str, CLIPTextModel]]:
-    """Text encoders by content hash: identical ones (the usual case for fine-tunes) are loaded once."""
-    key_of, encoders = {}, {}
-    for name, folder in folders.items():
-        key = component_sha256(folder / "text_encoder")
-        key_of[name] = key
-        if key not in encoders:
-            encoders[key] = load_component(CLIPTextModel, folder, "text_encoder", dtype).to(device).eval()
-            encoders[key].requires_grad_(False)
-    return key_of, encoders
 
 
 def load_models(recipe: Recipe, base: Path, teachers: list[Path | None], device: torch.device,
@@ -129,34 +119,6 @@ def load_models(recipe: Recipe, base: Path, teachers: list[Path | None], device:
     predictions = [read_schedule(folder or previous).prediction_type for folder in teachers]
     return Models(student, unets, keys, encoders, key_of["base"], schedule.alphas_cumprod.clone(), dtype, styles,
                   discriminator_base, prediction, predictions)
-
-
-class TextContexts:
-    """Text-encoder outputs per caption. Cached on the device for every distinct caption when that fits."""
-
-    def __init__(self, encoders: dict[str, CLIPTextModel], caption_ids: torch.Tensor, empty_ids: torch.Tensor,
-                 device: torch.device, budget_bytes: int = 1 << 30):
-        self.encoders = encoders
-        unique, index = torch.unique(torch.cat([caption_ids, empty_ids[None]]), dim=0, return_inverse=True)
-        self.caption_rows, self.empty_row = index[:-1], int(index[-1])
-        self.caption_ids, self.empty_ids = caption_ids, empty_ids
-        width = max(e.config.hidden_size for e in encoders.values())
-        size = len(unique) * caption_ids.shape[1] * width * 2 * len(encoders)
-        self.cache = None
-        if size <= budget_bytes:
-            with torch.inference_mode():
-                self.cache = {key: torch.cat([enc(chunk.to(device))[0] for chunk in unique.split(256)])
-                              for key, enc in encoders.items()}
-            self.caption_rows = self.caption_rows.to(device)
-
-    def __call__(self, idx: torch.Tensor, drop: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Contexts for dataset items `idx` (caption dropped where `drop`), one tensor per text encoder."""
-        if self.cache is not None:
-            rows = torch.where(drop, self.empty_row, self.caption_rows[idx])
-            return {key: cached[rows] for key, cached in self.cache.items()}
-        ids = torch.where(drop[:, None].cpu(), self.empty_ids, self.caption_ids[idx.cpu()])
-        with torch.inference_mode():
-            return {key: enc(ids.to(next(enc.parameters()).device))[0] for key, enc in self.encoders.items()}
 
 
 @dataclass
@@ -268,6 +230,8 @@ class Trainer:
 
         self.sources = []
         for source in sources:
+            if source.time_ids is None and student.config.addition_embed_type == "text_time":
+                raise ModelError("an SDXL student trains on data with size conditioning (DataSource.time_ids)")
             fits = source.latents.numel() * source.latents.element_size() <= 2 << 30
             by_style = None
             if source.labels is not None:
@@ -319,7 +283,7 @@ class Trainer:
         t2 = torch.randint(0, self.num_train_timesteps, (b,), generator=g, device="cpu")
         return MicroBatch(idx, labels, drop, noise, t, renoise, t2, source)
 
-    def teacher_targets(self, xt, t, contexts, counts: list[int]):
+    def teacher_targets(self, xt, t, contexts, counts: list[int], time_ids=None):
         """Each teacher's prediction (as the student's prediction type) and block features on its share of the
         batch, concatenated in batch order."""
         outputs, feats = [], []
@@ -335,12 +299,12 @@ class Trainer:
                     runner = self.slots[teacher.style is not None]
                     for dst, src in zip(runner.unet.parameters(), teacher.unet.parameters()):
                         dst.copy_(src, non_blocking=True)
-                ctx = contexts[teacher.text_encoder_key][rows].to(self.teacher_dtype)
+                cond = contexts[teacher.text_encoder_key][rows].to(self.teacher_dtype)
                 x = xt[rows].to(self.teacher_dtype).contiguous(memory_format=self.memory_format)
-                extra = {}
+                extra = cond.unet_kwargs(None if time_ids is None else time_ids[rows])
                 if teacher.style is not None:
                     extra["class_labels"] = teacher.style.to(x.device, x.dtype).expand(count, -1)
-                out = runner.unet(x, t[rows], encoder_hidden_states=ctx, **extra).sample
+                out = runner.unet(x, t[rows], **extra).sample
                 if teacher.prediction != self.prediction:
                     out = convert(out.float(), teacher.prediction, self.prediction, xt[rows].float(),
                                   self.alphas_cumprod[t[rows]])
@@ -360,19 +324,22 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             mb = self.micro_batch(step, micro)
             counts = torch.bincount(mb.labels, minlength=self.num_styles).tolist()  # on the CPU: no device sync
-            _, latents, _, text = self.sources[mb.source]
+            source, latents, _, text = self.sources[mb.source]
+            time_table = source.time_ids
             x0 = latents[mb.idx.to(latents.device)].to(dev, non_blocking=True)
             t, noise = mb.t.to(dev, non_blocking=True), mb.noise.to(dev, non_blocking=True)
             a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
             xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
             contexts = text(mb.idx.to(dev, non_blocking=True), mb.drop.to(dev, non_blocking=True))
-            target, teacher_feats = self.teacher_targets(xt, t, contexts, counts)
-            ctx = contexts[self.student_text_key].clone().float()
+            time_ids = None if time_table is None else time_table[mb.idx].to(dev, non_blocking=True)
+            target, teacher_feats = self.teacher_targets(xt, t, contexts, counts, time_ids)
+            cond = contexts[self.student_text_key].to(torch.float32).clone()
+            student_kwargs = cond.unet_kwargs(time_ids)
             labels = mb.labels.to(dev, non_blocking=True)
             style = torch.nn.functional.one_hot(labels, self.num_styles).float()
             with self.accelerator.accumulate(self.student):
                 x = xt.contiguous(memory_format=self.memory_format)
-                prediction = self.student(x, t, encoder_hidden_states=ctx, class_labels=style).sample
+                prediction = self.student(x, t, class_labels=style, **student_kwargs).sample
                 s_loss = score_loss(prediction, target)
                 f_loss = feature_loss(self.student_taps.take(), teacher_feats, cfg.feature_loss.type,
                                       cfg.feature_loss.reduce)
@@ -386,7 +353,7 @@ class Trainer:
                     real_x0 = x0_and_eps(target, self.prediction, xt, alpha_bar)[0]
                     fake = a2.sqrt() * fake_x0 + (1 - a2).sqrt() * renoise
                     real = a2.sqrt() * real_x0 + (1 - a2).sqrt() * renoise
-                    g_loss = generator_loss(self.discriminator(fake, t2, ctx), labels)
+                    g_loss = generator_loss(self.discriminator(fake, t2, cond, time_ids), labels)
                     loss = loss + self.adversarial.weight * g_loss
                 self.accelerator.backward(loss)  # accelerate divides by the accumulation steps
                 if self.accelerator.sync_gradients:
@@ -396,7 +363,8 @@ class Trainer:
             if adversarial:  # the discriminator's own step, after the generator's
                 self.d_optimizer.zero_grad(set_to_none=True)
                 # one forward for both halves, as DDP expects one forward per backward
-                logits = self.discriminator(torch.cat([fake.detach(), real]), t2.repeat(2), ctx.repeat(2, 1, 1))
+                logits = self.discriminator(torch.cat([fake.detach(), real]), t2.repeat(2), cond.repeat(2),
+                                            None if time_ids is None else time_ids.repeat(2, 1))
                 d_loss = discriminator_loss(*logits.chunk(2), labels, self.num_styles)
                 self.accelerator.backward(d_loss)
                 self.d_optimizer.step()
@@ -466,8 +434,3 @@ class MetricsLog:
         self.file.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
-
-
-def tokenize(tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
-    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids

@@ -15,6 +15,7 @@ from diffusers import (
     PNDMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
+    UNet2DConditionModel,
 )
 
 from .. import console
@@ -57,8 +58,6 @@ def load_pipeline(
     if cls is StableDiffusionXLPipeline:
         extra = {}
     if holds_style_mlp(json.loads((folder / "unet" / "config.json").read_text())):
-        from diffusers import UNet2DConditionModel
-
         extra["unet"] = load_component(UNet2DConditionModel, folder, "unet", dtype)
     try:
         pipe = cls.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True, **extra)
@@ -138,7 +137,7 @@ def load_component(cls, folder: Path, part: str, dtype: torch.dtype | None = Non
         model = cls.from_pretrained(sub, use_safetensors=True, variant=variant, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelError(f"{sub}: cannot load ({str(e).splitlines()[0]})") from e
-    if holds_style_mlp(model.config):
+    if isinstance(model, UNet2DConditionModel) and holds_style_mlp(model.config):
         load_style_mlp(model, _tensors(files, "class_embedding."))
     for name, tensor in model.state_dict().items():
         check_finite(tensor, sub, name)
