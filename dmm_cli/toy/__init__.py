@@ -11,9 +11,11 @@ def manifest(zoo: Path = ZOO) -> dict:
     return json.loads((zoo / "zoo.json").read_text())
 
 
-def model_names(zoo: Path = ZOO) -> list[str]:
+def model_names(zoo: Path = ZOO, family: str | None = None) -> list[str]:
+    """The zoo's models: its SD1.x-shaped family ("sd"), its SDXL-shaped one ("xl"), or both."""
     m = manifest(zoo)
-    return [m["base"], *m["teachers"]]
+    sd, xl = [m["base"], *m["teachers"]], [m["xl"]["base"], *m["xl"]["teachers"]] if "xl" in m else []
+    return {"sd": sd, "xl": xl}.get(family, sd + xl)
 
 
 def lora_names(zoo: Path = ZOO) -> list[str]:

@@ -18,8 +18,8 @@ from .. import console
 from ..files.atomic import atomic_folder
 from ..generate.sampling import generate
 from . import classifier as style_classifier
-from . import components, loras, shapes
-from .training import progress, train_denoiser
+from . import components, loras, shapes, xl
+from .training import progress, text_conditioning, train_denoiser
 
 SHARED_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -126,8 +126,9 @@ def build(out: Path, seed: int = 0, plan: BuildPlan | None = None) -> dict:
     captions = {s: [c for _, c in items] for s, items in data.items()}
 
     console.say("toy zoo: training the base model")
-    base_unet = train_denoiser(components.unet(), text_encoder, tokenizer, latents[shapes.BASE_STYLE],
-                               captions[shapes.BASE_STYLE], plan.base_steps, plan, seed, "base", train_text=True)
+    base_unet = train_denoiser(components.unet(), text_conditioning(text_encoder, tokenizer, captions[shapes.BASE_STYLE]),
+                               latents[shapes.BASE_STYLE], plan.base_steps, plan, seed, "base",
+                               text_encoder.parameters())
     base_pipe = _pipeline(vae, text_encoder, tokenizer, base_unet)
     _save_model(base_pipe, out / "base", None)
 
@@ -136,13 +137,15 @@ def build(out: Path, seed: int = 0, plan: BuildPlan | None = None) -> dict:
         console.say(f"toy zoo: fine-tuning teacher {style!r}")
         unet = components.unet()
         unet.load_state_dict(base_unet.state_dict())
-        unet = train_denoiser(unet, text_encoder, tokenizer, latents[style], captions[style], plan.teacher_steps,
-                              plan, seed + 1 + i, style, train_text=False)
+        text_encoder.requires_grad_(False)
+        unet = train_denoiser(unet, text_conditioning(text_encoder, tokenizer, captions[style]), latents[style],
+                              plan.teacher_steps, plan, seed + 1 + i, style)
         teacher_pipes[style] = _pipeline(vae, text_encoder, tokenizer, unet)
         _save_model(teacher_pipes[style], out / style, out / "base")
 
     console.say("toy zoo: training a LoRA per style")
     lora_manifest = loras.derive(out, plan, seed)
+    xl_manifest = xl.build(out, plan, seed)
 
     console.say("toy zoo: measuring the base model's colour following")
     images, prompts = _samples(base_pipe, pairs, plan.check_per_pair, seed + 1000, plan)
@@ -178,6 +181,7 @@ def build(out: Path, seed: int = 0, plan: BuildPlan | None = None) -> dict:
         "shapes": list(shapes.SHAPES),
         "held_out_pairs": [list(p) for p in shapes.HELD_OUT],
         "loras": lora_manifest,
+        "xl": xl_manifest,
         "measured": {
             "base_colour_following": round(base_colour, 4),
             "teacher_colour_following": {k: round(v, 4) for k, v in teacher_colour.items()},

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from ..files.atomic import atomic_file, atomic_folder
 from . import shapes
-from .training import train_denoiser
+from .training import text_conditioning, train_denoiser
 
 RANK = 8
 # The layers kohya's sd-scripts trains (attention, feed-forward, projections; LoCon adds the ResNet convs).
@@ -45,8 +45,9 @@ def train(base: Path, style: str, plan, seed: int, rank: int) -> dict[str, tuple
     text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder", torch_dtype=torch.float32).eval()
     tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
     # a clone outside inference mode: autograd does not take inference tensors
-    train_denoiser(unet, text_encoder, tokenizer, latents.clone(), [c for _, c in items], plan.lora_steps,
-                   dataclasses.replace(plan, lr=plan.lora_lr), seed, f"{style} LoRA", train_text=False)
+    text_encoder.requires_grad_(False)
+    train_denoiser(unet, text_conditioning(text_encoder, tokenizer, [c for _, c in items]), latents.clone(),
+                   plan.lora_steps, dataclasses.replace(plan, lr=plan.lora_lr), seed, f"{style} LoRA")
     state = get_peft_model_state_dict(unet)
     return {layer: (state[f"{layer}.lora_A.weight"].half(), state[f"{layer}.lora_B.weight"].half())
             for layer in (k.removesuffix(".lora_A.weight") for k in state if k.endswith(".lora_A.weight"))}
