@@ -35,7 +35,9 @@ def measure(student: Path, per_prompt: int, steps: int, guidance: float, seed: i
     cpu = torch.device("cpu")
     clf = StyleClassifier.load(toy.classifier_folder())
     prompts = [shapes.caption(c, s) for c, s in shapes.HELD_OUT for _ in range(per_prompt)]
-    names = StyleTable.read(student).names
+    table = StyleTable.read(student)
+    names = table.names
+    base = table.lineage[0]["base"]  # the base the student was distilled from
     pipe = load_pipeline(student, cpu, torch.float32, attention="sdpa")
 
     def probabilities(p, style):
@@ -46,7 +48,7 @@ def measure(student: Path, per_prompt: int, steps: int, guidance: float, seed: i
     for i, name in enumerate(names):
         probs = probabilities(pipe, one_hot(i, len(names)))
         per_style[name] = float((probs.argmax(-1) == clf.styles.index(name)).float().mean())
-    base_probs = probabilities(load_pipeline(references.resolve("toy:base"), cpu, torch.float32, attention="sdpa"), None)
+    base_probs = probabilities(load_pipeline(references.resolve(base), cpu, torch.float32, attention="sdpa"), None)
     base_as = {name: float((base_probs.argmax(-1) == clf.styles.index(name)).float().mean()) for name in names}
     a, b = names[0], names[-1]
     curve = []

@@ -66,12 +66,22 @@ SDXL_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=
 TEXT_2 = dict(TEXT, hidden_size=48, intermediate_size=96, projection_dim=48)
 
 
-def build_sdxl(folder: Path, seed: int = 0, dtype: torch.dtype = torch.float16) -> Path:
+def build_sdxl(folder: Path, seed: int = 0, dtype: torch.dtype = torch.float16, base: Path | None = None,
+               noise: float = 0.02) -> Path:
     """A pipeline folder of SDXL's topology at small widths: two text encoders (CLIP, then OpenCLIP-style with a
-    projection) whose hidden states are concatenated for the cross-attention, and the text-time embedding."""
+    projection) whose hidden states are concatenated for the cross-attention, and the text-time embedding; with
+    `base`, a fine-tune of it (its UNet plus seeded noise, its other parts as they are)."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextModelWithProjection
 
+    if base is not None:
+        pipe = StableDiffusionXLPipeline.from_pretrained(base, torch_dtype=torch.float32)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in pipe.unet.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * noise * (p.std() if p.numel() > 1 else 1))
+        pipe.to(dtype).save_pretrained(folder, safe_serialization=True)
+        return folder
     torch.manual_seed(seed)
     text = CLIPTextModel(CLIPTextConfig(**TEXT, hidden_act="quick_gelu"))
     text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_2, hidden_act="gelu"))

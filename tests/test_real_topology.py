@@ -107,3 +107,33 @@ def test_a_v_prediction_teacher_is_learned_by_a_v_prediction_student(dmm, tmp_pa
         before = load(base)(x, t, encoder_hidden_states=ctx).sample
         after = load(tmp_path / "run")(x, t, encoder_hidden_states=ctx, class_labels=torch.ones(4, 1)).sample
     assert (after - target).pow(2).mean() < 0.5 * (before - target).pow(2).mean()
+
+
+XL_RECIPE = ROOT / "recipes" / "xl_styles.yaml"
+
+
+def test_xl_styles_recipe_dry_runs_against_the_hub_at_sdxl_topology(dmm, tmp_path):
+    """recipes/xl_styles.yaml as it ships: three diffusers-layout teachers and one single file inside its Hub repo,
+    all SDXL-topology fine-tunes of one base; the dry run fetches and checks them and estimates memory."""
+    recipe = yaml.safe_load(XL_RECIPE.read_text())
+    base = build_sdxl(tmp_path / "repos" / "base", seed=0)
+    served = {recipe["base"]: base}
+    for i, teacher in enumerate(recipe["teachers"]):
+        folder = build_sdxl(tmp_path / "repos" / f"teacher{i}", seed=20 + i, base=base, noise=0.3)
+        repo = teacher["model"]
+        if repo.endswith(".safetensors"):  # published as one A1111/ComfyUI file in a Hub repo
+            repo, file = repo.rsplit("/", 1)
+            single = tmp_path / "repos" / f"single{i}"
+            single.mkdir()
+            assert dmm("export", folder, "--single-file", "-o", single / file).code == 0
+            folder = single
+        served[repo] = folder
+    with FakeHub() as hub:
+        for repo, folder in served.items():
+            hub.add(repo, folder)
+        p = cli(tmp_path, hub, "distill", str(XL_RECIPE), "--dry-run", "--json")
+    assert p.returncode == 0, p.stderr
+    plan = json.loads(p.stdout)
+    assert [t["name"] for t in plan["teachers"]] == ["juggernaut", "realvis", "dreamshaper", "animagine"]
+    assert plan["memory"]["parts_bytes"]["text encoders"] > 0 and set(plan["memory"]["fits"]) == {"24 GB", "48 GB",
+                                                                                                    "80 GB"}

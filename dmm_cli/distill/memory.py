@@ -30,6 +30,7 @@ from ..files.hashing import component_sha256
 from ..files.safetensors_header import component_shapes
 
 CARDS_GB = (24, 48, 80)
+TEXT_PARTS = ("text_encoder", "text_encoder_2")
 CHECKPOINTED = 0.2  # the share of activations gradient checkpointing keeps (block inputs only)
 
 
@@ -44,16 +45,20 @@ def parameters(component: Path) -> int:
 
 
 @functools.cache
-def activation_bytes(unet_folder: Path, side: int, dtype_bytes: int) -> int:
+def activation_bytes(unet_config: Path, side: int, dtype_bytes: int) -> int:
     """Bytes the student's forward saves for its backward, for one sample with latents `side` x `side`."""
     from diffusers import UNet2DConditionModel
 
-    config = {k: v for k, v in json.loads((unet_folder / "config.json").read_text()).items() if not k.startswith("_")}
+    config = {k: v for k, v in json.loads(unet_config.read_text()).items() if not k.startswith("_")}
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
         x = torch.empty(1, unet.config.in_channels, side, side)
         context = torch.empty(1, 77, unet.config.cross_attention_dim)
         t = torch.zeros(1, dtype=torch.long)
+        extra = {}
+        if unet.config.addition_embed_type == "text_time":  # SDXL: the pooled text and the size conditioning
+            pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+            extra["added_cond_kwargs"] = {"text_embeds": torch.empty(1, pooled), "time_ids": torch.empty(1, 6)}
     saved = []
 
     def pack(tensor):
@@ -62,7 +67,7 @@ def activation_bytes(unet_folder: Path, side: int, dtype_bytes: int) -> int:
 
     fused = mock.patch.object(F, "scaled_dot_product_attention", lambda q, k, v, *a, **kw: _FusedAttention.apply(q, k, v))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), fused:
-        unet(x, t, encoder_hidden_states=context)
+        unet(x, t, encoder_hidden_states=context, **extra)
     return sum(saved) * dtype_bytes
 
 
@@ -98,25 +103,43 @@ def _size(n: int) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
-def estimate(train, base: Path, teachers: list[Path | None], side: int, previous: Path | None = None) -> Estimate:
-    """The peak GPU memory of one process of a run with these `train` settings."""
-    p = parameters(base / "unet")
-    b = 4 if train.precision == "no" else 2
+@dataclass
+class ModelSizes:
+    """What the estimate needs to know of a run's models."""
+
+    unet: int  # UNet parameters
+    text: int  # parameters of every distinct text encoder
+    teachers: int  # distinct teacher UNets on the device (a previous student counts once)
+    unet_config: Path  # the UNet's config.json, for its activations
+
+
+def model_sizes(base: Path, teachers: list[Path | None], previous: Path | None = None) -> ModelSizes:
+    """Sizes read from the weights files' headers: nothing is loaded."""
     distinct = {component_sha256(f / "unet") for f in teachers if f is not None} | ({"previous"} if previous else set())
-    encoders = {f: component_sha256(f / "text_encoder") for f in [base, *(t for t in teachers if t is not None)]}
-    text = sum(parameters(f / "text_encoder") for f in {v: k for k, v in encoders.items()}.values())
-    activations = activation_bytes(base / "unet", side, b) * train.batch_size
+    encoders = {}  # one of each distinct text encoder (SDXL has two per model)
+    for folder in [base, *(t for t in teachers if t is not None)]:
+        for part in TEXT_PARTS:
+            if (folder / part).is_dir():
+                encoders.setdefault(component_sha256(folder / part), folder / part)
+    return ModelSizes(parameters(base / "unet"), sum(parameters(c) for c in encoders.values()), len(distinct),
+                      base / "unet" / "config.json")
+
+
+def estimate(train, sizes: ModelSizes, side: int) -> Estimate:
+    """The peak GPU memory of one process of a run with these `train` settings."""
+    p = sizes.unet
+    b = 4 if train.precision == "no" else 2
+    activations = activation_bytes(sizes.unet_config, side, b) * train.batch_size
     if train.gradient_checkpointing:
         activations = int(activations * CHECKPOINTED)
     parts = {"weights": 4 * p, "gradients": 4 * p, "optimizer": (2 if train.optimizer == "adamw-8bit" else 8) * p,
-             "teachers": b * p * (1 if train.teacher_offload == "cpu" else len(distinct)),
-             "text encoders": b * text, "discriminator": b * p // 2 if train.adversarial_loss else 0,
+             "teachers": b * p * (1 if train.teacher_offload == "cpu" else sizes.teachers),
+             "text encoders": b * sizes.text, "discriminator": b * p // 2 if train.adversarial_loss else 0,
              "activations": activations}
     return Estimate(parts)
 
 
-def fitting_settings(train, base: Path, teachers: list[Path | None], side: int, previous: Path | None = None
-                     ) -> dict[int, str]:
+def fitting_settings(train, sizes: ModelSizes, side: int) -> dict[int, str]:
     """For each card size, the first of ever thriftier settings whose estimate fits, or a note that none does."""
     ladder = [{}, {"gradient_checkpointing": True}, {"gradient_checkpointing": True, "optimizer": "adamw-8bit"},
               {"gradient_checkpointing": True, "optimizer": "adamw-8bit", "teacher_offload": "cpu"}]
@@ -125,7 +148,7 @@ def fitting_settings(train, base: Path, teachers: list[Path | None], side: int, 
         answers[card] = "does not fit even with gradient checkpointing, 8-bit AdamW and teacher offload"
         for changes in ladder:
             trial = train.model_copy(update=changes)
-            if estimate(trial, base, teachers, side, previous).total <= card * 1e9:
+            if estimate(trial, sizes, side).total <= card * 1e9:
                 answers[card] = ", ".join(f"train.{k}={v}" for k, v in changes.items()) or "as it is"
                 break
     return answers

@@ -74,11 +74,10 @@ class RunPlan:
 
     def memory(self) -> dict:
         """The peak GPU memory estimate (distill/memory.py) and the settings that fit common cards."""
-        from .memory import estimate, fitting_settings
+        from .memory import estimate, fitting_settings, model_sizes
 
-        side = (self.recipe.data.resolution or json.loads((self.base / "vae" / "config.json").read_text())
-                ["sample_size"]) // 8
-        args = (self.recipe.train, self.base, self.teachers, side, self.previous)
+        side = latent_side(self.recipe, self.base)
+        args = (self.recipe.train, model_sizes(self.base, self.teachers, self.previous), side)
         found = estimate(*args)
         return {"estimate_bytes": found.total, "parts_bytes": found.parts, "summary": found.describe(),
                 "fits": {f"{card} GB": answer for card, answer in fitting_settings(*args).items()}}
@@ -260,8 +259,14 @@ def _plan_data(recipe: Recipe, base: Path, teachers: int) -> DataPlan:
         images, size = len(found), found.size_bytes()
     if recipe.data.synthesize is not None and images is not None:
         images += recipe.data.synthesize.images_per_teacher * teachers
-    side = (recipe.data.resolution or json.loads((base / "vae" / "config.json").read_text())["sample_size"]) // 8
+    side = latent_side(recipe, base)
     return DataPlan(images, size, None if images is None else images * 4 * side * side * 4)
+
+
+def latent_side(recipe: Recipe, base: Path) -> int:
+    """The side of the run's latents: its picture side over the VAE's downscaling (2 per block after the first)."""
+    vae = json.loads((base / "vae" / "config.json").read_text())
+    return (recipe.data.resolution or vae["sample_size"]) // 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 def _accelerator(recipe: Recipe):

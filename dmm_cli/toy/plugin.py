@@ -39,6 +39,8 @@ def register() -> None:
     register_prompts("synthesis", all_toy, training_captions)
     register_feature_space("toy", lambda device: toy_space(), default_for=all_toy)
     register_measure("toy accuracies", all_toy, accuracies)
+    register_config_template(lambda configs: is_toy_config(configs) and "text_encoder_2" in configs,
+                             lambda: ZOO / manifest()["xl"]["base"])
     register_config_template(is_toy_config, lambda: ZOO / manifest()["base"])
 
 
@@ -133,9 +135,10 @@ def accuracies(sets, teacher_refs: list[str]) -> dict:
 
 
 def style_of(ref: str) -> str:
-    """The toy style a teacher shows: its model's (toy:night), or its last LoRA's (toy:base+toy:night-lora:0.8)."""
+    """The toy style a teacher shows: its model's (toy:night, toy:xl-night), or its last LoRA's
+    (toy:base+toy:night-lora:0.8)."""
     last = ref.split("+")[-1]
-    return last[len(PREFIX):].split(":")[0].split("-lora")[0]
+    return last[len(PREFIX):].split(":")[0].split("-lora")[0].removeprefix("xl-")
 
 
 def is_toy_config(configs: dict) -> bool:
