@@ -1,5 +1,5 @@
 """Long checks, opt-in with `make test-slow`: SD1.5-sized single-file round trip, and the toy acceptance bars
-(demo, then incremental merging with and without the old-student regulariser), a full disk, and the Inception FID
+(the SDXL-shaped student, the demo, then incremental merging with and without the old-student regulariser), a full disk, and the Inception FID
 against torch-fidelity."""
 from __future__ import annotations
 
@@ -41,6 +41,19 @@ def test_sd15_shaped_checkpoint_round_trips_through_a_single_file(tmp_path):
         b = load_file(next((back / part).glob("*.safetensors")))
         assert a.keys() == b.keys()
         assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a), part
+
+
+def test_toy_xl_student_meets_the_acceptance_bars(tmp_path):
+    """recipes/toy_styles_xl.yaml as it ships, measured as the SD1.x toy is: held-out style accuracy and a mix."""
+    env = dict(os.environ, DMM_HOME=str(tmp_path / "home"))
+    run = tmp_path / "toy_styles_xl"
+    subprocess.run([sys.executable, "-m", "dmm_cli", "-q", "distill", "recipes/toy_styles_xl.yaml", "-o", str(run)],
+                   cwd=ROOT, env=env, check=True, timeout=1800)
+    figures = json.loads(subprocess.run([sys.executable, "benchmarks/toy_acceptance.py", str(run)], cwd=ROOT, env=env,
+                                        capture_output=True, text=True, check=True).stdout)
+    assert figures["student_mean_style_accuracy"] >= 0.90
+    assert figures["base_mean_as_teacher"] < 0.10
+    assert figures["mix"]["monotonic"]
 
 
 def test_toy_demo_meets_the_acceptance_bars(tmp_path):

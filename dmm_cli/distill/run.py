@@ -29,6 +29,7 @@ from ..models.folders import (
     derived_model_index,
     model_family,
     model_root,
+    parts_besides_unet,
 )
 from ..models.schedule import read_schedule
 from ..models.styles import STYLES_FILE, Style, StyleTable
@@ -37,13 +38,6 @@ from .latents import encode_items
 
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
-COPIED_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
-XL_PARTS = ("text_encoder_2", "tokenizer_2")
-
-
-def copied_parts(base: Path) -> tuple[str, ...]:
-    """The parts a student folder copies from its base: all but the UNet."""
-    return COPIED_PARTS + (XL_PARTS if (base / XL_PARTS[0]).is_dir() else ())
 
 
 class Interrupted(DMMError):
@@ -194,7 +188,7 @@ def plan_run(recipe_path: Path, overrides: list[str] = (), *, output: Path | Non
     _check_teachers(recipe, base, teachers)  # before any LoRA is fetched
     teacher_loras = [lora.load_loras([lora.LoraSpec(x.model, x.scale) for x in t.loras], folder, t.model)
                      if folder is not None else [] for t, folder in zip(recipe.teachers, teachers)]
-    for part in copied_parts(base):  # the student folder gets copies of these: no link may lead out of the base
+    for part in parts_besides_unet(base):  # the student folder gets copies of these: no link may lead out of the base
         check_links(base / part, model_root(base))
     _check_optimizer(recipe.train.optimizer)
     data = _plan_data(recipe, base, len(teachers))
@@ -432,7 +426,7 @@ def write_student(plan: RunPlan, student, last: dict) -> None:
     with atomic_folder(out / "unet") as tmp:
         student.to(dtype).save_pretrained(tmp, safe_serialization=True)
         student.to(torch.float32)
-    for part in copied_parts(plan.base):
+    for part in parts_besides_unet(plan.base):
         with atomic_folder(out / part) as tmp:
             copy_part(plan.base / part, tmp, model_root(plan.base))
     trained = read_schedule(plan.base)

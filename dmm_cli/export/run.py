@@ -13,7 +13,7 @@ from ..errors import BadInput
 from ..files.atomic import atomic_folder, check_replaceable, output_lock, remove_leftovers
 from ..files.images import slug
 from ..models import references
-from ..models.folders import copy_part, derived_model_index, model_root
+from ..models.folders import copy_part, derived_model_index, model_root, parts_besides_unet
 from ..models.official import OFFICIAL_PIPELINE_CLASS, OFFICIAL_UNET_CLASS, official_unet
 from ..models.single_file import _read, export_single_file
 from ..models.styles import STYLES_FILE, StyleTable, parse_style
@@ -21,7 +21,6 @@ from .bake import bake
 
 FORMATS = ("diffusers", "dmm-official")
 UNET_FILE = "diffusion_pytorch_model.safetensors"
-COPIED_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
 
 
 def eval_figures(folder: Path, metrics: Path | None, index: int | None) -> dict:
@@ -75,6 +74,9 @@ def export(ref: str, *, style: str | None = None, output: Path | None = None, si
     if fmt == "diffusers" and style is None and not single_file:
         raise BadInput("nothing to export: give --style (bake a style), --single-file, or --format dmm-official")
     folder = references.resolve(ref)
+    if fmt == "dmm-official" and (folder / "text_encoder_2").is_dir():
+        raise BadInput(f"{ref}: --format dmm-official is the released SD1.x layout, whose style embedding takes the "
+                       "slot of SDXL's text-time embedding; export an SDXL student as a folder or a single file")
     table = StyleTable.read(folder)
     if (style is not None or fmt == "dmm-official") and table is None:
         raise BadInput(f"{ref}: not a DMM student (no {STYLES_FILE}), so it has no styles to export")
@@ -129,7 +131,7 @@ def _write_folder(source: Path, target: Path, weights: dict, config: dict, *, me
                   card: str | None = None, official: bool = False) -> None:
     """A pipeline folder: `source`'s parts with this UNet; the released layout's class names if `official`."""
     with atomic_folder(target) as tmp:
-        for part in COPIED_PARTS:
+        for part in parts_besides_unet(source):
             copy_part(source / part, tmp / part, model_root(source))
         (tmp / "unet").mkdir()
         (tmp / "unet" / "config.json").write_text(json.dumps(config, indent=2) + "\n")

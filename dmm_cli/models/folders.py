@@ -11,6 +11,13 @@ from ..files.safetensors_header import check_component
 
 PIPELINE_CLASS_NAMES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+XL_PARTS = ("text_encoder_2", "tokenizer_2")
+
+
+def parts_besides_unet(folder: Path) -> tuple[str, ...]:
+    """The parts a model derived from `folder` (a student, a baked style) copies: all but the UNet and SD1.x's
+    safety checker."""
+    return REQUIRED_PARTS[1:] + tuple(part for part in XL_PARTS if (Path(folder) / part).is_dir())
 
 
 def check_pipeline_folder(folder: Path) -> str:

@@ -1,0 +1,133 @@
+"""SDXL end to end on the toy zoo's SDXL-shaped family (two text encoders, pooled text, size conditioning):
+distill and resume exactly, generate styles and mixes, bake and export styles, evaluate, and the refusals."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import assert_one_sentence_error
+from dmm_cli.distill.text import TextContexts, load_text_encoders, load_tokenizers, tokenize
+from dmm_cli.models.references import resolve
+
+RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "toy_styles_xl.yaml"
+
+
+def recipe_file(tmp_path: Path, teachers=None, base=None, **train) -> Path:
+    recipe = yaml.safe_load(RECIPE.read_text())
+    recipe["train"].update(batch_size=8, checkpoint_every=2, **train)
+    if teachers is not None:
+        recipe["teachers"] = [{"name": ref.split(":")[1], "model": ref} for ref in teachers]
+    recipe["base"] = base or recipe["base"]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def unet_weights(run: Path) -> dict:
+    return load_file(run / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_toy_xl_student_distils_resumes_exactly_generates_bakes_and_evaluates(dmm, tmp_path):
+    recipe = recipe_file(tmp_path)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert dmm("-q", "distill", recipe, "--max-steps", "4", "-o", straight).code == 0
+    assert dmm("-q", "distill", recipe, "--max-steps", "2", "-o", resumed).code == 0
+    r = dmm("-q", "distill", recipe, "--max-steps", "4", "-o", resumed, "--resume")
+    assert r.code == 0, r
+    a, b = unet_weights(straight), unet_weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["class_embedding.linear_1.weight"].shape[1] == 2 and "add_embedding.linear_1.weight" in a
+
+    index = json.loads((straight / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline"
+    assert (straight / "text_encoder_2").is_dir() and (straight / "tokenizer_2").is_dir()
+    assert [s["name"] for s in json.loads((straight / "styles.json").read_text())["styles"]] == ["night", "checker"]
+
+    r = dmm("-q", "generate", "--model", straight, "--style", "all", "a blue triangle", "--steps", "4", "--seed", "3",
+            "-o", tmp_path / "styles")
+    assert r.code == 0, r
+    assert all(len(list((tmp_path / "styles").glob(f"*-{style}-*.png"))) == 1 for style in ("night", "checker"))
+    r = dmm("-q", "generate", "--model", straight, "--style", "night:0.5,checker:0.5", "a red circle", "--steps", "4",
+            "-o", tmp_path / "mix.png")
+    assert r.code == 0 and (tmp_path / "mix.png").is_file(), r
+
+    # a baked style is a plain SDXL model; stock diffusers draws what `dmm generate --style` draws
+    r = dmm("-q", "export", straight, "--style", "checker", "-o", tmp_path / "baked")
+    assert r.code == 0, r
+    r = dmm("-q", "generate", "--model", tmp_path / "baked", "a blue triangle", "--steps", "4", "--seed", "3",
+            "-o", tmp_path / "baked.png")
+    assert r.code == 0, r
+    ours = np.asarray(Image.open(next((tmp_path / "styles").glob("*-checker-*.png"))), np.int16)
+    baked = np.asarray(Image.open(tmp_path / "baked.png"), np.int16)
+    assert np.abs(ours - baked).max() <= 1
+
+    # the same bake as one A1111/ComfyUI file reads back exactly through diffusers' SDXL single-file loader
+    single = tmp_path / "checker.safetensors"
+    assert dmm("-q", "export", straight, "--style", "checker", "--single-file", "-o", single).code == 0
+    r = dmm("fetch", single)
+    assert r.code == 0, r
+    for part in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        ours = {k: v for f in (tmp_path / "baked" / part).glob("*.safetensors") for k, v in load_file(f).items()}
+        back = {k: v for f in (Path(r.lines[0]) / part).glob("*.safetensors") for k, v in load_file(f).items()}
+        assert ours.keys() == back.keys() and all(torch.equal(ours[k], back[k]) for k in ours), part
+
+    r = dmm("eval", straight, "--recipe", recipe, "-k", "8", "--steps", "20", "--guidance", "4", "--json", "-o",
+            tmp_path / "eval")
+    assert r.code == 0, r
+    reference, student = json.loads(r.out)["models"]
+    assert len(student["M"]) == 2 and reference["style_accuracy"] >= 0.9  # the SDXL teachers, sampled by eval
+
+
+def test_caption_dropout_zeroes_both_encoders_and_the_pooled_text_alike_for_every_model(tmp_path):
+    base, teacher = resolve("toy:xl-base"), resolve("toy:xl-night")
+    tokenizers = load_tokenizers(base)
+    ids = tokenize(tokenizers, ["a red circle", "a blue square", "a red circle"])
+    assert ids.shape[:2] == (3, 2)
+    key_of, encoders = load_text_encoders({"base": base, "teacher": teacher}, "cpu", torch.float32)
+    assert key_of["base"] == key_of["teacher"] and len(encoders) == 1  # fine-tunes share their encoders
+    empty = tokenize(tokenizers, [""])[0]
+    cached = TextContexts(encoders, ids, empty, torch.device("cpu"))
+    streamed = TextContexts(encoders, ids, empty, torch.device("cpu"), budget_bytes=0)
+    assert cached.cache is not None and streamed.cache is None
+    idx, drop = torch.tensor([0, 1, 2, 1]), torch.tensor([False, True, False, False])
+    for contexts in (cached(idx, drop), streamed(idx, drop)):
+        cond = contexts[key_of["base"]]
+        assert cond.context.shape[-1] == 64 + 96 and cond.pooled.shape == (4, 32)
+        assert not cond.context[1].any() and not cond.pooled[1].any()
+        assert cond.context[0].abs().sum() > 0 and torch.equal(cond.context[0], cond.context[2])
+        assert cond.pooled[0].abs().sum() > 0 and torch.equal(cond.pooled[0], cond.pooled[2])
+        assert not torch.equal(cond.pooled[0], cond.pooled[3])  # another caption
+    a, b = cached(idx, drop)[key_of["base"]], streamed(idx, drop)[key_of["base"]]
+    assert torch.allclose(a.context, b.context, atol=1e-6) and torch.allclose(a.pooled, b.pooled, atol=1e-6)
+
+
+@pytest.mark.parametrize("base, teachers, fragments", [
+    ("toy:base", ["toy:night", "toy:xl-night"], ("xl-night", "SDXL", "SD1.x")),  # two families in one recipe
+    ("toy:base", ["toy:xl-night", "toy:xl-checker"], ("xl-night", "SDXL", "SD1.x base")),
+    ("toy:xl-base", ["toy:xl-night", "toy:checker"], ("toy:checker", "SD1.x", "SDXL base")),
+])
+def test_teachers_of_another_family_than_the_base_are_refused(dmm, tmp_path, base, teachers, fragments):
+    r = dmm("distill", recipe_file(tmp_path, teachers, base), "--dry-run")
+    assert_one_sentence_error(r, 2, *fragments)
+
+
+def test_sdxl_generate_refuses_a_width_that_is_not_a_multiple_of_8(dmm, tmp_path):
+    r = dmm("generate", "--model", "toy:xl-base", "a red circle", "--width", "100", "-o", tmp_path / "x.png")
+    assert_one_sentence_error(r, 2, "--width", "100")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_the_dry_run_of_the_toy_xl_recipe_counts_both_text_encoders(dmm):
+    r = dmm("distill", RECIPE, "--dry-run", "--json")
+    assert r.code == 0, r
+    plan = json.loads(r.out)
+    text = sum(v.numel() for part in ("text_encoder", "text_encoder_2")
+               for f in (resolve("toy:xl-base") / part).glob("*.safetensors") for v in load_file(f).values())
+    assert plan["memory"]["parts_bytes"]["text encoders"] == 4 * text  # fp32 training: 4 bytes a parameter
