@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement in one go (device time is scarce): throughput vs the released step, generation
-# parity, 8 teachers with offload, torch.compile, then the SD1.5-scale CLI run. Results land in $OUT
-# (or ./gpu-out): one JSON-lines file per step, stderr of all steps in errors.log.
+# parity, 8 teachers with offload, torch.compile, the SD1.5-scale CLI run, then real-size SDXL steps.
+# Results land in $OUT (or ./gpu-out): one JSON-lines file per step, stderr of all steps in errors.log.
 # Usage: benchmarks/gpu_run.sh [path/to/official_step.py]
 set -u
 out=${OUT:-gpu-out}
@@ -28,3 +28,5 @@ step distill_8teachers_offload 80 python3 benchmarks/distill_throughput.py --bat
 step distill_compile 120 python3 benchmarks/distill_throughput.py --batch 16 --teachers 4 --compile on \
   --no-official
 step sd15_cli 90 python3 benchmarks/sd15_distill_smoke.py --work /tmp/sd15 --teachers 4 --steps 20 --compile false
+step sdxl_step 300 python3 benchmarks/sdxl_memory.py --measure --teachers 2 --batch 1 4
+step sdxl_step_offload 200 python3 benchmarks/sdxl_memory.py --measure --teachers 4 --batch 4 --offload

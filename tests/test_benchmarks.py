@@ -50,3 +50,13 @@ def test_ties_profile_tiny():
     result = json.loads(p.stdout)
     assert result["numel"] == 300000 and result["ties_over_average"] > 0
     assert all(seconds > 0 for seconds in result["ties_stage_seconds"].values())
+
+
+def test_sdxl_memory_estimates_real_size_and_smoke_runs_its_gpu_step():
+    rows = run("benchmarks/sdxl_memory.py", "--teachers", "4", "--batch", "4")
+    row, = rows
+    assert 2.5e9 < row["unet_parameters"] < 2.6e9  # SDXL 1.0's UNet, from its shipped config
+    assert row["fits"]["24 GB"].startswith("does not fit") and "adamw-8bit" in row["fits"]["80 GB"]
+    for offload in ([], ["--offload"]):
+        row, = run("benchmarks/sdxl_memory.py", "--measure", "--tiny", "--teachers", "2", "--batch", "2", *offload)
+        assert row["samples_per_s"] > 0 and row["loss"] > 0 and row["offload"] == bool(offload)
