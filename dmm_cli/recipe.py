@@ -65,6 +65,10 @@ class Data(Strict):
     max_bad_fraction: float = Field(0.05, ge=0, le=1, description="Share of pictures that may fail to decode "
                                                                   "(they are skipped) before the run stops.")
     resolution: Optional[int] = Field(None, gt=0, description="Training resolution; default: the base's.")
+    buckets: bool = Field(False, description="Aspect-ratio buckets for data.folder: each picture is cropped to the "
+                                             "shape of about resolution² pixels nearest its own (1:2 to 2:1), as "
+                                             "SDXL fine-tunes are trained, and each micro-batch comes from one "
+                                             "shape; otherwise pictures are centre-cropped square.")
     synthesize: Optional[Synthesize] = None
 
     @model_validator(mode="after")
@@ -73,6 +77,8 @@ class Data(Strict):
             raise ValueError("needs a folder, synthesize, or both")
         if self.synthesize is not None and self.synthesize.after_step and self.folder is None:
             raise ValueError("synthesize.after_step needs a folder to train on first")
+        if self.buckets and self.folder is None:
+            raise ValueError("buckets sort the pictures of a folder, and this recipe has none")
         return self
 
     @field_validator("resolution")

@@ -3,6 +3,7 @@ distill and resume exactly, generate styles and mixes, bake and export styles, e
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -131,3 +132,41 @@ def test_the_dry_run_of_the_toy_xl_recipe_counts_both_text_encoders(dmm):
     text = sum(v.numel() for part in ("text_encoder", "text_encoder_2")
                for f in (resolve("toy:xl-base") / part).glob("*.safetensors") for v in load_file(f).values())
     assert plan["memory"]["parts_bytes"]["text encoders"] == 4 * text  # fp32 training: 4 bytes a parameter
+
+
+def test_aspect_ratio_buckets_are_sdxls_and_each_picture_takes_its_nearest():
+    from dmm_cli.distill.latents import buckets, nearest_bucket
+
+    shapes = buckets(1024, 32)
+    assert {(1024, 1024), (896, 1152), (832, 1216), (768, 1344), (1152, 896)} <= set(shapes)
+    assert all(h * w <= 1024 * 1024 and h % 32 == 0 and w % 32 == 0 and 0.5 <= w / h <= 2 for h, w in shapes)
+    assert nearest_bucket(600, 800, shapes) == (864, 1184)  # 4:3 landscape: 1.37 is the nearest ratio
+    assert nearest_bucket(1000, 1000, shapes) == (1024, 1024)
+
+
+def test_pictures_of_other_shapes_train_in_buckets_with_their_size_conditioning(dmm, tmp_path):
+    from dmm_cli.toy import shapes
+
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    lines = []
+    for k, (size, (colour, shape)) in enumerate(zip([(64, 64)] * 4 + [(120, 60)] * 3 + [(50, 100)] * 2,
+                                                    shapes.all_pairs())):
+        image = shapes.dataset("plain", [(colour, shape)], 1, seed=k)[0][0].resize(size)
+        image.save(folder / f"{k}.png")
+        lines.append(json.dumps({"file_name": f"{k}.png", "text": shapes.caption(colour, shape)}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    recipe = yaml.safe_load(RECIPE.read_text())
+    recipe["data"] = {"folder": str(folder), "resolution": 64, "buckets": True}
+    recipe["train"].update(max_steps=3, batch_size=4, checkpoint_every=10)
+    path = tmp_path / "buckets.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    r = dmm("distill", path, "-o", tmp_path / "run")
+    assert r.code == 0, r
+    assert "buckets 48x80: 3, 64x64: 4, 80x48: 2" in r.err  # wide pictures to 48x80, tall ones to 80x48
+    cache, = (Path(os.environ["DMM_HOME"]) / "latents").glob("*.safetensors")
+    latents = load_file(cache)
+    assert latents["latents.0"].shape[-2:] == (12, 20) and latents["latents.2"].shape[-2:] == (20, 12)
+    # original size (h, w), crop top and left, target size (h, w): SDXL's size conditioning of each picture
+    assert latents["time_ids.0"][0].tolist() == [60, 120, 0, 8, 48, 80]  # 96 x 48 after the resize: 8 px cut each side
+    assert latents["time_ids.2"][0].tolist() == [100, 50, 8, 0, 80, 48]

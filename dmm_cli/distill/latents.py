@@ -1,8 +1,13 @@
-"""Training images encoded once by the VAE into a latent cache on disk, keyed by VAE, size and files."""
+"""Training images encoded once by the VAE into a latent cache on disk, keyed by VAE, size and files.
+
+Pictures are cropped square, or with aspect-ratio buckets (as SDXL and its fine-tunes are trained) to the
+bucket of about the same area whose shape is nearest theirs; each bucket's latents are one tensor.
+"""
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,17 +23,33 @@ from ..files import state
 from ..files.atomic import atomic_file
 
 
-def _pixels(image: Image.Image, resolution: int) -> tuple[torch.Tensor, list[int]]:
-    """Resize the short side to `resolution`, centre-crop, scale to [-1, 1]; with SDXL's size conditioning of
-    the result: original height and width, the crop's top and left, target height and width."""
+def buckets(resolution: int, multiple: int) -> list[tuple[int, int]]:
+    """(height, width) shapes of at most resolution² pixels, sides multiples of `multiple`, from 1:2 to 2:1."""
+    shapes = set()
+    for width in range(multiple, 2 * resolution + 1, multiple):
+        height = resolution * resolution // width // multiple * multiple
+        if height and 0.5 <= width / height <= 2:
+            shapes.add((height, width))
+    return sorted(shapes)
+
+
+def nearest_bucket(height: int, width: int, shapes: list[tuple[int, int]]) -> tuple[int, int]:
+    """The shape whose aspect ratio is nearest the picture's (the squarer one, then the larger, on a tie)."""
+    ratio = math.log(width / height)
+    return min(shapes, key=lambda s: (round(abs(math.log(s[1] / s[0]) - ratio), 9), abs(s[0] - s[1]), -s[0] * s[1]))
+
+
+def _pixels(image: Image.Image, height: int, width: int) -> tuple[torch.Tensor, list[int]]:
+    """Resize to cover height x width, centre-crop, scale to [-1, 1]; with SDXL's size conditioning of the
+    result: original height and width, the crop's top and left, target height and width."""
     original = [image.height, image.width]
-    scale = resolution / min(image.size)
-    image = image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))),
+    scale = max(width / image.width, height / image.height)
+    image = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
                          Image.BICUBIC)
-    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    image = image.crop((left, top, left + width, top + height))
     pixels = torch.from_numpy(np.asarray(image, np.float32) / 127.5 - 1).permute(2, 0, 1)
-    return pixels, original + [top, left, resolution, resolution]
+    return pixels, original + [top, left, height, width]
 
 
 @dataclass
@@ -43,51 +64,68 @@ class LatentSet:
 
 @torch.inference_mode()
 def encode_items(images: CaptionedImages, vae, vae_sha256: str, resolution: int, device: torch.device,
-                 batch_size: int = 16, max_bad_fraction: float = 0.05) -> LatentSet:
-    """Latents of captioned pictures, from the cache when the VAE, size and pictures are unchanged.
+                 batch_size: int = 16, max_bad_fraction: float = 0.05,
+                 bucket_multiple: int | None = None) -> list[LatentSet]:
+    """Latents of captioned pictures, one set per shape, from the cache when the VAE, sizes and pictures are
+    unchanged. Square crops, or with `bucket_multiple` aspect-ratio buckets whose sides are its multiples.
 
     Pictures stream through a batch at a time; those that do not decode are skipped and counted, and more
     than `max_bad_fraction` of them fails the run."""
-    key = hashlib.sha256(f"2:{vae_sha256}:{resolution}:{images.fingerprint()}".encode()).hexdigest()[:24]
+    shapes = buckets(resolution, bucket_multiple) if bucket_multiple else [(resolution, resolution)]
+    key = hashlib.sha256(f"3:{vae_sha256}:{shapes}:{images.fingerprint()}".encode()).hexdigest()[:24]
     path = state.home() / "latents" / f"{key}.safetensors"
     if path.is_file():
         console.say(f"data: {len(images)} images, latents from cache {path}")
-        cached = load_file(path)
-        return LatentSet(cached["latents"], json.loads(path.with_suffix(".json").read_text()), cached["time_ids"])
-    console.say(f"data: encoding {len(images)} images at {resolution}px into the latent cache")
-    chunks, captions, sizes, batch, bad = [], [], [], [], 0
+        cached, captions = load_file(path), json.loads(path.with_suffix(".json").read_text())
+        return [LatentSet(cached[f"latents.{i}"], group, cached[f"time_ids.{i}"]) for i, group in enumerate(captions)]
+    kind = f"{len(shapes)} aspect-ratio buckets of about {resolution}px" if bucket_multiple else f"{resolution}px"
+    console.say(f"data: encoding {len(images)} images at {kind} into the latent cache")
+    found: dict[tuple[int, int], dict] = {}  # per shape: encoded chunks, captions, sizes, and the pending batch
+    bad = 0
     param = next(vae.parameters())
 
-    def encode():
-        mean = vae.encode(torch.stack(batch).to(device, param.dtype)).latent_dist.mode()
-        chunks.append((mean.float() * vae.config.scaling_factor).cpu())
-        batch.clear()
+    def encode(group):
+        mean = vae.encode(torch.stack(group["batch"]).to(device, param.dtype)).latent_dist.mode()
+        group["chunks"].append((mean.float() * vae.config.scaling_factor).cpu())
+        group["batch"].clear()
 
     for picture, caption in tqdm(images, total=len(images), desc="encode", disable=console.progress_disabled(),
                                  leave=False):
         if picture is None:
             bad += 1
             continue
-        pixels, size = _pixels(picture, resolution)
-        batch.append(pixels)
-        sizes.append(size)
-        captions.append(caption)
-        if len(batch) == batch_size:
-            encode()
-    if batch:
-        encode()
-    total = len(captions) + bad
-    if bad and (not captions or bad / total > max_bad_fraction):
+        shape = nearest_bucket(picture.height, picture.width, shapes)
+        group = found.setdefault(shape, {"chunks": [], "captions": [], "sizes": [], "batch": []})
+        pixels, size = _pixels(picture, *shape)
+        group["batch"].append(pixels)
+        group["sizes"].append(size)
+        group["captions"].append(caption)
+        if len(group["batch"]) == batch_size:
+            encode(group)
+    total = sum(len(g["captions"]) for g in found.values()) + bad
+    if not total:
+        raise BadInput(f"{images.description}: no pictures")
+    if bad and (bad == total or bad / total > max_bad_fraction):
         raise BadInput(f"{images.description}: {bad} of {total} pictures do not decode, more than "
                        f"data.max_bad_fraction ({max_bad_fraction:.0%})")
     if bad:
         console.warn(f"{images.description}: skipped {bad} of {total} pictures that do not decode")
-    latents, time_ids = torch.cat(chunks), torch.tensor(sizes, dtype=torch.float32)
+    sets = []
+    for shape in sorted(found):
+        group = found[shape]
+        if group["batch"]:
+            encode(group)
+        sets.append(LatentSet(torch.cat(group["chunks"]), group["captions"],
+                              torch.tensor(group["sizes"], dtype=torch.float32)))
+    if bucket_multiple:
+        console.say("data: buckets " + ", ".join(f"{s.time_ids[0, 4]:.0f}x{s.time_ids[0, 5]:.0f}: {len(s)}"
+                                                 for s in sets))
     try:  # a cache: a read-only or full $DMM_HOME costs a warning, not the run
         with atomic_file(path.with_suffix(".json")) as tmp:
-            tmp.write_text(json.dumps(captions))
+            tmp.write_text(json.dumps([s.captions for s in sets]))
         with atomic_file(path) as tmp:
-            save_file({"latents": latents.contiguous(), "time_ids": time_ids}, tmp)
+            save_file({name: tensor.contiguous() for i, s in enumerate(sets)
+                       for name, tensor in ((f"latents.{i}", s.latents), (f"time_ids.{i}", s.time_ids))}, tmp)
     except (OSError, DMMError) as e:
         console.warn(f"latent cache not written ({e}); the images will be encoded again next time")
-    return LatentSet(latents, captions, time_ids)
+    return sets

@@ -263,6 +263,13 @@ def latent_side(recipe: Recipe, base: Path) -> int:
     return (recipe.data.resolution or vae["sample_size"]) // 2 ** (len(vae["block_out_channels"]) - 1)
 
 
+def bucket_multiple(base: Path) -> int:
+    """What bucket sides must be multiples of: the VAE's downscaling times the UNet's."""
+    vae = json.loads((base / "vae" / "config.json").read_text())
+    unet = json.loads((base / "unet" / "config.json").read_text())
+    return 2 ** (len(vae["block_out_channels"]) - 1) * 2 ** (len(unet["block_out_channels"]) - 1)
+
+
 def _accelerator(recipe: Recipe):
     from accelerate import Accelerator
 
@@ -384,8 +391,10 @@ def data_sources(plan: RunPlan, tokenizers, device) -> list:
     data = recipe.data
     if data.folder is not None:
         images = open_images(resolve_data(data.folder), data.image_column, data.caption_column)
-        real = encode_items(images, vae, vae_sha, resolution, device, max_bad_fraction=data.max_bad_fraction)
-        sources.append(DataSource(real.latents, tokenize(tokenizers, real.captions), time_ids=real.time_ids))
+        multiple = bucket_multiple(plan.base) if data.buckets else None
+        for real in encode_items(images, vae, vae_sha, resolution, device, max_bad_fraction=data.max_bad_fraction,
+                                 bucket_multiple=multiple):
+            sources.append(DataSource(real.latents, tokenize(tokenizers, real.captions), time_ids=real.time_ids))
     synth = recipe.data.synthesize
     if synth is not None:
         old = len(plan.previous_styles.names) if plan.previous_styles else 0
@@ -398,13 +407,13 @@ def data_sources(plan: RunPlan, tokenizers, device) -> list:
             samples = sample_set(lambda m=model: load_pipeline(m, device, pick_dtype("auto", device)), model, style,
                                  prompts, settings, 16, f"synthesize {spec.name}")
             items = FolderImages(list(zip(samples.paths(), samples.prompts)), f"generations of {spec.name}")
-            encoded = encode_items(items, vae, vae_sha, resolution, device)
+            encoded, = encode_items(items, vae, vae_sha, resolution, device)  # one size: the teacher's
             latents.append(encoded.latents)
             sizes.append(encoded.time_ids)
             captions += encoded.captions
             labels += [i] * len(encoded.captions)
         sources.append(DataSource(torch.cat(latents), tokenize(tokenizers, captions), torch.tensor(labels),
-                                  synth.after_step if data.folder is not None else 0, torch.cat(sizes)))
+                                  synth.after_step if data.folder is not None else 0, torch.cat(sizes), stage=1))
     return sources
 
 

@@ -52,13 +52,15 @@ class Teacher:
 @dataclass
 class DataSource:
     """Training items: latents and caption token ids (items, tokenizers, tokens); `labels` pins items to a teacher
-    (its own generations); `time_ids` are SDXL's size conditioning of each item (original size, crop, target)."""
+    (its own generations); `time_ids` are SDXL's size conditioning of each item (original size, crop, target).
+    The latest stage whose `from_step` has come supplies the micro-batches."""
 
     latents: torch.Tensor
     caption_ids: torch.Tensor
     labels: torch.Tensor | None = None
     from_step: int = 0
     time_ids: torch.Tensor | None = None
+    stage: int = 0  # sources of one stage (aspect-ratio buckets of one folder) share its steps by their sizes
 
 
 @dataclass
@@ -265,9 +267,14 @@ class Trainer:
         """Everything random about one micro-batch, drawn on the CPU from its own seeded generator."""
         cfg = self.train_cfg
         b = cfg.batch_size
-        source = max(k for k, (s, *_) in enumerate(self.sources) if s.from_step <= step)
-        data, latents, by_style, _ = self.sources[source]
         g = torch.Generator().manual_seed(_seed_for(cfg.seed, step, micro, self.accelerator.process_index))
+        stage = max(s.stage for s, *_ in self.sources if s.from_step <= step)
+        candidates = [k for k, (s, *_) in enumerate(self.sources) if s.stage == stage]
+        source = candidates[0]
+        if len(candidates) > 1:  # one bucket per micro-batch, each as often as it holds pictures
+            sizes = torch.tensor([len(self.sources[k][0].latents) for k in candidates], dtype=torch.float)
+            source = candidates[int(torch.multinomial(sizes, 1, generator=g))]
+        data, latents, by_style, _ = self.sources[source]
         labels = self._labels(b, step + micro)
         if by_style is None:
             idx = torch.randint(0, len(data.latents), (b,), generator=g, device="cpu")
