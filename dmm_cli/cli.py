@@ -455,7 +455,8 @@ def toy_build(
     seed: int = typer.Option(0, "--seed", help="Seed; the same seed on the same machine gives the same zoo."),
     reduced: bool = typer.Option(False, "--reduced", help="A few steps of everything (a smoke test)."),
 ) -> None:
-    """Build the toy zoo from scratch (about 15 minutes on 2 CPU cores) and print its folder.
+    """Build the toy zoo from scratch, its SDXL-shaped family included (about 20 minutes on 2 CPU cores), and print
+    its folder.
 
     \b
     Example:
@@ -468,11 +469,20 @@ def toy_build(
 
 
 @toy_app.command("list")
-def toy_list() -> None:
-    """Print the toy zoo's model references, one per line."""
+def toy_list(
+    family: Optional[str] = typer.Option(None, "--family", help="sd (SD1.x-shaped) or xl (SDXL-shaped); default: both."),
+) -> None:
+    """Print the toy zoo's model references, one per line.
+
+    \b
+    Example:
+      dmm toy list --family xl
+    """
     from . import toy
 
-    for name in toy.model_names():
+    if family not in (None, "sd", "xl"):
+        raise BadInput(f"--family: unknown family {family!r} (use sd or xl)")
+    for name in toy.model_names(family=family):
         console.result(f"toy:{name}")
 
 

@@ -9,7 +9,7 @@ sample=(--steps 20 --guidance 4)
 
 # The teachers themselves, side by side.
 pictures=() labels=()
-for name in $(dmm toy list); do
+for name in $(dmm toy list --family sd); do
   pictures+=("$(dmm -q generate "a blue triangle" --model "$name" "${sample[@]}" --seed 7 --overwrite -o "$out/${name#toy:}.png")")
   labels+=("${name#toy:}")
 done

@@ -133,8 +133,8 @@ def test_python_dash_m_and_console_script(tmp_path):
         p = subprocess.run([*cmd, "fetch", "toy:nope"], capture_output=True, text=True, env=env)
         assert p.returncode == 2 and p.stdout == ""
         assert p.stderr.strip().splitlines() == ["dmm: error: toy:nope: no such toy model "
-                                                 "(the toy zoo has base, night, outline, stripes, checker, and the "
-                                                 "LoRAs night-lora, outline-lora-peft, stripes-lora, "
+                                                 "(the toy zoo has base, night, outline, stripes, checker, xl-base, "
+                                                 "xl-night, xl-checker, and the LoRAs night-lora, outline-lora-peft, stripes-lora, "
                                                  "checker-lora-peft)"]
     p = subprocess.run([sys.executable, "-m", "dmm_cli", "generate", "--help"], capture_output=True, text=True)
     assert p.returncode == 0 and "Examples" in p.stdout

@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from dmm_cli import toy
 from dmm_cli.models.references import resolve
@@ -29,14 +29,19 @@ def prompts(per_pair: int) -> list[str]:
 
 
 def test_zoo_is_small_and_every_model_loads():
+    # SD1.x-shaped family 19 MB; the SDXL-shaped one adds three 4.3 MB UNets and a second text encoder
     size = sum(os.lstat(os.path.join(d, f)).st_size for d, _, files in os.walk(toy.ZOO) for f in files)
-    assert size <= 20 * 2**20
+    assert size <= 34 * 2**20
     names = toy.model_names()
     assert names[0] == "base" and len(names) >= 5
+    assert toy.model_names(family="xl") == ["xl-base", "xl-night", "xl-checker"]
     for name in names:
-        pipe = load(name)
+        pipe = DiffusionPipeline.from_pretrained(resolve(f"toy:{name}"), torch_dtype=torch.float32)
         assert pipe.unet.config.sample_size == 8 and pipe.vae.config.latent_channels == 4
         assert type(pipe.tokenizer).__name__ == "CLIPTokenizer"
+        xl = name.startswith("xl-")
+        assert isinstance(pipe, StableDiffusionXLPipeline) == xl
+        assert (pipe.unet.config.addition_embed_type == "text_time") == xl
 
 
 def test_base_follows_the_colour_word():
@@ -66,7 +71,8 @@ def test_builder_runs_on_a_reduced_plan(dmm, tmp_path):
     manifest = toy.manifest(zoo)
     assert manifest["teachers"] == list(shapes.TEACHER_STYLES)
     for name in toy.model_names(zoo):
-        pipe = StableDiffusionPipeline.from_pretrained(zoo / name)
+        pipe = DiffusionPipeline.from_pretrained(zoo / name)
         assert pipe.unet is not None
     assert (zoo / "night" / "vae").is_symlink()
+    assert (zoo / "xl-night" / "vae").is_symlink() and (zoo / "xl-night" / "text_encoder_2").is_symlink()
     assert style_classifier.StyleClassifier.load(zoo / "classifier").styles == list(shapes.STYLES)
