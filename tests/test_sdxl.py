@@ -170,3 +170,30 @@ def test_pictures_of_other_shapes_train_in_buckets_with_their_size_conditioning(
     # original size (h, w), crop top and left, target size (h, w): SDXL's size conditioning of each picture
     assert latents["time_ids.0"][0].tolist() == [60, 120, 0, 8, 48, 80]  # 96 x 48 after the resize: 8 px cut each side
     assert latents["time_ids.2"][0].tolist() == [100, 50, 8, 0, 80, 48]
+
+
+def test_sdxl_runs_the_rest_of_the_paper_adversarial_synthesized_and_incremental(dmm, tmp_path):
+    """The adversarial loss on the SDXL encoder (text-time embedding included), the teachers' own SDXL
+    generations as data, then a third style grown onto the student with its old styles answered by it."""
+    first = yaml.safe_load(RECIPE.read_text())
+    first["data"]["synthesize"] = {"images_per_teacher": 4, "after_step": 2, "steps": 2, "guidance": 4.0}
+    first["train"].update(max_steps=4, batch_size=4, checkpoint_every=10,
+                          adversarial_loss={"weight": 0.01, "lr": 1e-4, "start_step": 1})
+    first["output"] = str(tmp_path / "first")
+    path = tmp_path / "first.yaml"
+    path.write_text(yaml.safe_dump(first))
+    r = dmm("distill", path)
+    assert r.code == 0, r
+    rows = [json.loads(line) for line in (tmp_path / "first" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["adversarial_loss"] > 0 and rows[-1]["discriminator_loss"] > 0
+
+    second = dict(first, init_from=str(tmp_path / "first"), output=str(tmp_path / "second"),
+                  teachers=first["teachers"] + [{"name": "plain", "model": "toy:xl-base"}])
+    second["train"] = dict(first["train"], old_style_fraction=0.5)
+    path = tmp_path / "second.yaml"
+    path.write_text(yaml.safe_dump(second))
+    r = dmm("distill", path)
+    assert r.code == 0, r
+    assert [s["name"] for s in json.loads((tmp_path / "second" / "styles.json").read_text())["styles"]] == [
+        "night", "checker", "plain"]
+    assert unet_weights(tmp_path / "second")["class_embedding.linear_1.weight"].shape[1] == 3
