@@ -470,7 +470,8 @@ def toy_build(
 
 @toy_app.command("list")
 def toy_list(
-    family: Optional[str] = typer.Option(None, "--family", help="sd (SD1.x-shaped) or xl (SDXL-shaped); default: both."),
+    family: Optional[str] = typer.Option(None, "--family",
+                                         help="sd (SD1.x-shaped) or xl (SDXL-shaped); default: both."),
 ) -> None:
     """Print the toy zoo's model references, one per line.
 

@@ -197,3 +197,14 @@ def test_sdxl_runs_the_rest_of_the_paper_adversarial_synthesized_and_incremental
     assert [s["name"] for s in json.loads((tmp_path / "second" / "styles.json").read_text())["styles"]] == [
         "night", "checker", "plain"]
     assert unet_weights(tmp_path / "second")["class_embedding.linear_1.weight"].shape[1] == 3
+
+
+def test_an_empty_caption_keeps_its_encoding_and_only_a_dropped_one_is_zeroed():
+    base = resolve("toy:xl-base")
+    tokenizers = load_tokenizers(base)
+    key_of, encoders = load_text_encoders({"base": base}, "cpu", torch.float32)
+    ids, empty = tokenize(tokenizers, ["", "a red circle"]), tokenize(tokenizers, [""])[0]
+    for budget in (1 << 30, 0):
+        cond = TextContexts(encoders, ids, empty, torch.device("cpu"), budget_bytes=budget)(
+            torch.tensor([0, 0]), torch.tensor([False, True]))[key_of["base"]]
+        assert cond.context[0].abs().sum() > 0 and not cond.context[1].any() and not cond.pooled[1].any()

@@ -18,7 +18,8 @@ from ..errors import ModelError
 from ..files.hashing import component_sha256
 from ..models.pipeline import load_component
 
-XL_PARTS = (("text_encoder", "tokenizer", CLIPTextModel), ("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection))
+XL_PARTS = (("text_encoder", "tokenizer", CLIPTextModel),
+            ("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection))
 PARTS = XL_PARTS[:1]
 
 
@@ -130,30 +131,31 @@ class TextContexts:
         size = len(unique) * caption_ids.shape[-1] * sum(e.bytes_per_token for e in encoders.values())
         self.cache = None
         if size <= budget_bytes:
-            self.cache = {}
+            self.cache, self.drop_row = {}, {}
             for key, encoder in encoders.items():
                 parts = [encoder(chunk) for chunk in unique.split(256)]
-                cache = Conditioning(torch.cat([p.context for p in parts]),
-                                     torch.cat([p.pooled for p in parts]) if encoder.xl else None)
-                if encoder.zero_empty:
-                    cache = _zeroed(cache, torch.arange(len(unique), device=cache.context.device) == self.empty_row)
-                self.cache[key] = cache
+                if encoder.zero_empty:  # a zeroed row after the captions' (an empty caption keeps its encoding)
+                    parts.append(_zeroed(parts[0][:1], torch.ones(1, dtype=torch.bool)))
+                self.cache[key] = Conditioning(torch.cat([p.context for p in parts]),
+                                               torch.cat([p.pooled for p in parts]) if encoder.xl else None)
+                self.drop_row[key] = len(unique) if encoder.zero_empty else self.empty_row
             self.caption_rows = self.caption_rows.to(device)
 
     def __call__(self, idx: torch.Tensor, drop: torch.Tensor) -> dict[str, Conditioning]:
         """Conditioning for dataset items `idx` (caption dropped where `drop`), one per set of text encoders."""
         if self.cache is not None:
-            rows = torch.where(drop, self.empty_row, self.caption_rows[idx])
-            return {key: cached[rows] for key, cached in self.cache.items()}
+            return {key: cached[torch.where(drop, self.drop_row[key], self.caption_rows[idx])]
+                    for key, cached in self.cache.items()}
         ids = torch.where(drop[:, None, None].cpu(), self.empty_ids, self.caption_ids[idx.cpu()])
         found = {}
         for key, encoder in self.encoders.items():
             found[key] = encoder(ids)
             if encoder.zero_empty:
-                found[key] = _zeroed(found[key], drop.to(found[key].context.device))
+                found[key] = _zeroed(found[key], drop)
         return found
 
 
 def _zeroed(cond: Conditioning, rows: torch.Tensor) -> Conditioning:
-    keep = (~rows).to(cond.context.dtype)
-    return Conditioning(cond.context * keep[:, None, None], None if cond.pooled is None else cond.pooled * keep[:, None])
+    keep = (~rows).to(cond.context.device, cond.context.dtype)
+    pooled = None if cond.pooled is None else cond.pooled * keep[:, None]
+    return Conditioning(cond.context * keep[:, None, None], pooled)

@@ -126,9 +126,9 @@ def build(out: Path, seed: int = 0, plan: BuildPlan | None = None) -> dict:
     captions = {s: [c for _, c in items] for s, items in data.items()}
 
     console.say("toy zoo: training the base model")
-    base_unet = train_denoiser(components.unet(), text_conditioning(text_encoder, tokenizer, captions[shapes.BASE_STYLE]),
-                               latents[shapes.BASE_STYLE], plan.base_steps, plan, seed, "base",
-                               text_encoder.parameters())
+    condition = text_conditioning(text_encoder, tokenizer, captions[shapes.BASE_STYLE])
+    base_unet = train_denoiser(components.unet(), condition, latents[shapes.BASE_STYLE], plan.base_steps, plan, seed,
+                               "base", text_encoder.parameters())
     base_pipe = _pipeline(vae, text_encoder, tokenizer, base_unet)
     _save_model(base_pipe, out / "base", None)
 
@@ -137,7 +137,6 @@ def build(out: Path, seed: int = 0, plan: BuildPlan | None = None) -> dict:
         console.say(f"toy zoo: fine-tuning teacher {style!r}")
         unet = components.unet()
         unet.load_state_dict(base_unet.state_dict())
-        text_encoder.requires_grad_(False)
         unet = train_denoiser(unet, text_conditioning(text_encoder, tokenizer, captions[style]), latents[style],
                               plan.teacher_steps, plan, seed + 1 + i, style)
         teacher_pipes[style] = _pipeline(vae, text_encoder, tokenizer, unet)

@@ -33,7 +33,8 @@ UNET = dict(
     addition_time_embed_dim=TIME_WIDTH, projection_class_embeddings_input_dim=6 * TIME_WIDTH + POOLED_WIDTH,
 )
 # Parts an XL model links to instead of holding: (its part, the SD1.x toy base's part it is).
-FROM_SD_BASE = (("vae", "vae"), ("text_encoder", "text_encoder"), ("tokenizer", "tokenizer"), ("tokenizer_2", "tokenizer"))
+FROM_SD_BASE = (("vae", "vae"), ("text_encoder", "text_encoder"), ("tokenizer", "tokenizer"),
+                ("tokenizer_2", "tokenizer"))
 
 
 def teacher_name(style: str) -> str:
