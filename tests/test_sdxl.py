@@ -208,3 +208,12 @@ def test_an_empty_caption_keeps_its_encoding_and_only_a_dropped_one_is_zeroed():
         cond = TextContexts(encoders, ids, empty, torch.device("cpu"), budget_bytes=budget)(
             torch.tensor([0, 0]), torch.tensor([False, True]))[key_of["base"]]
         assert cond.context[0].abs().sum() > 0 and not cond.context[1].any() and not cond.pooled[1].any()
+
+
+def test_an_sdxl_student_goes_into_one_file_only_a_style_at_a_time(dmm, tmp_path):
+    assert dmm("-q", "distill", recipe_file(tmp_path), "--max-steps", "1", "-o", tmp_path / "run").code == 0
+    r = dmm("export", tmp_path / "run", "--single-file", "-o", tmp_path / "student.safetensors")
+    assert_one_sentence_error(r, 2, "export --style", "label_emb")
+    r = dmm("export", tmp_path / "run", "--format", "dmm-official", "-o", tmp_path / "official")
+    assert_one_sentence_error(r, 2, "dmm-official", "SDXL")
+    assert not (tmp_path / "student.safetensors").exists() and not (tmp_path / "official").exists()

@@ -133,6 +133,9 @@ def export_single_file(folder: Path, path: Path, dtype: torch.dtype | None = Non
     xl = index["_class_name"] == "StableDiffusionXLPipeline"
     out: dict[str, torch.Tensor] = {}
     unet_weights, unet_config = unet or (_read(folder / "unet"), json.loads((folder / "unet" / "config.json").read_text()))
+    if xl and any(key.startswith("class_embedding.") for key in unet_weights):
+        raise ModelError(f"{folder}: an SDXL student goes into one file a style at a time (export --style): the "
+                         "file's label_emb is SDXL's text-time embedding, with no room for a style embedding")
     for key, tensor in unet_weights.items():
         out[UNET_PREFIX + unet_key(key, unet_config)] = tensor
     vae_config = json.loads((folder / "vae" / "config.json").read_text())
