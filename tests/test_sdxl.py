@@ -50,6 +50,7 @@ def test_toy_xl_student_distils_resumes_exactly_generates_bakes_and_evaluates(dm
     assert index["_class_name"] == "StableDiffusionXLPipeline"
     assert (straight / "text_encoder_2").is_dir() and (straight / "tokenizer_2").is_dir()
     assert [s["name"] for s in json.loads((straight / "styles.json").read_text())["styles"]] == ["night", "checker"]
+    assert "dmm_cli.models.pipeline.load_pipeline" in (straight / "README.md").read_text()  # how to load it
 
     r = dmm("-q", "generate", "--model", straight, "--style", "all", "a blue triangle", "--steps", "4", "--seed", "3",
             "-o", tmp_path / "styles")

@@ -469,6 +469,15 @@ def model_card(plan: RunPlan, last: dict) -> str:
     rows = "\n".join(f"| {i} | {t.name} | `{t.ref}` |" for i, t in enumerate(recipe.teachers))
     losses = ", ".join(f"{k} {last[k]:.5g}" for k in ("loss", "score_loss", "feature_loss") if k in last)
     first = recipe.teachers[0].name
+    if (plan.base / "text_encoder_2").is_dir():
+        loading = ("In Python, load it with `dmm_cli.models.pipeline.load_pipeline` (a `StableDiffusionXLPipeline` "
+                   "whose UNet\nkeeps its style MLP in the `identity` class-embedding slot, which diffusers alone "
+                   "leaves empty) and pass the\nstyle vector as the UNet's `class_labels` (see "
+                   "`dmm_cli.generate.sampling.style_conditioning`),\nor bake a style into a plain SDXL model "
+                   f"with `dmm export {plan.output} --style {first}`.")
+    else:
+        loading = ("In Python, load it with `StableDiffusionPipeline.from_pretrained` and pass the style vector as "
+                   "the\nUNet's `class_labels` (see `dmm_cli.generate.sampling.style_conditioning`).")
     return f"""---
 library_name: diffusers
 tags: [stable-diffusion, dmm, model-merging, distillation]
@@ -493,8 +502,7 @@ dmm generate --model {plan.output} --style all "a photo of a cat"
 dmm generate --model {plan.output} --style {first}:0.5,{recipe.teachers[-1].name}:0.5 "a photo of a cat"
 ```
 
-In Python, load it with `StableDiffusionPipeline.from_pretrained` and pass the style vector as the
-UNet's `class_labels` (see `dmm_cli.generate.sampling.style_conditioning`).
+{loading}
 
 ## Recipe
 
