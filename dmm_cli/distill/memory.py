@@ -30,7 +30,7 @@ from ..files.hashing import component_sha256
 from ..files.safetensors_header import component_shapes
 
 CARDS_GB = (24, 48, 80)
-TEXT_PARTS = ("text_encoder", "text_encoder_2")
+ENCODER_PARTS = ("text_encoder", "text_encoder_2")  # an SDXL model has both
 CHECKPOINTED = 0.2  # the share of activations gradient checkpointing keeps (block inputs only)
 
 
@@ -118,7 +118,7 @@ def model_sizes(base: Path, teachers: list[Path | None], previous: Path | None =
     distinct = {component_sha256(f / "unet") for f in teachers if f is not None} | ({"previous"} if previous else set())
     encoders = {}  # one of each distinct text encoder (SDXL has two per model)
     for folder in [base, *(t for t in teachers if t is not None)]:
-        for part in TEXT_PARTS:
+        for part in ENCODER_PARTS:
             if (folder / part).is_dir():
                 encoders.setdefault(component_sha256(folder / part), folder / part)
     return ModelSizes(parameters(base / "unet"), sum(parameters(c) for c in encoders.values()), len(distinct),

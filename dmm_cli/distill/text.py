@@ -18,9 +18,9 @@ from ..errors import ModelError
 from ..files.hashing import component_sha256
 from ..models.pipeline import load_component
 
-XL_PARTS = (("text_encoder", "tokenizer", CLIPTextModel),
-            ("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection))
-PARTS = XL_PARTS[:1]
+XL_TEXT_PARTS = (("text_encoder", "tokenizer", CLIPTextModel),
+                 ("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection))
+TEXT_PARTS = XL_TEXT_PARTS[:1]
 
 
 def is_xl(folder: Path) -> bool:
@@ -29,7 +29,7 @@ def is_xl(folder: Path) -> bool:
 
 def text_parts(folder: Path) -> tuple:
     """(encoder folder, tokenizer folder, encoder class) of each text encoder of a model folder, in order."""
-    return XL_PARTS if is_xl(folder) else PARTS
+    return XL_TEXT_PARTS if is_xl(folder) else TEXT_PARTS
 
 
 @dataclass

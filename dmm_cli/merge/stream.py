@@ -123,8 +123,9 @@ def merge_component(method: str, base: Path | None, teachers: list[Path], out_di
     target = out_dir / _output_name(base or teachers[0])
     use_base = base_in is not None and METHODS[method].needs_base
 
-    def read(name):
-        return source.get(name), base_in.get(name) if use_base else None, [inp.get(name) for inp in teacher_in]
+    def read(name):  # with a base, `source` is the base: it is read (and checked) once
+        first = source.get(name)
+        return first, first if use_base else None, [inp.get(name) for inp in teacher_in]
 
     names = list(specs)
     # The next tensor is read while this one is merged: file reads and torch both release the GIL.
