@@ -243,7 +243,7 @@ def _describe_plan(d: dict) -> str:
                  f"{t['feature_loss']['type']}, "
                  f"caption dropout {t['caption_dropout']}")
     lines.append(f"memory {d['memory']['summary']}")
-    lines += [f"       a {card} card: {answer}" for card, answer in d["memory"]["fits"].items()]
+    lines += [f"       on {card}: {answer}" for card, answer in d["memory"]["fits"].items()]
     if d["resume_from"]:
         lines.append(f"resume {d['resume_from']}")
     return "\n".join(lines)
