@@ -144,13 +144,13 @@ def _previous_student(recipe: Recipe) -> tuple[Path, StyleTable]:
 def _check_teachers(recipe: Recipe, base: Path, teachers: list[Path | None]) -> None:
     """Every teacher has the base's family, UNet and noise schedule; what they predict may differ (it is
     converted)."""
+    check_pipeline_folder(base)
     family = model_family(base)
     for spec, folder in zip(recipe.teachers, teachers):
         own = model_family(folder) if folder is not None else family
         if own != family:
             raise ModelError(f"teacher {spec.name!r} ({spec.model}): an {own} model cannot be distilled with the "
                              f"{family} base {recipe.base}; every teacher must be a fine-tune of it")
-    check_pipeline_folder(base)
     base_shapes = component_shapes(base / "unet")
     if any(k.startswith("class_embedding.") for k in base_shapes):
         raise ModelError(f"base {recipe.base}: is already a style student; a base must be a plain model")
@@ -257,17 +257,20 @@ def _plan_data(recipe: Recipe, base: Path, teachers: int) -> DataPlan:
     return DataPlan(images, size, None if images is None else images * 4 * side * side * 4)
 
 
+def _downscaling(base: Path, part: str) -> int:
+    """How many times smaller a VAE or UNet makes its input's sides: 2 per block after the first."""
+    return 2 ** (len(json.loads((base / part / "config.json").read_text())["block_out_channels"]) - 1)
+
+
 def latent_side(recipe: Recipe, base: Path) -> int:
-    """The side of the run's latents: its picture side over the VAE's downscaling (2 per block after the first)."""
-    vae = json.loads((base / "vae" / "config.json").read_text())
-    return (recipe.data.resolution or vae["sample_size"]) // 2 ** (len(vae["block_out_channels"]) - 1)
+    """The side of the run's latents: its picture side over the VAE's downscaling."""
+    side = recipe.data.resolution or json.loads((base / "vae" / "config.json").read_text())["sample_size"]
+    return side // _downscaling(base, "vae")
 
 
 def bucket_multiple(base: Path) -> int:
     """What bucket sides must be multiples of: the VAE's downscaling times the UNet's."""
-    vae = json.loads((base / "vae" / "config.json").read_text())
-    unet = json.loads((base / "unet" / "config.json").read_text())
-    return 2 ** (len(vae["block_out_channels"]) - 1) * 2 ** (len(unet["block_out_channels"]) - 1)
+    return _downscaling(base, "vae") * _downscaling(base, "unet")
 
 
 def _accelerator(recipe: Recipe):
@@ -469,7 +472,7 @@ def model_card(plan: RunPlan, last: dict) -> str:
     rows = "\n".join(f"| {i} | {t.name} | `{t.ref}` |" for i, t in enumerate(recipe.teachers))
     losses = ", ".join(f"{k} {last[k]:.5g}" for k in ("loss", "score_loss", "feature_loss") if k in last)
     first = recipe.teachers[0].name
-    if (plan.base / "text_encoder_2").is_dir():
+    if model_family(plan.base) == "SDXL":
         loading = ("In Python, load it with `dmm_cli.models.pipeline.load_pipeline` (a `StableDiffusionXLPipeline` "
                    "whose UNet\nkeeps its style MLP in the `identity` class-embedding slot, which diffusers alone "
                    "leaves empty) and pass the\nstyle vector as the UNet's `class_labels` (see "

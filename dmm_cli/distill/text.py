@@ -16,6 +16,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from ..errors import ModelError
 from ..files.hashing import component_sha256
+from ..models.folders import model_family
 from ..models.pipeline import load_component
 
 XL_TEXT_PARTS = (("text_encoder", "tokenizer", CLIPTextModel),
@@ -23,13 +24,9 @@ XL_TEXT_PARTS = (("text_encoder", "tokenizer", CLIPTextModel),
 TEXT_PARTS = XL_TEXT_PARTS[:1]
 
 
-def is_xl(folder: Path) -> bool:
-    return (Path(folder) / "text_encoder_2").is_dir()
-
-
 def text_parts(folder: Path) -> tuple:
     """(encoder folder, tokenizer folder, encoder class) of each text encoder of a model folder, in order."""
-    return XL_TEXT_PARTS if is_xl(folder) else TEXT_PARTS
+    return XL_TEXT_PARTS if model_family(folder) == "SDXL" else TEXT_PARTS
 
 
 @dataclass
@@ -100,7 +97,7 @@ def tokenize(tokenizers: list[CLIPTokenizer], texts: list[str]) -> torch.Tensor:
 
 def _zero_empty(folder: Path) -> bool:
     """Whether the pipeline conditions on zeros for an empty prompt (SDXL's force_zeros_for_empty_prompt)."""
-    if not is_xl(folder):
+    if model_family(folder) != "SDXL":
         return False
     return json.loads((Path(folder) / "model_index.json").read_text()).get("force_zeros_for_empty_prompt", True)
 

@@ -13,7 +13,7 @@ from ..errors import BadInput
 from ..files.atomic import atomic_folder, check_replaceable, output_lock, remove_leftovers
 from ..files.images import slug
 from ..models import references
-from ..models.folders import copy_part, derived_model_index, model_root, parts_besides_unet
+from ..models.folders import copy_part, derived_model_index, model_family, model_root, parts_besides_unet
 from ..models.official import OFFICIAL_PIPELINE_CLASS, OFFICIAL_UNET_CLASS, official_unet
 from ..models.single_file import _read, export_single_file
 from ..models.styles import STYLES_FILE, StyleTable, parse_style
@@ -74,7 +74,7 @@ def export(ref: str, *, style: str | None = None, output: Path | None = None, si
     if fmt == "diffusers" and style is None and not single_file:
         raise BadInput("nothing to export: give --style (bake a style), --single-file, or --format dmm-official")
     folder = references.resolve(ref)
-    if fmt == "dmm-official" and (folder / "text_encoder_2").is_dir():
+    if fmt == "dmm-official" and model_family(folder) == "SDXL":
         raise BadInput(f"{ref}: --format dmm-official is the released SD1.x layout, whose style embedding takes the "
                        "slot of SDXL's text-time embedding; export an SDXL student as a folder or a single file")
     table = StyleTable.read(folder)
