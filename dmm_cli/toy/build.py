@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
@@ -15,11 +14,10 @@ from diffusers import StableDiffusionPipeline
 from torch.nn import functional as F
 
 from .. import console
-from ..files.atomic import atomic_folder
 from ..generate.sampling import generate
 from . import classifier as style_classifier
 from . import components, loras, shapes, xl
-from .training import progress, text_conditioning, train_denoiser
+from .training import progress, save_model, text_conditioning, train_denoiser
 
 SHARED_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -82,19 +80,6 @@ def _pipeline(vae, text_encoder, tokenizer, unet) -> StableDiffusionPipeline:
     return pipe
 
 
-def _save_model(pipe: StableDiffusionPipeline, folder: Path, base: Path | None) -> None:
-    """Write one zoo model in fp16; teachers link to the base's shared parts to keep the zoo small."""
-    with atomic_folder(folder) as tmp:
-        pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
-        pipe.to(torch.float32)
-        if base is not None:
-            for part in SHARED_PARTS:
-                for f in (tmp / part).iterdir():
-                    f.unlink()
-                (tmp / part).rmdir()
-                os.symlink(Path("..") / base.name / part, tmp / part)
-
-
 def _samples(pipe, pairs, per_pair, seed, plan: BuildPlan):
     prompts = [shapes.caption(c, s) for c, s in pairs for _ in range(per_pair)]
     return generate(pipe, prompts, steps=plan.sample_steps, guidance=plan.guidance, seed=seed, batch_size=64), prompts
@@ -130,7 +115,7 @@ def build(out: Path, seed: int = 0, plan: BuildPlan | None = None) -> dict:
     base_unet = train_denoiser(components.unet(), condition, latents[shapes.BASE_STYLE], plan.base_steps, plan, seed,
                                "base", text_encoder.parameters())
     base_pipe = _pipeline(vae, text_encoder, tokenizer, base_unet)
-    _save_model(base_pipe, out / "base", None)
+    save_model(base_pipe, out / "base", {})
 
     teacher_pipes = {}
     for i, style in enumerate(shapes.TEACHER_STYLES):
@@ -140,7 +125,7 @@ def build(out: Path, seed: int = 0, plan: BuildPlan | None = None) -> dict:
         unet = train_denoiser(unet, text_conditioning(text_encoder, tokenizer, captions[style]), latents[style],
                               plan.teacher_steps, plan, seed + 1 + i, style)
         teacher_pipes[style] = _pipeline(vae, text_encoder, tokenizer, unet)
-        _save_model(teacher_pipes[style], out / style, out / "base")
+        save_model(teacher_pipes[style], out / style, {part: f"base/{part}" for part in SHARED_PARTS})
 
     console.say("toy zoo: training a LoRA per style")
     lora_manifest = loras.derive(out, plan, seed)

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from ..files.atomic import atomic_file, atomic_folder
 from . import shapes
-from .training import text_conditioning, train_denoiser
+from .training import style_latents, text_conditioning, train_denoiser
 
 RANK = 8
 # The layers kohya's sd-scripts trains (attention, feed-forward, projections; LoCon adds the ResNet convs).
@@ -30,13 +30,8 @@ def train(base: Path, style: str, plan, seed: int, rank: int) -> dict[str, tuple
     from peft.utils import get_peft_model_state_dict
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from .classifier import to_pixels
-
-    items = shapes.dataset(style, shapes.all_pairs(), plan.images_per_pair, seed)
     vae = AutoencoderKL.from_pretrained(base / "vae", torch_dtype=torch.float32).eval()
-    with torch.inference_mode():
-        pixels = to_pixels([image for image, _ in items]) * 2 - 1
-        latents = torch.cat([vae.encode(c).latent_dist.mode() for c in pixels.split(256)]) * vae.config.scaling_factor
+    latents, captions = style_latents(vae, style, plan, seed)
     unet = UNet2DConditionModel.from_pretrained(base / "unet", torch_dtype=torch.float32)
     unet.requires_grad_(False)
     targets = sorted({name for name, module in unet.named_modules() if name.endswith(LAYERS)})
@@ -44,10 +39,9 @@ def train(base: Path, style: str, plan, seed: int, rank: int) -> dict[str, tuple
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets))
     text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder", torch_dtype=torch.float32).eval()
     tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
-    # a clone outside inference mode: autograd does not take inference tensors
     text_encoder.requires_grad_(False)
-    train_denoiser(unet, text_conditioning(text_encoder, tokenizer, [c for _, c in items]), latents.clone(),
-                   plan.lora_steps, dataclasses.replace(plan, lr=plan.lora_lr), seed, f"{style} LoRA")
+    train_denoiser(unet, text_conditioning(text_encoder, tokenizer, captions), latents, plan.lora_steps,
+                   dataclasses.replace(plan, lr=plan.lora_lr), seed, f"{style} LoRA")
     state = get_peft_model_state_dict(unet)
     return {layer: (state[f"{layer}.lora_A.weight"].half(), state[f"{layer}.lora_B.weight"].half())
             for layer in (k.removesuffix(".lora_A.weight") for k in state if k.endswith(".lora_A.weight"))}

@@ -1,5 +1,9 @@
-"""Train a toy denoiser the way Stable Diffusion is trained: shared by the zoo's base, its teachers and its LoRAs."""
+"""Train a toy denoiser the way Stable Diffusion is trained, shared by the zoo's bases, teachers and LoRAs, with the
+steps around it: a style's pictures as latents, and a trained model written into the zoo."""
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler
@@ -7,11 +11,36 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .. import console
-from . import components
+from ..files.atomic import atomic_folder
+from . import components, shapes
 
 
 def progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, disable=console.progress_disabled(), leave=False)
+
+
+def style_latents(vae, style: str, plan, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """A style's training pictures as scaled latents of `vae`, and their captions."""
+    from .classifier import to_pixels
+
+    items = shapes.dataset(style, shapes.all_pairs(), plan.images_per_pair, seed)
+    with torch.inference_mode():
+        pixels = to_pixels([image for image, _ in items]) * 2 - 1
+        latents = torch.cat([vae.encode(c).latent_dist.mode() for c in pixels.split(256)]) * vae.config.scaling_factor
+    return latents.clone(), [c for _, c in items]  # a clone outside inference mode: autograd takes no inference tensors
+
+
+def save_model(pipe, folder: Path, links: dict[str, str]) -> None:
+    """Write one zoo model in fp16, its `links` parts replaced by relative links (part -> "model/part") to keep the
+    zoo small."""
+    with atomic_folder(folder) as tmp:
+        pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+        pipe.to(torch.float32)
+        for part, target in links.items():
+            for f in (tmp / part).iterdir():
+                f.unlink()
+            (tmp / part).rmdir()
+            os.symlink(Path("..") / target, tmp / part)
 
 
 def text_conditioning(text_encoder, tokenizer, captions: list[str]):

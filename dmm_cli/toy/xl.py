@@ -8,7 +8,6 @@ the tokenizer are the SD1.x toy base's, linked, so the family adds a few MB to t
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -16,10 +15,8 @@ from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionM
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .. import console
-from ..files.atomic import atomic_folder
 from . import components, shapes
-from .classifier import to_pixels
-from .training import train_denoiser
+from .training import save_model, style_latents, train_denoiser
 
 BASE = "xl-base"
 TEACHER_STYLES = ("night", "checker")
@@ -68,18 +65,6 @@ def xl_conditioning(encoders, tokenizer, captions: list[str], size: int):
     return condition
 
 
-def _save(pipe: StableDiffusionXLPipeline, folder: Path, links: dict[str, str]) -> None:
-    """One XL model in fp16, its `links` parts replaced by relative links (part → 'model/part')."""
-    with atomic_folder(folder) as tmp:
-        pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
-        pipe.to(torch.float32)
-        for part, target in links.items():
-            for f in (tmp / part).iterdir():
-                f.unlink()
-            (tmp / part).rmdir()
-            os.symlink(Path("..") / target, tmp / part)
-
-
 def build(out: Path, plan, seed: int) -> dict:
     """Train the XL base (with its second text encoder) and its teachers next to the SD1.x toy base in `out`."""
     sd_base = out / "base"
@@ -89,12 +74,7 @@ def build(out: Path, plan, seed: int) -> dict:
     tokenizer = CLIPTokenizer.from_pretrained(sd_base / "tokenizer")
     latents, captions = {}, {}
     for style in (shapes.BASE_STYLE, *TEACHER_STYLES):
-        items = shapes.dataset(style, shapes.all_pairs(), plan.images_per_pair, seed)
-        with torch.inference_mode():
-            pixels = to_pixels([image for image, _ in items]) * 2 - 1
-            encoded = torch.cat([vae.encode(c).latent_dist.mode() for c in pixels.split(256)])
-        latents[style] = (encoded * vae.config.scaling_factor).clone()  # a clone: autograd takes no inference tensors
-        captions[style] = [c for _, c in items]
+        latents[style], captions[style] = style_latents(vae, style, plan, seed)
 
     torch.manual_seed(seed)
     text_2 = text_encoder_2(tokenizer)
@@ -109,13 +89,13 @@ def build(out: Path, plan, seed: int) -> dict:
         return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_2, tokenizer=tokenizer,
                                          tokenizer_2=tokenizer, unet=unet, scheduler=components.scheduler())
 
-    _save(pipeline(unet), out / BASE, shared)
+    save_model(pipeline(unet), out / BASE, shared)
     for i, style in enumerate(TEACHER_STYLES):
         console.say(f"toy zoo: fine-tuning SDXL-shaped teacher {style!r}")
         teacher = UNet2DConditionModel(**UNET)
         teacher.load_state_dict(unet.state_dict())
         teacher = train_denoiser(teacher, xl_conditioning(encoders, tokenizer, captions[style], shapes.SIZE),
                                  latents[style], plan.teacher_steps, plan, seed + 11 + i, f"xl {style}")
-        _save(pipeline(teacher), out / teacher_name(style),
+        save_model(pipeline(teacher), out / teacher_name(style),
               {**shared, "text_encoder_2": f"{BASE}/text_encoder_2", "scheduler": f"{BASE}/scheduler"})
     return {"base": BASE, "teachers": [teacher_name(s) for s in TEACHER_STYLES]}
