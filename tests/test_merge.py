@@ -82,25 +82,71 @@ def test_ties(tensors, density, w, slicing):
     assert torch.allclose(got, reference_ties(base, models, w, density, 0.9), atol=1e-6)
 
 
-@pytest.mark.parametrize("values", ["gaussian", "few distinct", "mostly zero", "tiny and huge"])
-def test_the_linear_time_threshold_is_the_exact_kth_largest(values):
-    """The histogram selection against a full sort, on tensors large enough to take that path."""
-    from dmm_cli.merge.ties import SMALL, kth_largest, threshold_below, trim_
+def sorted_ties(base, models, w, density, lam):
+    """TIES by a full sort and masks, for tensors too large for reference_ties."""
+    deltas = torch.stack([m.float() - base for m in models])
+    k = math.ceil(density * base.numel())
+    kth = deltas.abs().sort(dim=1, descending=True).values[:, k - 1:k]
+    kept = torch.where(deltas.abs() >= kth, deltas, 0.0)  # ties at the threshold kept
+    weights = torch.tensor(w)[:, None]
+    sign = (weights * kept).sum(0).sign()
+    agree = (kept != 0) & (kept.sign() == sign)
+    den = (weights * agree).sum(0)
+    return base + lam * (weights * kept * agree).sum(0) / torch.where(den == 0, 1.0, den)
+
+
+def large_teachers(values: str):
+    """fp16 teachers around an fp32 base, large enough for the sampled brackets and compiled passes."""
+    from dmm_cli.merge.fused import COMPILE_FROM
 
     g = torch.Generator().manual_seed(5)
-    n = SMALL * 3 + 17
-    x = {"gaussian": torch.randn(n, generator=g),
-         "few distinct": torch.randint(-3, 4, (n,), generator=g).float() * 0.25,
-         "mostly zero": torch.where(torch.rand(n, generator=g) < 0.9, 0.0, torch.randn(n, generator=g)),
-         "tiny and huge": torch.randn(n, generator=g) * 10.0 ** torch.randint(-30, 30, (n,), generator=g)}[values]
-    ordered = x.abs().sort(descending=True).values
-    for density in (0.001, 0.2, 0.5, 0.97):
-        k = math.ceil(density * n)
-        assert kth_largest(x.abs(), k) == ordered[k - 1]
-        row = x.clone()
-        trim_(row, threshold_below(x.abs(), density), x.abs())
-        expected = torch.where(x.abs() >= ordered[k - 1], x, 0.0)  # ties at the threshold kept
-        assert torch.equal(row, expected)
+    n = COMPILE_FROM * 2 + 17
+    base = torch.randn(n, generator=g).half().float()
+
+    def change():
+        return {"gaussian": torch.randn(n, generator=g),
+                "few distinct": torch.randint(-3, 4, (n,), generator=g).float() * 0.25,
+                "mostly zero": torch.where(torch.rand(n, generator=g) < 0.9, 0.0, torch.randn(n, generator=g)),
+                "tiny and huge": torch.randn(n, generator=g) * 2.0 ** torch.randint(-20, 4, (n,), generator=g)}[values]
+    return base, [(base + change()).half() for _ in range(3)]
+
+
+@pytest.mark.parametrize("values", ["gaussian", "few distinct", "mostly zero", "tiny and huge"])
+def test_ties_on_large_tensors_is_exact(values, monkeypatch):
+    """The sampled brackets and the compiled merge against a full sort, whole and in slices."""
+    from dmm_cli.merge import registry
+    from dmm_cli.merge.fused import COMPILE_FROM
+
+    base, models = large_teachers(values)
+    for density, w in ((0.001, (1.0, 1.0, 1.0)), (0.2, (1.0, 0.5, 2.0)), (0.97, (1.0, -0.5, 0.0)), (1.0, (1.0, 2.0, 1.0))):
+        got = METHODS["ties"].fn(base, models, MergeParams(w, density=density, lam=0.9), "k")
+        assert torch.allclose(got, sorted_ties(base, models, w, density, 0.9), atol=1e-6), density
+    signed = METHODS["dare"].fn(base, models, MergeParams((1.0, 0.5, 2.0), density=1.0, dare_sign=True), "k")
+    assert torch.allclose(signed, sorted_ties(base, models, (1.0, 0.5, 2.0), 1.0, 1.0), atol=1e-6)
+    monkeypatch.setattr(registry, "WHOLE", COMPILE_FROM)  # three slices, the last too small to compile
+    monkeypatch.setattr(registry, "SLICE", COMPILE_FROM)
+    got = METHODS["ties"].fn(base, models, MergeParams((1.0, 0.5, 2.0), density=0.3, lam=1.0), "k")
+    assert torch.allclose(got, sorted_ties(base, models, (1.0, 0.5, 2.0), 0.3, 1.0), atol=1e-6)
+
+
+def test_ties_when_every_bracket_misses_or_compiling_fails(monkeypatch, capsys):
+    from dmm_cli.merge import fused, ties
+
+    base, models = large_teachers("gaussian")
+    expected = sorted_ties(base, models, (1.0, 1.0, 1.0), 0.2, 1.0)
+    monkeypatch.setattr(ties, "SIGMAS", -10.0)  # brackets upside down: empty, so every threshold is searched again
+    assert torch.allclose(METHODS["ties"].fn(base, models, MergeParams((1.0,) * 3, density=0.2), "k"), expected,
+                          atol=1e-6)
+
+    def no_compiler(fn):
+        raise RuntimeError("InductorError: CppCompileError: C++ compile error\n(details)")
+    monkeypatch.setattr(ties, "SIGMAS", 4.5)
+    monkeypatch.setattr(fused, "_compiled", no_compiler)
+    monkeypatch.setattr(fused, "_failed", [])
+    assert torch.allclose(METHODS["ties"].fn(base, models, MergeParams((1.0,) * 3, density=0.2), "k"), expected,
+                          atol=1e-6)
+    assert capsys.readouterr().err == ("warning: torch.compile does not work here (InductorError: CppCompileError: "
+                                       "C++ compile error); merging without it, which is slower\n")
 
 
 def test_dare_masks_drawn_slice_by_slice_are_the_whole_tensors_masks():

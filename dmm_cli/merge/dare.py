@@ -5,6 +5,7 @@ import hashlib
 
 import torch
 
+from . import fused
 from .registry import register, slices
 from .ties import disjoint_mean
 
@@ -35,7 +36,8 @@ def dare(base, models, params, key):
             keep = (torch.rand(part.stop - part.start, generator=draws[i]) < params.density).to(flat.device)
             rows.append(torch.sub(model.reshape(-1)[part], flat[part]).mul_(keep).div_(params.density))
         if params.dare_sign:
-            merged[part] = disjoint_mean(torch.stack(rows), params.weights)
+            merged[part] = fused.run(disjoint_mean, part.stop - part.start, rows,
+                                     torch.tensor(params.weights, device=flat.device))
         else:
             total = rows[0].mul_(params.weights[0])
             for w, row in zip(params.weights[1:], rows[1:]):
