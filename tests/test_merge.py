@@ -107,11 +107,15 @@ def large_teachers(values: str):
         return {"gaussian": torch.randn(n, generator=g),
                 "few distinct": torch.randint(-3, 4, (n,), generator=g).float() * 0.25,
                 "mostly zero": torch.where(torch.rand(n, generator=g) < 0.9, 0.0, torch.randn(n, generator=g)),
-                "tiny and huge": torch.randn(n, generator=g) * 2.0 ** torch.randint(-20, 4, (n,), generator=g)}[values]
-    return base, [(base + change()).half() for _ in range(3)]
+                "tiny and huge": torch.randn(n, generator=g) * 2.0 ** torch.randint(-20, 4, (n,), generator=g),
+                "one is the base": torch.randn(n, generator=g)}[values]
+    teachers = [(base + change()).half() for _ in range(3)]
+    if values == "one is the base":  # as where a LoRA teacher leaves a tensor alone
+        teachers[1] = base.half()
+    return base, teachers
 
 
-@pytest.mark.parametrize("values", ["gaussian", "few distinct", "mostly zero", "tiny and huge"])
+@pytest.mark.parametrize("values", ["gaussian", "few distinct", "mostly zero", "tiny and huge", "one is the base"])
 def test_ties_on_large_tensors_is_exact(values, monkeypatch):
     """The sampled brackets and the compiled merge against a full sort, whole and in slices."""
     from dmm_cli.merge import registry

@@ -35,16 +35,22 @@ def trimmed_merge(base, teachers, thresholds, weights, lam):
     return base + lam * disjoint_mean(kept, weights)
 
 
+def _change(teacher: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    return (teacher.float() - base).abs()
+
+
 def _merge_and_mark(base, teachers, lows, highs, weights, lam):
-    """trimmed_merge at the thresholds `lows`; as 0/1 bytes, the entries where some teacher's change lies in its
-    bracket [low, high]; and per teacher, how many of its changes lie above the bracket."""
+    """trimmed_merge at the thresholds `lows`; as 0/1 bytes, the entries where some teacher's change lies inside
+    its bracket [low, high] (unless low = high: the bracket is then one value, the threshold if any); and per
+    teacher, how many of its changes lie above the bracket and how many reach it."""
     merged = trimmed_merge(base, teachers, lows, weights, lam)
-    magnitudes = [(teacher.float() - base).abs() for teacher in teachers]
+    magnitudes = [_change(teacher, base) for teacher in teachers]
     marked = torch.zeros_like(base, dtype=torch.bool)
     for magnitude, low, high in zip(magnitudes, lows, highs):
-        marked = marked | ((magnitude >= low) & (magnitude <= high))
-    above = torch.stack([(m > high).sum(dtype=torch.int64) for m, high in zip(magnitudes, highs)])
-    return merged, marked.to(torch.uint8), above  # bytes: compiled code writes them faster than bools
+        marked = marked | ((magnitude >= low) & (magnitude <= high) & (low < high))
+    counts = [torch.stack([(m > high).sum(dtype=torch.int64), (m >= low).sum(dtype=torch.int64)])
+              for m, low, high in zip(magnitudes, lows, highs)]
+    return merged, marked.to(torch.uint8), torch.stack(counts)  # bytes: compiled code writes them faster than bools
 
 
 def _brackets(flat: torch.Tensor, models: list[torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,10 +72,6 @@ def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     return values.kthvalue(values.numel() - k + 1).values
 
 
-def _change(teacher: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    return (teacher.float() - base).abs()
-
-
 @register("ties", needs_base=True, min_teachers=2, uses=("density", "lambda"),
           help="Trim task vectors to the top `density` by magnitude, elect signs by Σ wᵢδᵢ, disjoint mean; "
                "base + λ·mean.")
@@ -84,20 +86,22 @@ def ties(base, models, params, key):
     lows, highs = _brackets(flat, models, k)
     pieces = [fused.run(_merge_and_mark, part.stop - part.start, flat[part], [m[part] for m in models], lows, highs,
                         weights, lam) for part in slices(n)]
-    merged, marked = (torch.cat(x) for x in list(zip(*pieces))[:2]) if len(pieces) > 1 else pieces[0][:2]
-    above = torch.stack([piece[2] for piece in pieces]).sum(0).tolist()
+    merged, marked, counts = pieces[0] if len(pieces) == 1 else (torch.cat(x) for x in zip(*pieces))
+    counts = counts.view(-1, len(models), 2).sum(0).tolist()  # per teacher, over the slices
     where = marked.nonzero().squeeze(1)
     b, teachers = flat[where], [m[where] for m in models]
     magnitudes = (torch.stack(teachers).float() - b).abs_()
     insides = (magnitudes >= lows[:, None]) & (magnitudes <= highs[:, None])
     thresholds, missed = [], False
     for i, (magnitude, inside) in enumerate(zip(magnitudes, insides)):
-        inside = magnitude[inside]
-        if 0 < k - above[i] <= inside.numel():
-            thresholds.append(_kth_largest(inside, k - above[i]))
-        else:  # the bracket missed: search the whole tensor, and merge it all again
+        above, reached = counts[i]
+        if not above < k <= reached:  # the bracket missed: search the whole tensor, and merge it all again
             thresholds.append(_kth_largest(_change(models[i], flat), k))
             missed = True
+        elif lows[i] == highs[i]:  # a bracket of one value (a teacher equal to the base here, say) is the threshold
+            thresholds.append(lows[i])
+        else:
+            thresholds.append(_kth_largest(magnitude[inside], k - above))
     thresholds = torch.stack(thresholds)
     if missed:
         merged = torch.cat([fused.run(trimmed_merge, part.stop - part.start, flat[part], [m[part] for m in models],
