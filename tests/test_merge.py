@@ -144,7 +144,7 @@ def test_ties_when_every_bracket_misses_or_compiling_fails(monkeypatch, capsys):
 
     def no_compiler(fn):
         raise RuntimeError("InductorError: CppCompileError: C++ compile error\n(details)")
-    monkeypatch.setattr(ties, "SIGMAS", 3.5)
+    monkeypatch.undo()
     monkeypatch.setattr(fused, "_compiled", no_compiler)
     monkeypatch.setattr(fused, "_failed", [])
     assert torch.allclose(METHODS["ties"].fn(base, models, MergeParams((1.0,) * 3, density=0.2), "k"), expected,
