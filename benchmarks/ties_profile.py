@@ -56,7 +56,7 @@ def main() -> None:
     weights = torch.tensor(params.weights)
     k = math.ceil(a.density * a.numel)
     lows, highs = _brackets(base, teachers, k)
-    merged, marked, above = fused.run(_merge_and_mark, a.numel, base, teachers, lows, highs, weights, 1.0)
+    _, marked, _ = fused.run(_merge_and_mark, a.numel, base, teachers, lows, highs, weights, 1.0)
     where = marked.nonzero().squeeze(1)
     gathered = base[where], [t[where] for t in teachers]
     stages = {

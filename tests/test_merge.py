@@ -146,7 +146,7 @@ def test_ties_when_every_bracket_misses_or_compiling_fails(monkeypatch, capsys):
         raise RuntimeError("InductorError: CppCompileError: C++ compile error\n(details)")
     monkeypatch.undo()
     monkeypatch.setattr(fused, "_compiled", no_compiler)
-    monkeypatch.setattr(fused, "_failed", [])
+    monkeypatch.setattr(fused, "_failed", False)
     assert torch.allclose(METHODS["ties"].fn(base, models, MergeParams((1.0,) * 3, density=0.2), "k"), expected,
                           atol=1e-6)
     assert capsys.readouterr().err == ("warning: torch.compile does not work here (InductorError: CppCompileError: "

@@ -29,15 +29,14 @@ def dare(base, models, params, key):
     # Each teacher's mask is drawn slice after slice from its own generator: the same draws as one mask of the
     # whole tensor (tests/test_merge.py holds this), with memory for a slice only.
     draws = [mask_draws(params.seed, key, i) for i in range(len(models))]
-    merged = torch.empty_like(flat)
+    merged, weights = torch.empty_like(flat), torch.tensor(params.weights, device=flat.device)
     for part in slices(flat.numel()):
         rows = []
         for i, model in enumerate(models):
             keep = (torch.rand(part.stop - part.start, generator=draws[i]) < params.density).to(flat.device)
             rows.append(torch.sub(model.reshape(-1)[part], flat[part]).mul_(keep).div_(params.density))
         if params.dare_sign:
-            merged[part] = fused.run(disjoint_mean, part.stop - part.start, rows,
-                                     torch.tensor(params.weights, device=flat.device))
+            merged[part] = fused.run(disjoint_mean, part.stop - part.start, rows, weights)
         else:
             total = rows[0].mul_(params.weights[0])
             for w, row in zip(params.weights[1:], rows[1:]):

@@ -21,17 +21,18 @@ def _compiled(fn):
     return torch._inductor.config.patch(compile_threads=1)(torch.compile(fn, dynamic=True))
 
 
-_failed: list[str] = []
+_failed = False  # set once compiling has failed in this process: from then on, eager only
 
 
 def run(fn, numel: int, *args):
     """fn(*args), compiled when `numel`, the entries it works on, is large enough and compiling works here."""
+    global _failed
     if numel < COMPILE_FROM or _failed:
         return fn(*args)
     try:
         return _compiled(fn)(*args)
     except Exception as e:  # noqa: BLE001  compiling failed; a real error in fn raises again just below
-        _failed.append(str(e))
+        _failed = True
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         console.warn(f"torch.compile does not work here ({reason}); merging without it, which is slower")
         return fn(*args)

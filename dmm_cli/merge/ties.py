@@ -28,15 +28,16 @@ def disjoint_mean(changes: list[torch.Tensor], weights: torch.Tensor) -> torch.T
     return elected * num / torch.where(den == 0, 1.0, den)
 
 
+def _change(teacher: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """|teacher − base| in fp32 (teachers stacked on a first axis work too)."""
+    return (teacher.float() - base).abs()
+
+
 def trimmed_merge(base, teachers, thresholds, weights, lam):
     """base + λ·disjoint mean of the task vectors, each keeping the entries whose magnitude reaches its threshold."""
     changes = [teacher.float() - base for teacher in teachers]
     kept = [torch.where(d.abs() >= threshold, d, 0.0) for d, threshold in zip(changes, thresholds)]
     return base + lam * disjoint_mean(kept, weights)
-
-
-def _change(teacher: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    return (teacher.float() - base).abs()
 
 
 def _merge_and_mark(base, teachers, lows, highs, weights, lam):
@@ -60,12 +61,18 @@ def _brackets(flat: torch.Tensor, models: list[torch.Tensor], k: int) -> tuple[t
     stride = n // size  # one draw in each stretch of `stride` entries, in order: kinder to caches than draws anywhere
     offsets = torch.randint(stride, (size,), generator=torch.Generator().manual_seed(n))
     draws = (torch.arange(0, stride * size, stride) + offsets).to(flat.device)
-    sample = (torch.stack([m.index_select(0, draws) for m in models]).float() - flat.index_select(0, draws)).abs_()
+    sample = _change(torch.stack([m.index_select(0, draws) for m in models]), flat.index_select(0, draws))
     rank, spread = (n - k) / n * size, SIGMAS * math.sqrt(size * k / n * (1 - k / n)) + 1
     first, last = math.floor(rank - spread), math.ceil(rank + spread) + 1  # ranks from the smallest, 1-based
     low = sample.kthvalue(first, dim=1).values if first >= 1 else torch.zeros(len(models), device=flat.device)
     high = sample.kthvalue(last, dim=1).values if last <= size else torch.full_like(low, math.inf)
     return low, high
+
+
+def _by_slices(fn, flat: torch.Tensor, models: list[torch.Tensor], *rest) -> list:
+    """fn(base slice, teacher slices, *rest) for each slice of the flat tensors, compiled where large enough."""
+    return [fused.run(fn, part.stop - part.start, flat[part], [m[part] for m in models], *rest)
+            for part in slices(flat.numel())]
 
 
 def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -84,13 +91,12 @@ def ties(base, models, params, key):
         thresholds = torch.stack([_kth_largest(_change(m, flat), k) for m in models])
         return trimmed_merge(flat, models, thresholds, weights, lam).view(base.shape)
     lows, highs = _brackets(flat, models, k)
-    pieces = [fused.run(_merge_and_mark, part.stop - part.start, flat[part], [m[part] for m in models], lows, highs,
-                        weights, lam) for part in slices(n)]
+    pieces = _by_slices(_merge_and_mark, flat, models, lows, highs, weights, lam)
     merged, marked, counts = pieces[0] if len(pieces) == 1 else (torch.cat(x) for x in zip(*pieces))
     counts = counts.view(-1, len(models), 2).sum(0).tolist()  # per teacher, over the slices
     where = marked.nonzero().squeeze(1)
     b, teachers = flat[where], [m[where] for m in models]
-    magnitudes = (torch.stack(teachers).float() - b).abs_()
+    magnitudes = _change(torch.stack(teachers), b)
     insides = (magnitudes >= lows[:, None]) & (magnitudes <= highs[:, None])
     thresholds, missed = [], False
     for i, (magnitude, inside) in enumerate(zip(magnitudes, insides)):
@@ -104,8 +110,7 @@ def ties(base, models, params, key):
             thresholds.append(_kth_largest(magnitude[inside], k - above))
     thresholds = torch.stack(thresholds)
     if missed:
-        merged = torch.cat([fused.run(trimmed_merge, part.stop - part.start, flat[part], [m[part] for m in models],
-                                      thresholds, weights, lam) for part in slices(n)])
+        merged = torch.cat(_by_slices(trimmed_merge, flat, models, thresholds, weights, lam))
     else:
         merged[where] = fused.run(trimmed_merge, where.numel(), b, teachers, thresholds, weights, lam)
     return merged.view(base.shape)
