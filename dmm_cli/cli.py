@@ -20,7 +20,7 @@ _EXIT = (click.exceptions.Exit, typer.Exit)
 _ABORT = (click.exceptions.Abort, typer.Abort)
 _USAGE = (click.ClickException, _TyperClickException)
 
-from . import __version__, console
+from . import __version__, console, interrupts
 from .errors import BadInput, DMMError
 
 app = typer.Typer(
@@ -487,15 +487,16 @@ def toy_list(
         console.result(f"toy:{name}")
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def entry() -> int:
     """The `dmm` process: run the CLI, then exit with its code even if a late signal arrives while exiting."""
     code = main()
-    for s in (signal.SIGINT, signal.SIGTERM):  # the outcome is decided: a stray interrupt must not turn it into
-        signal.signal(s, signal.SIG_IGN)       # an unhandled KeyboardInterrupt during interpreter shutdown
+    for s in interrupts.SIGNALS:  # the outcome is decided: a stray interrupt must not turn it into
+        signal.signal(s, signal.SIG_IGN)  # an unhandled KeyboardInterrupt during interpreter shutdown
+    # CPython marks an interrupt that escaped an exec() of source text (a dataclass or namedtuple being made
+    # during a lazy import) as unhandled, however it was handled after, and then kills the process with SIGINT
+    # instead of exiting with `code`. Running source text clears that mark (CPython 3.11 does; where a later one
+    # keeps it, a shell still reads 130).
+    exec("")
     return code
 
 
@@ -503,8 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI and map every failure to one sentence on stderr and an exit code."""
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("DMM_DEBUG") == "1"
-    # `kill` gets what Ctrl-C gets: cleanup runs (temporary outputs removed, a distill run checkpointed).
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupts.catch()
     console.set_debug(debug)
     try:
         code = app(args=argv, prog_name="dmm", standalone_mode=False)
@@ -527,6 +527,9 @@ def main(argv: list[str] | None = None) -> int:
     except DMMError as e:
         if debug:
             traceback.print_exc()
+        if e.exit_code != 130 and interrupts.arrived():
+            print("dmm: interrupted", file=sys.stderr)
+            return 130
         print(f"dmm: {e}" if e.exit_code == 130 else f"dmm: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
@@ -535,6 +538,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # the last resort: one line, the traceback only with --debug
         if debug:
             traceback.print_exc()
+        if interrupts.arrived():
+            print("dmm: interrupted", file=sys.stderr)
+            return 130
         print(f"dmm: internal error: {e.__class__.__name__}: {e} (run with --debug for the traceback)",
               file=sys.stderr)
         return 1

@@ -1,4 +1,5 @@
-"""Ctrl-C and SIGTERM held back while state must change as one (an optimizer step, a checkpoint, a rename)."""
+"""Ctrl-C and SIGTERM: both raise KeyboardInterrupt, are remembered even where a library swallows them, and
+are held back while state must change as one (an optimizer step, a checkpoint, a rename)."""
 from __future__ import annotations
 
 import contextlib
@@ -6,6 +7,33 @@ import signal
 import threading
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_arrived = False
+
+
+def _note(signum, frame) -> None:
+    global _arrived
+    _arrived = True
+
+
+def _raise(signum, frame):
+    _note(signum, frame)
+    raise KeyboardInterrupt
+
+
+def catch() -> None:
+    """From now on SIGINT and SIGTERM raise KeyboardInterrupt (`kill` gets what Ctrl-C gets: cleanup runs),
+    and `arrived` forgets earlier ones."""
+    global _arrived
+    _arrived = False
+    for s in SIGNALS:
+        signal.signal(s, _raise)
+
+
+def arrived() -> bool:
+    """Whether an interrupt arrived since `catch`. Torch's C++ code turns a KeyboardInterrupt raised inside it
+    into a ValueError with no trace of it (loading safetensors does this), so the error the user then sees is
+    only a consequence of the interrupt."""
+    return _arrived
 
 
 @contextlib.contextmanager
@@ -19,7 +47,12 @@ def deferred(reraise: bool = True):
         yield
         return
     noted = []
-    previous = {s: signal.signal(s, lambda signum, frame: noted.append(signum)) for s in SIGNALS}
+
+    def note(signum, frame):
+        _note(signum, frame)
+        noted.append(signum)
+
+    previous = {s: signal.signal(s, note) for s in SIGNALS}
     try:
         yield
     finally:

@@ -68,6 +68,16 @@ def test_baseline_merge_interrupted(dmm, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists() and not litter(tmp_path)
 
 
+def test_a_second_interrupt_as_the_cleanup_starts_leaves_no_litter(dmm, tmp_path, monkeypatch):
+    from dmm_cli.files import atomic
+    from dmm_cli.merge import stream
+
+    interrupt_on_call(monkeypatch, stream, "check_finite", call=20)
+    interrupt_on_call(monkeypatch, atomic.shutil, "rmtree", call=1, sig=signal.SIGTERM)
+    interrupted(dmm("baseline-merge", "toy:night", "toy:outline", "-o", tmp_path / "out"))
+    assert not (tmp_path / "out").exists() and not litter(tmp_path)
+
+
 def test_generate_interrupted_keeps_the_pictures_it_made(dmm, tmp_path, monkeypatch):
     from dmm_cli.generate import run
 
@@ -93,6 +103,56 @@ def test_fetch_interrupted(dmm, tmp_path, monkeypatch):
 
     interrupt_on_call(monkeypatch, references, "check_pipeline_folder", sig=signal.SIGTERM)
     interrupted(dmm("fetch", "toy:night"))
+
+
+class RowsThatGetInterrupted:
+    """A sequence whose rows are read while torch builds a tensor from it, and a SIGTERM arrives meanwhile."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return [0.0, 1.0]
+
+
+def test_an_interrupt_torch_swallows_while_loading_still_reads_interrupted(dmm, tmp_path, monkeypatch):
+    """safetensors builds tensors through torch's C++, which turns a KeyboardInterrupt raised in there into a
+    ValueError that does not mention it; diffusers then reports the weights as unreadable."""
+    import safetensors.torch
+
+    def load_file_while_interrupted(*args, **kwargs):
+        return torch.tensor(RowsThatGetInterrupted())
+
+    monkeypatch.setattr(safetensors.torch, "load_file", load_file_while_interrupted)
+    r = dmm("distill", recipe_file(tmp_path))
+    interrupted(r)
+    assert "cannot load" not in r.err
+
+
+INTERRUPT_INSIDE_EXEC = """
+import sys
+from dmm_cli.files import safetensors_io
+original = safetensors_io.StreamingWriter.write
+def write(*args, **kwargs):  # the first tensor is written when the signal arrives, as a dataclass is made
+    exec("import os, signal; os.kill(os.getpid(), signal.SIGTERM)")
+    return original(*args, **kwargs)
+safetensors_io.StreamingWriter.write = write
+from dmm_cli.cli import entry
+sys.exit(entry())
+"""
+
+
+def test_an_interrupt_inside_exec_still_exits_130(tmp_path):
+    """CPython kills a process run with `python -m` by SIGINT at exit once an interrupt has escaped an exec() of
+    source text, even after the program handled it."""
+    (tmp_path / "interrupted_dmm.py").write_text(INTERRUPT_INSIDE_EXEC)
+    p = subprocess.run([sys.executable, "-m", "interrupted_dmm", "baseline-merge", "toy:night", "toy:outline",
+                        "-o", "out"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert p.returncode == 130, p.stderr
+    assert p.stderr.splitlines()[-1] == "dmm: interrupted", p.stderr
+    assert not (tmp_path / "out").exists() and not litter(tmp_path)
 
 
 def test_distill_setup_interrupted_then_plain_rerun_works(dmm, tmp_path, monkeypatch):

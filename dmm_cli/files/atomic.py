@@ -70,8 +70,9 @@ def atomic_file(path: Path):
         _public(Path(tmp))
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        with deferred():  # a second Ctrl-C must not leave the temporary behind
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 @contextlib.contextmanager
@@ -105,8 +106,9 @@ def atomic_folder(path: Path, keep_existing: bool = False):
         if old is not None:
             shutil.rmtree(old)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        with deferred():  # a second Ctrl-C must not leave the temporary behind
+            if tmp.exists():
+                shutil.rmtree(tmp)
 
 
 def _clear(leftover: Path, target: Path) -> None:
