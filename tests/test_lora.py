@@ -276,6 +276,7 @@ def test_hub_loras_are_fetched_pinned_verified_and_cached(tmp_path):
     assert p.returncode == 0 and Path(p.stdout.strip()) == night, p.stderr
 
 
+@pytest.mark.slow  # 76 s: the default suite keeps the LoRA mechanics (fuse, fetch, merge, generate)
 def test_a_lora_teacher_recipe_distils_to_90_percent_style_accuracy_on_held_out_prompts(dmm, tmp_path):
     recipe = yaml.safe_load(Path("recipes/toy_loras.yaml").read_text())
     recipe["teachers"] = [recipe["teachers"][0], recipe["teachers"][3]]  # night (kohya file), checker (PEFT folder)

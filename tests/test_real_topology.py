@@ -41,6 +41,7 @@ def cli(tmp_path: Path, hub: FakeHub, *args: str) -> subprocess.CompletedProcess
                           cwd=tmp_path, timeout=900)
 
 
+@pytest.mark.slow  # 85 s: the default suite keeps the v-prediction and SDXL dry runs at this topology
 def test_anime_realism_recipe_fetches_synthesizes_trains_then_generates_and_evaluates(tmp_path, repos):
     with FakeHub() as hub:
         for repo, folder in repos.items():
