@@ -121,10 +121,13 @@ def test_an_interrupt_torch_swallows_while_loading_still_reads_interrupted(dmm, 
     ValueError that does not mention it; diffusers then reports the weights as unreadable."""
     import safetensors.torch
 
-    def load_file_while_interrupted(*args, **kwargs):
-        return torch.tensor(RowsThatGetInterrupted())
+    real, calls = safetensors.torch.load_file, []
 
-    monkeypatch.setattr(safetensors.torch, "load_file", load_file_while_interrupted)
+    def load_file_interrupted_once(*args, **kwargs):  # a module first imported now keeps this function: once only
+        calls.append(1)
+        return torch.tensor(RowsThatGetInterrupted()) if len(calls) == 1 else real(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "load_file", load_file_interrupted_once)
     r = dmm("distill", recipe_file(tmp_path))
     interrupted(r)
     assert "cannot load" not in r.err
