@@ -128,19 +128,22 @@ def merge_component(method: str, base: Path | None, teachers: list[Path], out_di
         return first, first if use_base else None, [inp.get(name) for inp in teacher_in]
 
     names = list(specs)
-    # The next tensor is read while this one is merged: file reads and torch both release the GIL.
-    with open(target, "wb") as f, ThreadPoolExecutor(max_workers=1) as reader:
+    # The next tensor is read, and the last one written, while this one is merged: file reads and writes and
+    # torch all release the GIL. One write at a time is in flight, so memory holds at most one extra tensor.
+    with open(target, "wb") as f, ThreadPoolExecutor(max_workers=1) as reader, \
+            ThreadPoolExecutor(max_workers=1) as writes:
         writer = StreamingWriter(f, specs, metadata)
-        upcoming = reader.submit(read, names[0])
+        upcoming, written = reader.submit(read, names[0]), None
         for k, name in enumerate(tqdm(names, desc=f"{method} {out_dir.name}", unit="tensor",
                                       disable=console.progress_disabled(), leave=False)):
             first, b, models = upcoming.result()
             if k + 1 < len(names):
                 upcoming = reader.submit(read, names[k + 1])
-            if not first.is_floating_point():
-                writer.write(name, first)
-                continue
-            b = b.to(device, torch.float32) if b is not None else None
-            merged = fn(b, [m.to(device) for m in models], params, name)
-            writer.write(name, merged.to(specs[name][0]))
+            if first.is_floating_point():
+                b = b.to(device, torch.float32) if b is not None else None
+                first = fn(b, [m.to(device) for m in models], params, name).to(specs[name][0])
+            if written is not None:
+                written.result()  # a failed write stops the merge here
+            written = writes.submit(writer.write, name, first)
+        written.result()
     return target
