@@ -10,13 +10,13 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _arrived = False
 
 
-def _note(signum, frame) -> None:
+def _mark_arrived() -> None:
     global _arrived
     _arrived = True
 
 
 def _raise(signum, frame):
-    _note(signum, frame)
+    _mark_arrived()
     raise KeyboardInterrupt
 
 
@@ -49,7 +49,7 @@ def deferred(reraise: bool = True):
     noted = []
 
     def note(signum, frame):
-        _note(signum, frame)
+        _mark_arrived()
         noted.append(signum)
 
     previous = {s: signal.signal(s, note) for s in SIGNALS}

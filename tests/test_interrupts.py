@@ -136,11 +136,11 @@ def test_an_interrupt_torch_swallows_while_loading_still_reads_interrupted(dmm, 
 INTERRUPT_INSIDE_EXEC = """
 import sys
 from dmm_cli.files import safetensors_io
-original = safetensors_io.StreamingWriter.write
-def write(*args, **kwargs):  # the first tensor is written when the signal arrives, as a dataclass is made
+original = safetensors_io.StreamingWriter.__init__
+def start(*args, **kwargs):  # the signal arrives as the output is started, while a dataclass is made, say
     exec("import os, signal; os.kill(os.getpid(), signal.SIGTERM)")
-    return original(*args, **kwargs)
-safetensors_io.StreamingWriter.write = write
+    original(*args, **kwargs)
+safetensors_io.StreamingWriter.__init__ = start
 from dmm_cli.cli import entry
 sys.exit(entry())
 """

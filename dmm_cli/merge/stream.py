@@ -139,11 +139,12 @@ def merge_component(method: str, base: Path | None, teachers: list[Path], out_di
             first, b, models = upcoming.result()
             if k + 1 < len(names):
                 upcoming = reader.submit(read, names[k + 1])
+            out = first  # non-float tensors are copied
             if first.is_floating_point():
                 b = b.to(device, torch.float32) if b is not None else None
-                first = fn(b, [m.to(device) for m in models], params, name).to(specs[name][0])
+                out = fn(b, [m.to(device) for m in models], params, name).to(specs[name][0])
             if written is not None:
                 written.result()  # a failed write stops the merge here
-            written = writes.submit(writer.write, name, first)
+            written = writes.submit(writer.write, name, out)
         written.result()
     return target
