@@ -500,6 +500,11 @@ def entry() -> int:
     return code
 
 
+def _interrupted() -> int:
+    print("dmm: interrupted", file=sys.stderr)
+    return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and map every failure to one sentence on stderr and an exit code."""
     argv = sys.argv[1:] if argv is None else argv
@@ -509,13 +514,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = app(args=argv, prog_name="dmm", standalone_mode=False)
         if code == 130:  # typer answers an interrupt it caught with its exit code
-            print("dmm: interrupted", file=sys.stderr)
+            return _interrupted()
         return code if isinstance(code, int) else 0
     except _EXIT as e:
         return e.exit_code
     except _ABORT:
-        print("dmm: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted()
     except _USAGE as e:
         if type(e).__name__ == "NoArgsIsHelpError":  # bare `dmm` or `dmm toy`: the help is the message
             print(e.format_message(), file=sys.stderr)
@@ -528,19 +532,16 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         if e.exit_code != 130 and interrupts.arrived():
-            print("dmm: interrupted", file=sys.stderr)
-            return 130
+            return _interrupted()
         print(f"dmm: {e}" if e.exit_code == 130 else f"dmm: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("dmm: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted()
     except Exception as e:  # the last resort: one line, the traceback only with --debug
         if debug:
             traceback.print_exc()
         if interrupts.arrived():
-            print("dmm: interrupted", file=sys.stderr)
-            return 130
+            return _interrupted()
         print(f"dmm: internal error: {e.__class__.__name__}: {e} (run with --debug for the traceback)",
               file=sys.stderr)
         return 1
