@@ -3,6 +3,7 @@
 # parity, 8 teachers with offload, torch.compile, the SD1.5-scale CLI run, then real-size SDXL steps.
 # Results land in $OUT (or ./gpu-out): one JSON-lines file per step, stderr of all steps in errors.log.
 # Usage: benchmarks/gpu_run.sh [path/to/official_step.py]
+#        ONLY="merge_bench sdxl_step" benchmarks/gpu_run.sh   # just these steps
 set -u
 out=${OUT:-gpu-out}
 mkdir -p "$out"
@@ -16,6 +17,7 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 step() {
   local name=$1 limit=$2; shift 2
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
   echo "== $name" | tee -a "$out/errors.log"
   timeout "$limit" "$@" 2>>"$out/errors.log" | tee "$out/$name.jsonl"
   echo "rc=${PIPESTATUS[0]}" | tee -a "$out/errors.log"
@@ -30,3 +32,5 @@ step distill_compile 120 python3 benchmarks/distill_throughput.py --batch 16 --t
 step sd15_cli 90 python3 benchmarks/sd15_distill_smoke.py --work /tmp/sd15 --teachers 4 --steps 20 --compile false
 step sdxl_step 300 python3 benchmarks/sdxl_memory.py --measure --teachers 2 --batch 1 4
 step sdxl_step_offload 200 python3 benchmarks/sdxl_memory.py --measure --teachers 4 --batch 4 --offload
+# The weight-space merges (dmm alone: sd-mecha is not in the GPU image) on this machine's cores and on its GPU.
+step merge_bench 300 python3 benchmarks/merge_bench.py --work /tmp/merge-bench --devices cpu cuda

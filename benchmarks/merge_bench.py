@@ -1,12 +1,14 @@
 """Weight-space merge benchmark: `dmm baseline-merge` against sd-mecha on the same SD1.5-sized weights.
 
 Builds a base and 4 teachers with SD1.5's real shapes and random fp16 weights (a shared VAE, own
-UNets and text encoders), as diffusers folders for dmm and as single-file checkpoints (the format
-sd-mecha reads) holding the same tensors. Then, one after another on a warm page cache, it times:
-reading every input once, then for each method (average, task arithmetic, TIES, DARE) `dmm
-baseline-merge` and sd-mecha's nearest recipe. Wall time and the peak RSS of each run (from wait4) go to stdout as JSON.
+UNets and text encoders), as diffusers folders for dmm and, when sd-mecha runs too, as single-file
+checkpoints (the format sd-mecha reads) holding the same tensors. Then, one after another on a warm
+page cache, it times: reading every input once, then for each method (average, task arithmetic, TIES,
+DARE) `dmm baseline-merge` on each of --devices and sd-mecha's nearest recipe. Wall time and the peak
+RSS of each run (from wait4) go to stdout as JSON.
 
   python benchmarks/merge_bench.py --work /tmp/merge-bench --mecha-python /tmp/mecha/bin/python --repeats 2
+  python benchmarks/merge_bench.py --work /tmp/merge-bench --devices cpu cuda   # dmm alone, on a GPU machine
 
 sd-mecha must live in its own environment (it is not a dmm dependency):
   python -m venv /tmp/mecha && /tmp/mecha/bin/pip install torch==2.13.0 sd-mecha
@@ -48,7 +50,7 @@ sd_mecha.merge(recipe, output=out, threads=2)
 METHODS = ("average", "task-arithmetic", "ties", "dare")
 
 
-def build_inputs(work: Path, teachers: int) -> tuple[list[Path], list[Path]]:
+def build_inputs(work: Path, teachers: int, single_files: bool) -> None:
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -56,7 +58,6 @@ def build_inputs(work: Path, teachers: int) -> tuple[list[Path], list[Path]]:
     from dmm_cli.models.single_file import CONFIGS, export_single_file
 
     sd = CONFIGS / "sd15"
-    folders, files = [], []
     torch.manual_seed(0)
     vae = AutoencoderKL.from_config(AutoencoderKL.load_config(sd / "vae")).to(torch.float16)
     for i in range(teachers + 1):
@@ -72,11 +73,8 @@ def build_inputs(work: Path, teachers: int) -> tuple[list[Path], list[Path]]:
                 feature_extractor=None, requires_safety_checker=False)
             pipe.save_pretrained(folder, safe_serialization=True)
             del pipe
-        if not single.is_file():
+        if single_files and not single.is_file():
             export_single_file(folder, single)
-        folders.append(folder)
-        files.append(single)
-    return folders, files
 
 
 def measured(cmd: list[str], label: str) -> dict:
@@ -97,33 +95,38 @@ def main() -> None:
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--teachers", type=int, default=4)
     p.add_argument("--mecha-python", help="python of an environment with sd-mecha installed")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--devices", nargs="+", default=["cpu"], choices=["cpu", "cuda"], help="where dmm computes")
     p.add_argument("--repeats", type=int, default=1, help="runs of each tool and method; the fastest is kept")
     p.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     if a.build_only:
-        build_inputs(a.work, a.teachers)
+        build_inputs(a.work, a.teachers, single_files=a.mecha_python is not None)
         return
     # Built in a child, so this process stays small: a child's peak RSS counts what it inherits at fork.
-    subprocess.run([sys.executable, __file__, "--work", str(a.work), "--teachers", str(a.teachers), "--build-only"],
-                   check=True)
+    subprocess.run([sys.executable, __file__, "--work", str(a.work), "--teachers", str(a.teachers), "--build-only",
+                    *(["--mecha-python", a.mecha_python] if a.mecha_python else [])], check=True)
     folders = [a.work / "base", *(a.work / f"teacher{i}" for i in range(1, a.teachers + 1))]
     files = [f.with_suffix(".safetensors") for f in folders]
     inputs = [f for folder in folders for f in folder.rglob("*.safetensors")]
     reader = [sys.executable, "-c", "import sys\nfor f in sys.argv[1:]:\n with open(f,'rb') as h:\n"
               "  while h.read(1<<23): pass"]
     measured(reader + [str(f) for f in inputs], "read dmm inputs once (warm-up)")
-    rows = [measured(reader + [str(f) for f in inputs], "read dmm inputs once"),
-            measured(reader + [str(f) for f in files], "read single files once")]
+    rows = [measured(reader + [str(f) for f in inputs], "read dmm inputs once")]
+    if a.mecha_python:
+        rows.append(measured(reader + [str(f) for f in files], "read single files once"))
     dmm = [sys.executable, "-m", "dmm_cli", "-q", "baseline-merge"]
     teachers = [str(f) for f in folders[1:]]
     # Both input sets do not fit in the page cache together: each tool's own inputs are read just before its run.
     # Each pair runs --repeats times, one tool after the other; the summary keeps each run's fastest.
-    for method in METHODS:
+    for method in a.methods:
         for _ in range(a.repeats):
-            measured(reader + [str(f) for f in inputs], "warm dmm inputs")
-            rows.append(measured(dmm + ["--method", method, "--base", str(folders[0]), *teachers, "--overwrite",
-                                        "-o", str(a.work / f"dmm-{method}")], f"dmm {method}"))
+            for device in a.devices:
+                measured(reader + [str(f) for f in inputs], "warm dmm inputs")
+                label = f"dmm {method}" + ("" if device == "cpu" else f" ({device})")
+                rows.append(measured(dmm + ["--method", method, "--base", str(folders[0]), *teachers, "--device",
+                                            device, "--overwrite", "-o", str(a.work / f"dmm-{method}")], label))
             if a.mecha_python:
                 measured(reader + [str(f) for f in files], "warm single files")
                 rows.append(measured([a.mecha_python, "-c", MECHA_SCRIPT, method,
@@ -134,7 +137,8 @@ def main() -> None:
         if row["run"] not in fastest or row["wall_s"] < fastest[row["run"]]["wall_s"]:
             fastest[row["run"]] = row
     rows = list(fastest.values())
-    print(json.dumps({"summary": rows, "input_gb": round(sum(f.stat().st_size for f in inputs) / 1e9, 2)}))
+    print(json.dumps({"summary": rows, "input_gb": round(sum(f.stat().st_size for f in inputs) / 1e9, 2),
+                      "cpus": os.cpu_count()}))
 
 
 if __name__ == "__main__":
