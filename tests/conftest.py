@@ -7,8 +7,33 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from dmm_cli.cli import main
+
+TOY_TEACHERS = [{"name": n, "model": f"toy:{n}"} for n in ("night", "outline", "stripes", "checker")]
+
+
+def tiny_recipe(folder: Path, **changes) -> Path:
+    """folder/recipe.yaml: 6 steps distilling the four toy teachers into folder/run. `changes` set dotted keys
+    (tiny_recipe(p, **{"train.max_steps": 2})), or delete them when None."""
+    folder.mkdir(parents=True, exist_ok=True)
+    recipe = {"name": "tiny", "base": "toy:base", "teachers": TOY_TEACHERS, "data": {"folder": "toy:shapes"},
+              "train": {"max_steps": 6, "batch_size": 8, "lr": 1e-4, "checkpoint_every": 3, "log_every": 2},
+              "output": str(folder / "run")}
+    for key, value in changes.items():
+        node = recipe
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        if value is None:
+            del node[last]
+        else:
+            node[last] = value
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
 
 # Tests run on whatever cores CI has; pinning the thread count keeps CPU numerics repeatable.
 torch.set_num_threads(2)

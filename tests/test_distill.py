@@ -15,40 +15,16 @@ import yaml
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
-from conftest import assert_one_sentence_error
+from conftest import TOY_TEACHERS, assert_one_sentence_error, tiny_recipe
 from dmm_cli.models.references import resolve
 from dmm_cli.models.styles import StyleTable
-
-TEACHERS = [{"name": n, "model": f"toy:{n}"} for n in ("night", "outline", "stripes", "checker")]
-
-
-def recipe_file(folder: Path, **changes) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    recipe = {
-        "name": "tiny", "base": "toy:base", "teachers": TEACHERS, "data": {"folder": "toy:shapes"},
-        "train": {"max_steps": 6, "batch_size": 8, "lr": 1e-4, "checkpoint_every": 3, "log_every": 2},
-        "output": str(folder / "run"),
-    }
-    for key, value in changes.items():
-        node = recipe
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node[p]
-        if value is None:
-            del node[last]
-        else:
-            node[last] = value
-    path = folder / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
 
 def unet_weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "unet" / "diffusion_pytorch_model.safetensors")
 
 
 def test_distill_writes_a_student_pipeline_then_generate_uses_it(dmm, tmp_path):
-    recipe = recipe_file(tmp_path)
+    recipe = tiny_recipe(tmp_path)
     r = dmm("distill", recipe)
     assert r.code == 0, r
     run = Path(r.lines[0])
@@ -76,7 +52,7 @@ def test_distill_writes_a_student_pipeline_then_generate_uses_it(dmm, tmp_path):
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(dmm, tmp_path):
-    recipe = recipe_file(tmp_path)
+    recipe = tiny_recipe(tmp_path)
     r = dmm("distill", recipe, "--dry-run", "--json", "--set", "train.lr=2e-5", "--max-steps", "9")
     assert r.code == 0, r
     plan = json.loads(r.out)
@@ -97,7 +73,7 @@ def test_shipped_recipes_validate(dmm):
 
 
 def bad(tmp_path, **changes):
-    return recipe_file(tmp_path, **changes)
+    return tiny_recipe(tmp_path, **changes)
 
 
 def shape_mismatched_teacher(tmp_path) -> str:
@@ -122,8 +98,8 @@ def shape_mismatched_teacher(tmp_path) -> str:
     (lambda p: bad(p, **{"train.max_steps": "lots"}), "train.max_steps: must be an integer (got 'lots')"),
     (lambda p: bad(p, **{"train.lr": -1}), "train.lr: must be > 0 (got -1)"),
     (lambda p: bad(p, teachers=[]), "teachers: needs at least one teacher"),
-    (lambda p: bad(p, teachers=[TEACHERS[0], dict(TEACHERS[1], name="night")]), "duplicate style name 'night'"),
-    (lambda p: bad(p, teachers=[TEACHERS[0], {"name": "odd", "model": shape_mismatched_teacher(p)}]),
+    (lambda p: bad(p, teachers=[TOY_TEACHERS[0], dict(TOY_TEACHERS[1], name="night")]), "duplicate style name 'night'"),
+    (lambda p: bad(p, teachers=[TOY_TEACHERS[0], {"name": "odd", "model": shape_mismatched_teacher(p)}]),
      "teacher 'odd'"),
     (lambda p: (p / "empty").mkdir() or bad(p, data={"folder": str(p / "empty")}), "no captioned images"),
     (lambda p: bad(p, teachers=[{"name": "x", "model": "toy:nope"}]), "toy:nope: no such toy model"),
@@ -136,7 +112,7 @@ def test_bad_recipes(dmm, tmp_path, make, fragment):
 
 
 def test_resume_without_checkpoint_and_foreign_output(dmm, tmp_path):
-    recipe = recipe_file(tmp_path)
+    recipe = tiny_recipe(tmp_path)
     r = dmm("distill", recipe, "--resume")
     assert_one_sentence_error(r, 2, "--resume: no checkpoint")
     assert not (tmp_path / "run").exists()
@@ -148,12 +124,12 @@ def test_resume_without_checkpoint_and_foreign_output(dmm, tmp_path):
 
 
 def test_rerun_needs_resume_or_overwrite_and_other_recipes_are_refused(dmm, tmp_path):
-    recipe = recipe_file(tmp_path, **{"train.max_steps": 2})
+    recipe = tiny_recipe(tmp_path, **{"train.max_steps": 2})
     assert dmm("distill", recipe).code == 0
     assert_one_sentence_error(dmm("distill", recipe), 2, "--resume", "--overwrite")
-    other = recipe_file(tmp_path, teachers=TEACHERS[:2], **{"train.max_steps": 2})
+    other = tiny_recipe(tmp_path, teachers=TOY_TEACHERS[:2], **{"train.max_steps": 2})
     assert_one_sentence_error(dmm("distill", other), 2, "another recipe")
-    r = dmm("distill", recipe_file(tmp_path, **{"train.max_steps": 4}), "--resume")
+    r = dmm("distill", tiny_recipe(tmp_path, **{"train.max_steps": 4}), "--resume")
     assert r.code == 0, r
     assert "Trained for 4 steps" in (tmp_path / "run" / "README.md").read_text()
 
@@ -173,12 +149,12 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
 
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
     steps = {"train.max_steps": 40, "train.checkpoint_every": 4}
-    whole = recipe_file(tmp_path / "a", **steps, output=str(tmp_path / "a" / "run"))
+    whole = tiny_recipe(tmp_path / "a", **steps, output=str(tmp_path / "a" / "run"))
     p = cli("distill", str(whole))
     out, err = p.communicate()
     assert p.returncode == 0, err
 
-    broken = recipe_file(tmp_path / "b", **steps, output=str(tmp_path / "b" / "run"))
+    broken = tiny_recipe(tmp_path / "b", **steps, output=str(tmp_path / "b" / "run"))
     p = cli("distill", str(broken))
     wait_for(tmp_path / "b" / "run" / "checkpoints" / "step-0000008", p)
     p.send_signal(signal.SIGKILL)
@@ -194,7 +170,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-    recipe = recipe_file(tmp_path, **{"train.max_steps": 400, "train.checkpoint_every": 1000})
+    recipe = tiny_recipe(tmp_path, **{"train.max_steps": 400, "train.checkpoint_every": 1000})
     p = cli("distill", str(recipe))
     wait_for(tmp_path / "run" / "logs" / "metrics.jsonl", p)
     p.send_signal(signal.SIGINT)
@@ -206,7 +182,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 
 
 def test_two_cpu_processes_with_torchrun(tmp_path):
-    recipe = recipe_file(tmp_path, **{"train.max_steps": 4, "train.log_every": 1})
+    recipe = tiny_recipe(tmp_path, **{"train.max_steps": 4, "train.log_every": 1})
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         "-m", "dmm_cli", "distill", str(recipe)], capture_output=True, text=True,
                        env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)

@@ -17,28 +17,11 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import assert_one_sentence_error
+from conftest import TOY_TEACHERS, assert_one_sentence_error, tiny_recipe
 from dmm_cli.models.references import resolve
 
 UNET = "unet/diffusion_pytorch_model.safetensors"
-TEACHERS = [{"name": n, "model": f"toy:{n}"} for n in ("night", "outline")]
 FAST = ["--steps", "2", "--guidance", "3"]
-
-
-def recipe_file(folder: Path, **changes) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    recipe = {"name": "tiny", "base": "toy:base", "teachers": TEACHERS, "data": {"folder": "toy:shapes"},
-              "train": {"max_steps": 6, "batch_size": 8, "lr": 1e-4, "checkpoint_every": 3, "log_every": 1},
-              "output": str(folder / "run")}
-    for key, value in changes.items():
-        node = recipe
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[last] = value
-    path = folder / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
 
 
 def copy_model(name: str, folder: Path) -> Path:
@@ -95,14 +78,14 @@ def test_nan_weights_are_named_by_merge_and_distill(dmm, tmp_path):
     teacher = nan_teacher(tmp_path)
     r = dmm("baseline-merge", "toy:outline", teacher, "-o", tmp_path / "out")
     assert_one_sentence_error(r, 2, str(teacher / UNET), "conv_in.weight", "NaN or Inf")
-    recipe = recipe_file(tmp_path, teachers=[TEACHERS[0], {"name": "broken", "model": str(teacher)}])
+    recipe = tiny_recipe(tmp_path, teachers=[TOY_TEACHERS[0], {"name": "broken", "model": str(teacher)}])
     r = dmm("distill", recipe)
     assert_one_sentence_error(r, 2, str(teacher / "unet"), "conv_in.weight", "NaN or Inf")
     assert not (tmp_path / "run" / "model_index.json").exists()
 
 
 def test_a_non_finite_loss_stops_distillation_and_writes_no_student(dmm, tmp_path):
-    recipe = recipe_file(tmp_path, **{"train.lr": 1e30, "train.checkpoint_every": 1, "train.max_steps": 20})
+    recipe = tiny_recipe(tmp_path, **{"train.lr": 1e30, "train.checkpoint_every": 1, "train.max_steps": 20})
     r = dmm("distill", recipe)
     assert_one_sentence_error(r, 1, "the loss became", "lower train.lr")
     assert not (tmp_path / "run" / "model_index.json").exists() and not (tmp_path / "run" / "unet").exists()
@@ -190,7 +173,7 @@ def student(tmp_path_factory):
     folder = tmp_path_factory.mktemp("student")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DMM_HOME", str(folder / "home"))
-        assert main(["-q", "distill", str(recipe_file(folder, **{"train.max_steps": 2}))]) == 0
+        assert main(["-q", "distill", str(tiny_recipe(folder, **{"train.max_steps": 2}))]) == 0
     return folder / "run"
 
 
@@ -201,7 +184,7 @@ def test_non_finite_style_weights_are_refused(dmm, tmp_path, student, spec):
 
 
 def test_bad_seed_for_eval_and_merge(dmm, tmp_path):
-    recipe = recipe_file(tmp_path)
+    recipe = tiny_recipe(tmp_path)
     r = dmm("eval", "toy:night", "--recipe", recipe, "--seed", str(2**63), "-o", tmp_path / "report")
     assert_one_sentence_error(r, 2, "--seed must be between 0 and")
     r = dmm("baseline-merge", "--method", "dare", "--base", "toy:base", "toy:night", "toy:outline",
@@ -214,7 +197,7 @@ def test_bad_seed_for_eval_and_merge(dmm, tmp_path):
 def test_outputs_get_the_usual_permissions(dmm, tmp_path):
     old = os.umask(0o022)
     try:
-        recipe = recipe_file(tmp_path, **{"train.max_steps": 2, "train.checkpoint_every": 1})
+        recipe = tiny_recipe(tmp_path, **{"train.max_steps": 2, "train.checkpoint_every": 1})
         assert dmm("-q", "distill", recipe).code == 0
         assert dmm("-q", "baseline-merge", "toy:night", "toy:outline", "-o", tmp_path / "merge").code == 0
         assert dmm("-q", "fetch", tmp_path / "run", "--export-single-file", tmp_path / "one.safetensors").code == 0
@@ -237,7 +220,7 @@ def test_a_link_out_of_the_model_is_never_followed_into_an_output(dmm, tmp_path)
             "-o", tmp_path / "out")
     assert_one_sentence_error(r, 2, str(base / "vae" / "config.json"), "outside the model")
     assert not (tmp_path / "out").exists()
-    recipe = recipe_file(tmp_path, base=str(base), **{"train.max_steps": 1})
+    recipe = tiny_recipe(tmp_path, base=str(base), **{"train.max_steps": 1})
     r = dmm("distill", recipe)
     assert_one_sentence_error(r, 2, "outside the model")
     assert not (tmp_path / "run" / "vae").exists()
@@ -246,7 +229,7 @@ def test_a_link_out_of_the_model_is_never_followed_into_an_output(dmm, tmp_path)
 # --- one writer per output ----------------------------------------------------------------------------------
 
 def test_a_second_writer_of_the_same_output_stops_at_once(dmm, tmp_path):
-    recipe = recipe_file(tmp_path, **{"train.max_steps": 100000, "train.checkpoint_every": 100000})
+    recipe = tiny_recipe(tmp_path, **{"train.max_steps": 100000, "train.checkpoint_every": 100000})
     first = subprocess.Popen([sys.executable, "-m", "dmm_cli", "-q", "distill", str(recipe)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -294,7 +277,7 @@ def test_an_alias_bomb_recipe_is_refused_without_echoing_it(dmm, tmp_path):
     deep = tmp_path / "deep.yaml"
     deep.write_text("name: " + "[" * 100 + "]" * 100 + "\n")
     assert_one_sentence_error(dmm("distill", deep), 2, "too deeply nested")
-    huge = recipe_file(tmp_path / "huge", name="x" * 5000, **{"train.max_steps": "y" * 5000})
+    huge = tiny_recipe(tmp_path / "huge", name="x" * 5000, **{"train.max_steps": "y" * 5000})
     r = dmm("distill", huge)
     assert_one_sentence_error(r, 2, "train.max_steps: must be an integer")
     assert len(r.err) < 400

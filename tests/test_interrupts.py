@@ -17,19 +17,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import CLIResult
+from conftest import CLIResult, tiny_recipe
 
-TEACHERS = [{"name": n, "model": f"toy:{n}"} for n in ("night", "outline", "stripes", "checker")]
-
-
-def recipe_file(folder: Path, **train) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    recipe = {"name": "tiny", "base": "toy:base", "teachers": TEACHERS, "data": {"folder": "toy:shapes"},
-              "train": {"max_steps": 6, "batch_size": 8, "lr": 1e-4, "checkpoint_every": 3, "log_every": 2, **train},
-              "output": str(folder / "run")}
-    path = folder / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
 
 
 def interrupt_on_call(monkeypatch, owner, name: str, call: int = 1, sig=signal.SIGINT, after: bool = False):
@@ -92,7 +81,7 @@ def test_generate_interrupted_keeps_the_pictures_it_made(dmm, tmp_path, monkeypa
 def test_eval_interrupted(dmm, tmp_path, monkeypatch):
     from dmm_cli.generate import samples
 
-    recipe = recipe_file(tmp_path)
+    recipe = tiny_recipe(tmp_path)
     interrupt_on_call(monkeypatch, samples, "save_png", call=2)
     interrupted(dmm("eval", "toy:night", "--recipe", recipe, "-k", "4", "--steps", "2", "-o", tmp_path / "report"))
     assert not (tmp_path / "report").exists()
@@ -128,7 +117,7 @@ def test_an_interrupt_torch_swallows_while_loading_still_reads_interrupted(dmm, 
         return torch.tensor(RowsThatGetInterrupted()) if len(calls) == 1 else real(*args, **kwargs)
 
     monkeypatch.setattr(safetensors.torch, "load_file", load_file_interrupted_once)
-    r = dmm("distill", recipe_file(tmp_path))
+    r = dmm("distill", tiny_recipe(tmp_path))
     interrupted(r)
     assert "cannot load" not in r.err
 
@@ -161,7 +150,7 @@ def test_an_interrupt_inside_exec_still_exits_130(tmp_path):
 def test_distill_setup_interrupted_then_plain_rerun_works(dmm, tmp_path, monkeypatch):
     import importlib
 
-    recipe = recipe_file(tmp_path)
+    recipe = tiny_recipe(tmp_path)
     interrupt_on_call(monkeypatch, importlib.import_module("dmm_cli.distill.run"), "encode_items")
     interrupted(dmm("distill", recipe))
     monkeypatch.undo()
@@ -172,7 +161,7 @@ def test_distill_setup_interrupted_then_plain_rerun_works(dmm, tmp_path, monkeyp
 def test_second_ctrl_c_during_the_interrupt_checkpoint_keeps_it(dmm, tmp_path, monkeypatch):
     from dmm_cli.distill import trainer
 
-    recipe = recipe_file(tmp_path, max_steps=50, checkpoint_every=100)
+    recipe = tiny_recipe(tmp_path, **{"train.max_steps": 50, "train.checkpoint_every": 100})
     interrupt_on_call(monkeypatch, trainer, "score_loss", call=4)
     interrupt_on_call(monkeypatch, trainer, "save_file", call=1)  # the interrupt checkpoint's first file
     r = dmm("distill", recipe)
@@ -195,7 +184,7 @@ def uninterrupted(tmp_path_factory):
     folder = tmp_path_factory.mktemp("whole")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DMM_HOME", str(folder / "home"))
-        assert main(["-q", "distill", str(recipe_file(folder))]) == 0
+        assert main(["-q", "distill", str(tiny_recipe(folder))]) == 0
     return final_weights(folder / "run")
 
 
@@ -219,7 +208,7 @@ def test_resume_is_exact_whatever_the_instant_of_the_interrupt(dmm, tmp_path, mo
 
     from dmm_cli.distill import trainer
 
-    recipe = recipe_file(tmp_path)
+    recipe = tiny_recipe(tmp_path)
     handle = None
     if phase == "forward":
         interrupt_on_call(monkeypatch, trainer, "score_loss", call=5)
@@ -259,7 +248,7 @@ sys.exit(main(["-q", "distill", sys.argv[1]]))
 @pytest.mark.parametrize("rerun", [["--resume"], []])
 def test_kill_during_the_first_checkpoint_leaves_a_run_that_continues(tmp_path, rerun):
     """SIGKILL in the middle of writing the first checkpoint, where no cleanup code can run."""
-    recipe = recipe_file(tmp_path)
+    recipe = tiny_recipe(tmp_path)
     p = subprocess.run([sys.executable, "-c", KILL_MID_SAVE, str(recipe)], capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == -signal.SIGKILL, p.stderr
