@@ -118,7 +118,7 @@ def large_teachers(values: str):
 @pytest.mark.parametrize("values", ["gaussian", "few distinct", "mostly zero", "tiny and huge", "one is the base"])
 def test_ties_on_large_tensors_is_exact(values, monkeypatch):
     """The sampled brackets and the compiled merge against a full sort, whole and in slices."""
-    from dmm_cli.merge import registry
+    from dmm_cli.merge import fused, registry
     from dmm_cli.merge.fused import COMPILE_FROM
 
     base, models = large_teachers(values)
@@ -127,8 +127,9 @@ def test_ties_on_large_tensors_is_exact(values, monkeypatch):
         assert torch.allclose(got, sorted_ties(base, models, w, density, 0.9), atol=1e-6), density
     signed = METHODS["dare"].fn(base, models, MergeParams((1.0, 0.5, 2.0), density=1.0, dare_sign=True), "k")
     assert torch.allclose(signed, sorted_ties(base, models, (1.0, 0.5, 2.0), 1.0, 1.0), atol=1e-6)
-    monkeypatch.setattr(registry, "WHOLE", COMPILE_FROM)  # three slices, the last too small to compile
+    monkeypatch.setattr(registry, "WHOLE", COMPILE_FROM)  # eager, three slices (compiled, it takes the whole)
     monkeypatch.setattr(registry, "SLICE", COMPILE_FROM)
+    monkeypatch.setattr(fused, "_failed", True)
     got = METHODS["ties"].fn(base, models, MergeParams((1.0, 0.5, 2.0), density=0.3, lam=1.0), "k")
     assert torch.allclose(got, sorted_ties(base, models, (1.0, 0.5, 2.0), 0.3, 1.0), atol=1e-6)
 

@@ -24,10 +24,15 @@ def _compiled(fn):
 _failed = False  # set once compiling has failed in this process: from then on, eager only
 
 
+def compiles(numel: int) -> bool:
+    """Whether run() compiles for `numel` entries: they are enough, and compiling has not failed here."""
+    return numel >= COMPILE_FROM and not _failed
+
+
 def run(fn, numel: int, *args):
     """fn(*args), compiled when `numel`, the entries it works on, is large enough and compiling works here."""
     global _failed
-    if numel < COMPILE_FROM or _failed:
+    if not compiles(numel):
         return fn(*args)
     try:
         return _compiled(fn)(*args)

@@ -70,9 +70,10 @@ def _brackets(flat: torch.Tensor, models: list[torch.Tensor], k: int) -> tuple[t
 
 
 def _by_slices(fn, flat: torch.Tensor, models: list[torch.Tensor], *rest) -> list:
-    """fn(base slice, teacher slices, *rest) for each slice of the flat tensors, compiled where large enough."""
-    return [fused.run(fn, part.stop - part.start, flat[part], [m[part] for m in models], *rest)
-            for part in slices(flat.numel())]
+    """fn(base slice, teacher slices, *rest) for each slice of the flat tensors. Compiled, fn is one pass that
+    holds no per-teacher temporaries, so it takes the whole tensor and its outputs need no joining."""
+    parts = [slice(0, flat.numel())] if fused.compiles(flat.numel()) else slices(flat.numel())
+    return [fused.run(fn, part.stop - part.start, flat[part], [m[part] for m in models], *rest) for part in parts]
 
 
 def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
