@@ -193,6 +193,28 @@ def test_average_of_identical_teachers_is_that_teacher(dmm, tmp_path):
     assert merged.keys() == night.keys() and all(torch.equal(merged[k], night[k]) for k in night)
 
 
+@pytest.mark.parametrize("method, base", [("average", []), ("average", ["--base", "toy:base"]),
+                                          ("ties", ["--base", "toy:base"])])
+def test_each_input_tensor_is_read_once_and_the_base_only_where_used(dmm, tmp_path, monkeypatch, method, base):
+    from collections import Counter
+
+    from dmm_cli.files.safetensors_io import TensorReader
+
+    models = {resolve(f"toy:{name}").resolve(): name for name in ("base", "night", "stripes")}
+    reads, original = Counter(), TensorReader.get
+
+    def counted(self, name):
+        tensor = original(self, name)
+        reads[models[self.path.resolve().parent.parent], name, tensor.is_floating_point()] += 1
+        return tensor
+    monkeypatch.setattr(TensorReader, "get", counted)
+    r = dmm("baseline-merge", "--method", method, *base, "toy:night", "toy:stripes", "-o", tmp_path / "out")
+    assert r.code == 0, r
+    assert set(reads.values()) == {1}
+    read_from = {model for model, _, is_float in reads if is_float}
+    assert read_from == ({"base", "night", "stripes"} if method == "ties" else {"night", "stripes"})
+
+
 def test_ties_density_one_of_identical_teachers_is_that_teacher(dmm, tmp_path):
     r = dmm("baseline-merge", "--method", "ties", "--base", "toy:base", "--density", "1", "toy:stripes",
             "toy:stripes", "-o", tmp_path / "ties")

@@ -126,9 +126,11 @@ def merge_component(method: str, base: Path | None, teachers: list[Path], out_di
     target = out_dir / _output_name(base or teachers[0])
     use_base = base_in is not None and METHODS[method].needs_base
 
-    def read(name):  # with a base, `source` is the base: it is read (and checked) once
-        first = source.get(name)
-        return first, first if use_base else None, [inp.get(name) for inp in teacher_in]
+    def read(name):  # each input once; the base only where it is used: by the method, or as a copied non-float
+        models = [inp.get(name) for inp in teacher_in]
+        needs_base = base_in is not None and (use_base or not specs[name][0].is_floating_point)
+        b = base_in.get(name) if needs_base else None
+        return (models[0] if b is None else b), (b if use_base else None), models
 
     names = list(specs)
     # The next tensor is read, and the last one written, while this one is merged: file reads and writes and
@@ -143,7 +145,7 @@ def merge_component(method: str, base: Path | None, teachers: list[Path], out_di
             if k + 1 < len(names):
                 upcoming = reader.submit(read, names[k + 1])
             out = first  # non-float tensors are copied
-            if first.is_floating_point():
+            if specs[name][0].is_floating_point:
                 b = b.to(device, torch.float32) if b is not None else None
                 out = fn(b, [m.to(device) for m in models], params, name).to(specs[name][0])
             if written is not None:
