@@ -215,6 +215,22 @@ def test_each_input_tensor_is_read_once_and_the_base_only_where_used(dmm, tmp_pa
     assert read_from == ({"base", "night", "stripes"} if method == "ties" else {"night", "stripes"})
 
 
+@pytest.mark.parametrize("base", [[], ["--base", "base"]])
+def test_non_float_tensors_are_copied_from_the_base_or_else_the_first_teacher(dmm, tmp_path, base):
+    from safetensors.torch import save_file
+
+    for i, name in enumerate(("base", "night", "stripes")):
+        shutil.copytree(resolve(f"toy:{name}"), tmp_path / name)
+        weights = load_file(tmp_path / name / UNET_FILE)
+        weights["counter"] = torch.arange(5, dtype=torch.int64) + 10 * i
+        save_file(weights, tmp_path / name / UNET_FILE)
+    r = dmm("baseline-merge", *[str(tmp_path / a) if a == "base" else a for a in base], str(tmp_path / "night"),
+            str(tmp_path / "stripes"), "-o", tmp_path / "out")
+    assert r.code == 0, r
+    expected = torch.arange(5) + (0 if base else 10)
+    assert torch.equal(load_file(tmp_path / "out" / UNET_FILE)["counter"], expected)
+
+
 def test_ties_density_one_of_identical_teachers_is_that_teacher(dmm, tmp_path):
     r = dmm("baseline-merge", "--method", "ties", "--base", "toy:base", "--density", "1", "toy:stripes",
             "toy:stripes", "-o", tmp_path / "ties")

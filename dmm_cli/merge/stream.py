@@ -127,10 +127,8 @@ def merge_component(method: str, base: Path | None, teachers: list[Path], out_di
     use_base = base_in is not None and METHODS[method].needs_base
 
     def read(name):  # each input once; the base only where it is used: by the method, or as a copied non-float
-        models = [inp.get(name) for inp in teacher_in]
         needs_base = base_in is not None and (use_base or not specs[name][0].is_floating_point)
-        b = base_in.get(name) if needs_base else None
-        return (models[0] if b is None else b), (b if use_base else None), models
+        return base_in.get(name) if needs_base else None, [inp.get(name) for inp in teacher_in]
 
     names = list(specs)
     # The next tensor is read, and the last one written, while this one is merged: file reads and writes and
@@ -141,13 +139,14 @@ def merge_component(method: str, base: Path | None, teachers: list[Path], out_di
         upcoming, written = reader.submit(read, names[0]), None
         for k, name in enumerate(tqdm(names, desc=f"{method} {out_dir.name}", unit="tensor",
                                       disable=console.progress_disabled(), leave=False)):
-            first, b, models = upcoming.result()
+            b, models = upcoming.result()
             if k + 1 < len(names):
                 upcoming = reader.submit(read, names[k + 1])
-            out = first  # non-float tensors are copied
             if specs[name][0].is_floating_point:
                 b = b.to(device, torch.float32) if b is not None else None
                 out = fn(b, [m.to(device) for m in models], params, name).to(specs[name][0])
+            else:  # copied, from the base if there is one
+                out = models[0] if b is None else b
             if written is not None:
                 written.result()  # a failed write stops the merge here
             written = writes.submit(writer.write, name, out)
