@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 

@@ -14,11 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from conftest import CLIResult, tiny_recipe
-
 
 
 def interrupt_on_call(monkeypatch, owner, name: str, call: int = 1, sig=signal.SIGINT, after: bool = False):
