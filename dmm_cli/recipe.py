@@ -113,8 +113,12 @@ class Train(Strict):
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(50, gt=0)
     attention: Literal["auto", "sdpa", "xformers"] = "auto"
-    compile: Union[Literal["auto"], bool] = Field("auto", description="torch.compile student and teachers; auto: "
-                                                                      "on CUDA only.")
+    compile: Union[Literal["auto"], bool] = Field("auto", description="torch.compile the UNets' repeated blocks "
+                                                  "(static shapes, cached under $DMM_HOME/compile); auto: on CUDA only.")
+    compile_budget_s: float = Field(600, gt=0, description="Past this many seconds of compiling, train without it.")
+    cuda_graphs: Union[Literal["auto"], bool] = Field("auto", description="Replay each teacher's forward as a CUDA "
+                                                      "graph, so a step's host time does not grow with the number of "
+                                                      "teachers; auto: on CUDA.")
     teacher_offload: Literal["none", "cpu"] = Field("none", description="cpu: keep teachers in pinned host memory "
                                                                         "and stream each in when used.")
     gradient_checkpointing: bool = Field(False, description="Recompute the student's activations in the backward "

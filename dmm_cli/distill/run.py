@@ -321,24 +321,31 @@ def _train(plan: RunPlan, accelerator) -> Path:
     log = MetricsLog(out / "logs", start) if main else None
     if start:
         console.say(f"distill: resuming from {plan.resume_from} (step {start})")
+    trainer.warm_up()
     samples_per_step = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
     bar = tqdm(total=cfg.max_steps, initial=start, desc="distill", disable=not main or console.progress_disabled())
     step, last, tick = start, None, time.perf_counter()
+    checked = start  # every step up to here had finite losses and gradients
+
+    def check_finite() -> None:
+        """Steps queue up on the device unchecked; this one sync, at log steps and before every checkpoint,
+        keeps a NaN from ever reaching a checkpoint or the student."""
+        nonlocal checked
+        if not trainer.all_finite():
+            kept = checkpoints(out)
+            raise DMMError(f"distill: the loss became non-finite (NaN or Inf) between steps {checked + 1} and {step}, "
+                           f"so the run stopped ({f'its last good checkpoint is {kept[-1]}' if kept else 'no checkpoint was saved'}); "
+                           "lower train.lr or check the teachers")
+        checked = step
+
     try:
         while step < cfg.max_steps:
             with deferred():  # a Ctrl-C lands between steps, so a checkpoint never holds half a step
                 losses = trainer.step(step)
                 step += 1
-            finite = torch.isfinite(losses.loss).float()
-            if accelerator.num_processes > 1:  # every rank stops together
-                finite = accelerator.reduce(finite, "sum") / accelerator.num_processes
-            if finite.item() < 1:
-                kept = checkpoints(out)
-                raise DMMError(f"distill: the loss became {losses.loss.item()} at step {step}, so the run stopped "
-                               f"({f'its last good checkpoint is {kept[-1]}' if kept else 'no checkpoint was saved'});"
-                               " lower train.lr or check the teachers")
             bar.update()
             if step % cfg.log_every == 0 or step == cfg.max_steps:
+                check_finite()
                 now = time.perf_counter()
                 done = step - (last["step"] if last else start)
                 last = {"step": step, "loss": losses.loss.item(), "score_loss": losses.score.item(),
@@ -355,12 +362,14 @@ def _train(plan: RunPlan, accelerator) -> Path:
                 if main:
                     log.write(last)
             if step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+                check_finite()
                 with deferred():
                     _checkpoint(trainer, out, step, cfg.keep_checkpoints, main)
                 accelerator.wait_for_everyone()
     except KeyboardInterrupt:
         bar.close()
         with deferred(reraise=False):  # a second Ctrl-C must not cost the first one's checkpoint
+            check_finite()
             _checkpoint(trainer, out, step, cfg.keep_checkpoints, main)
         raise Interrupted(f"interrupted at step {step}; checkpoint saved in {out / CHECKPOINTS}; continue with "
                           "--resume") from None
@@ -369,6 +378,7 @@ def _train(plan: RunPlan, accelerator) -> Path:
         if log is not None:
             log.close()
     accelerator.wait_for_everyone()
+    check_finite()
     if main:
         _checkpoint(trainer, out, step, cfg.keep_checkpoints, main)
         write_student(plan, trainer.unwrapped_student(), last or {"step": step})

@@ -9,13 +9,14 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
+from .. import console
 from ..errors import ModelError
 from ..files.atomic import atomic_file, atomic_folder
 from ..models.pipeline import load_component
@@ -25,7 +26,8 @@ from ..models.styles import one_hot
 from ..recipe import Recipe
 from .adversarial import Discriminator, discriminator_loss, generator_loss
 from .losses import feature_loss, score_loss
-from .prediction import convert, x0_and_eps
+from .prediction import x0_and_eps
+from .step import Stopwatch, TeacherBank, TeacherRunner, compile_blocks, compile_cache, max_share, uncompile_blocks
 from .text import TextContexts, TextEncoders, load_text_encoders
 
 TRAIN_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -44,7 +46,6 @@ class StepLosses:
 class Teacher:
     unet: UNet2DConditionModel
     text_encoder_key: str
-    taps: FeatureTaps = field(repr=False, default=None)
     style: torch.Tensor | None = None  # a frozen previous student answers for an old style with this vector
     prediction: str = "epsilon"  # what it predicts; converted to what the student predicts
 
@@ -125,22 +126,25 @@ def load_models(recipe: Recipe, base: Path, teachers: list[Path | None], device:
 
 @dataclass
 class MicroBatch:
+    """What is random about one micro-batch and small: drawn on the CPU, sent to the device in one copy.
+    Its noise is drawn on the device (`Trainer.noise`), from a generator seeded the same way."""
+
     idx: torch.Tensor
     labels: torch.Tensor
     drop: torch.Tensor
-    noise: torch.Tensor
     t: torch.Tensor
-    renoise: torch.Tensor  # for the adversarial loss: x̂0 is re-noised with this noise to timestep t2
-    t2: torch.Tensor
+    t2: torch.Tensor  # for the adversarial loss: x̂0 is re-noised to timestep t2
     source: int
+    seed: int  # of the device generator that draws the noise (and the re-noise)
 
 
 class Trainer:
     """Holds the models and the optimizers; `step(k)` performs optimizer update k.
 
-    Speed, on by default where it helps: teachers in the training dtype under inference_mode, one
-    batched forward per teacher, cached latents and text contexts, channels_last and torch.compile on
-    CUDA, fused AdamW, and no host synchronisation inside a step.
+    Speed, on by default where it helps: teachers in the training dtype under inference_mode, each at one
+    fixed shape and replayed as a CUDA graph (distill/step.py), the repeated blocks compiled with static
+    shapes, cached latents and text contexts, noise drawn on the device, channels_last, fused AdamW, and no
+    host synchronisation inside a step.
     """
 
     def __init__(self, cfg, models: Models, sources: list[DataSource], empty_ids: torch.Tensor, accelerator,
@@ -153,6 +157,8 @@ class Trainer:
         self.num_train_timesteps = len(models.alphas_cumprod)
         self.student_text_key = models.student_text_key
         self.offload = cfg.teacher_offload == "cpu" and cuda
+        self.device_rng = torch.Generator(device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # since the last all_finite()
         fast_layout = torch.channels_last if cuda else torch.contiguous_format
         self.memory_format = fast_layout
 
@@ -172,18 +178,19 @@ class Trainer:
                         p.data = p.data.pin_memory()
                 else:
                     unet.to(device, memory_format=fast_layout)
-            self.teachers.append(Teacher(unet, key, None, style, prediction))
-        if self.offload:  # one device-side slot per architecture; weights are copied in when their turn comes
-            self.slots = {}
-            for t in self.teachers:
-                kind = t.style is not None
-                if kind not in self.slots:
-                    slot = copy.deepcopy(t.unet).to(device)
-                    self.slots[kind] = Teacher(slot, "", FeatureTaps(slot))
-        else:
-            taps = {}
-            for t in self.teachers:
-                t.taps = taps.setdefault(id(t.unet), FeatureTaps(t.unet))
+            self.teachers.append(Teacher(unet, key, style, prediction))
+        runners = {}  # one per UNet on the device; with offload, one slot per architecture, weights copied in
+        for t in self.teachers:
+            key = (t.style is not None) if self.offload else id(t.unet)
+            if key not in runners:
+                unet = copy.deepcopy(t.unet).to(device) if self.offload else t.unet
+                runners[key] = TeacherRunner(unet, FeatureTaps(unet))
+        self.runners = [runners[(t.style is not None) if self.offload else id(t.unet)] for t in self.teachers]
+        graphs = cfg.cuda_graphs is True or cfg.cuda_graphs == "auto" and cuda
+        self.teacher_bank = TeacherBank(self.teachers, self.runners, max_share(self._labels(cfg.batch_size, 0),
+                                        len(self.teachers)), prediction=self.prediction,
+                                        alphas_cumprod=self.alphas_cumprod, dtype=self.teacher_dtype,
+                                        memory_format=fast_layout, offload=self.offload, graphs=graphs and cuda)
 
         student = models.student
         self.step_done = 0
@@ -196,11 +203,10 @@ class Trainer:
         if cfg.gradient_checkpointing:
             student.enable_gradient_checkpointing()
         self.student_taps = FeatureTaps(student)
-        compile_now = cfg.compile is True or cfg.compile == "auto" and cuda
-        if compile_now:
-            student.compile()
-            for unet in {id(t.unet): t.unet for t in (self.slots.values() if self.offload else self.teachers)}.values():
-                unet.compile()
+        self.compiled = []
+        if cfg.compile is True or cfg.compile == "auto" and cuda:
+            self.compiled = [student, *{id(r.unet): r.unet for r in self.runners}.values()]
+            compile_blocks(self.compiled)
         fused = {"fused": True} if cuda else {}
         if cfg.optimizer == "adamw-8bit":
             import bitsandbytes  # checked while planning
@@ -264,7 +270,7 @@ class Trainer:
         return labels.sort().values
 
     def micro_batch(self, step: int, micro: int) -> MicroBatch:
-        """Everything random about one micro-batch, drawn on the CPU from its own seeded generator."""
+        """Everything random about one micro-batch but its noise, drawn on the CPU from its own seeded generator."""
         cfg = self.train_cfg
         b = cfg.batch_size
         g = torch.Generator().manual_seed(_seed_for(cfg.seed, step, micro, self.accelerator.process_index))
@@ -283,47 +289,37 @@ class Trainer:
             sizes = torch.tensor([len(by_style[i]) for i in range(self.num_styles)])
             idx = torch.stack([by_style[int(l)][int(p % sizes[l])] for l, p in zip(labels, picks)])
         drop = torch.rand(b, generator=g, device="cpu") < cfg.caption_dropout
-        shape = (b, *latents.shape[1:])
-        noise = torch.randn(shape, generator=g, device="cpu")
         t = torch.randint(0, self.num_train_timesteps, (b,), generator=g, device="cpu")
-        renoise = torch.randn(shape, generator=g, device="cpu")
         t2 = torch.randint(0, self.num_train_timesteps, (b,), generator=g, device="cpu")
-        return MicroBatch(idx, labels, drop, noise, t, renoise, t2, source)
+        seed = int(torch.randint(0, 1 << 62, (), generator=g))
+        return MicroBatch(idx, labels, drop, t, t2, source, seed)
+
+    def noise(self, mb: MicroBatch, shape: tuple, renoise: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The micro-batch's noise, and the adversarial loss's re-noise only when it is used, drawn where they
+        are used: no host-side draw, no copy from pageable memory."""
+        g = self.device_rng.manual_seed(mb.seed)
+        dev = self.accelerator.device
+        noise = torch.randn(shape, generator=g, device=dev)
+        return noise, torch.randn(shape, generator=g, device=dev) if renoise else None
 
     def teacher_targets(self, xt, t, contexts, counts: list[int], time_ids=None):
         """Each teacher's prediction (as the student's prediction type) and block features on its share of the
-        batch, concatenated in batch order."""
-        outputs, feats = [], []
-        start = 0
-        with torch.inference_mode():
-            for teacher, count in zip(self.teachers, counts):
-                if count == 0:
-                    continue
-                rows = slice(start, start + count)
-                start += count
-                runner = teacher
-                if self.offload:
-                    runner = self.slots[teacher.style is not None]
-                    for dst, src in zip(runner.unet.parameters(), teacher.unet.parameters()):
-                        dst.copy_(src, non_blocking=True)
-                cond = contexts[teacher.text_encoder_key][rows].to(self.teacher_dtype)
-                x = xt[rows].to(self.teacher_dtype).contiguous(memory_format=self.memory_format)
-                extra = cond.unet_kwargs(None if time_ids is None else time_ids[rows])
-                if teacher.style is not None:
-                    extra["class_labels"] = teacher.style.to(x.device, x.dtype).expand(count, -1)
-                out = runner.unet(x, t[rows], **extra).sample
-                if teacher.prediction != self.prediction:
-                    out = convert(out.float(), teacher.prediction, self.prediction, xt[rows].float(),
-                                  self.alphas_cumprod[t[rows]])
-                outputs.append(out)
-                feats.append(runner.taps.take())
-        # Ops outside inference mode turn the inference tensors into ordinary ones the loss can keep.
-        target = torch.cat([o.float() for o in outputs])
-        features = {k: torch.cat([f[k] for f in feats]) for k in feats[0]}
-        return target, features
+        batch, in batch order (distill/step.py runs them)."""
+        return self.teacher_bank(xt, t, contexts, counts, time_ids)
+
+    def _student_loss(self, x, t, style, cond, time_ids, target, teacher_feats):
+        cfg = self.train_cfg
+        kwargs = cond.unet_kwargs(time_ids)
+        prediction = self.student(x.contiguous(memory_format=self.memory_format), t, class_labels=style,
+                                  **kwargs).sample
+        s_loss = score_loss(prediction, target)
+        f_loss = feature_loss(self.student_taps.take(), teacher_feats, cfg.feature_loss.type, cfg.feature_loss.reduce)
+        return prediction, s_loss, f_loss
 
     def step(self, step: int) -> StepLosses:
-        """Optimizer update number `step` (0-based), over `grad_accum` micro-batches."""
+        """Optimizer update number `step` (0-based), over `grad_accum` micro-batches. Nothing in it waits for
+        the device: losses come back as device tensors, and `nonfinite` gathers whether any loss or gradient
+        norm was NaN or infinite, for the caller to look at when it syncs anyway."""
         cfg = self.train_cfg
         dev = self.accelerator.device
         adversarial = self.adversarial is not None and step >= self.adversarial.start_step
@@ -332,29 +328,22 @@ class Trainer:
             mb = self.micro_batch(step, micro)
             counts = torch.bincount(mb.labels, minlength=self.num_styles).tolist()  # on the CPU: no device sync
             source, latents, _, text = self.sources[mb.source]
-            time_table = source.time_ids
-            x0 = latents[mb.idx.to(latents.device)].to(dev, non_blocking=True)
-            t, noise = mb.t.to(dev, non_blocking=True), mb.noise.to(dev, non_blocking=True)
+            small = torch.stack([mb.idx, mb.labels, mb.drop.long(), mb.t, mb.t2])
+            idx, labels, drop, t, t2 = (small.pin_memory() if dev.type == "cuda" else small).to(dev, non_blocking=True)
+            x0 = (latents[idx] if latents.device == dev else latents[mb.idx].to(dev, non_blocking=True)).float()
+            noise, renoise = self.noise(mb, x0.shape, adversarial)
             a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
             xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            contexts = text(mb.idx.to(dev, non_blocking=True), mb.drop.to(dev, non_blocking=True))
-            time_ids = None if time_table is None else time_table[mb.idx].to(dev, non_blocking=True)
+            contexts = text(idx, drop.bool())
+            time_ids = None if source.time_ids is None else source.time_ids[mb.idx].to(dev, non_blocking=True)
             target, teacher_feats = self.teacher_targets(xt, t, contexts, counts, time_ids)
             cond = contexts[self.student_text_key].to(torch.float32).clone()
-            student_kwargs = cond.unet_kwargs(time_ids)
-            labels = mb.labels.to(dev, non_blocking=True)
             style = torch.nn.functional.one_hot(labels, self.num_styles).float()
             with self.accelerator.accumulate(self.student):
-                x = xt.contiguous(memory_format=self.memory_format)
-                prediction = self.student(x, t, class_labels=style, **student_kwargs).sample
-                s_loss = score_loss(prediction, target)
-                f_loss = feature_loss(self.student_taps.take(), teacher_feats, cfg.feature_loss.type,
-                                      cfg.feature_loss.reduce)
+                prediction, s_loss, f_loss = self._student_loss(xt, t, style, cond, time_ids, target, teacher_feats)
                 loss = s_loss + cfg.feature_loss.weight * f_loss
                 if adversarial:
-                    t2 = mb.t2.to(dev, non_blocking=True)
                     a2 = self.alphas_cumprod[t2].view(-1, 1, 1, 1)
-                    renoise = mb.renoise.to(dev, non_blocking=True)
                     alpha_bar = self.alphas_cumprod[t]
                     fake_x0 = x0_and_eps(prediction.float(), self.prediction, xt, alpha_bar)[0]
                     real_x0 = x0_and_eps(target, self.prediction, xt, alpha_bar)[0]
@@ -364,7 +353,8 @@ class Trainer:
                     loss = loss + self.adversarial.weight * g_loss
                 self.accelerator.backward(loss)  # accelerate divides by the accumulation steps
                 if self.accelerator.sync_gradients:
-                    self.accelerator.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
+                    norm = self.accelerator.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
+                    self.nonfinite |= ~torch.isfinite(norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             if adversarial:  # the discriminator's own step, after the generator's
@@ -381,11 +371,78 @@ class Trainer:
             sums["loss"] = sums["loss"] + loss.detach()
             sums["score"] = sums["score"] + s_loss.detach()
             sums["feature"] = sums["feature"] + f_loss.detach()
+            self.nonfinite |= ~torch.isfinite(loss.detach())
         self.lr_schedule.step()
         k = cfg.grad_accum
         return StepLosses(sums["loss"] / k, sums["score"] / k, sums["feature"] / k,
                           sums["adversarial"] / k if adversarial else None,
                           sums["discriminator"] / k if adversarial else None)
+
+    def all_finite(self) -> bool:
+        """Whether every loss and gradient norm since the last call was finite, on every process (a device sync)."""
+        bad = self.nonfinite.float()
+        if self.accelerator.num_processes > 1:  # every rank stops together
+            bad = self.accelerator.reduce(bad, "sum")
+        self.nonfinite.zero_()
+        return bool(bad.item() == 0)
+
+    def warm_up(self) -> None:
+        """The compile stage: each data shape's teacher forwards (captured as CUDA graphs where on) and student
+        forward and backward run once on real rows, before the first step, so no step compiles or captures
+        anything. Timed on stderr. If compiling fails or overruns train.compile_budget_s, the run goes on
+        eagerly, with one warning; nothing it ran changes the training (its gradients are dropped)."""
+        if not self.compiled and not self.teacher_bank.graphs:
+            return
+        shapes = sorted({tuple(source.latents.shape[1:]) for source, *_ in self.sources})
+        where = ""
+        if self.compiled:
+            config = dict(self.unwrapped_student().config)
+            where = compile_cache(config, [self.train_cfg.batch_size, self.teacher_bank.rows, shapes],
+                                  self.accelerator.device)
+        console.say(f"compile: {len(shapes)} shape{'s' * (len(shapes) > 1)}"
+                    + (f", blocks of {len(self.compiled)} UNets, cache {where}" if self.compiled else "")
+                    + (", teachers as CUDA graphs" if self.teacher_bank.graphs else "") + " ...")
+        clock = Stopwatch(self.train_cfg.compile_budget_s)
+        try:
+            done = set()
+            for k, (source, *_rest) in enumerate(self.sources):
+                shape = tuple(source.latents.shape[1:])
+                if shape in done:
+                    continue
+                if clock.overrun():
+                    raise TimeoutError(f"past train.compile_budget_s ({self.train_cfg.compile_budget_s:g} s)")
+                done.add(shape)
+                self._rehearse(k)
+            if self.accelerator.device.type == "cuda":
+                torch.cuda.synchronize()
+        except Exception as e:  # a compiler bug or a budget overrun must not cost the run
+            uncompile_blocks(self.compiled)
+            torch._dynamo.reset()
+            self.compiled = []
+            self.optimizer.zero_grad(set_to_none=True)
+            console.warn(f"compile stopped after {clock.elapsed:.0f} s ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else 'no message'}); training without it")
+            return
+        console.say(f"compile: done in {clock.elapsed:.1f} s")
+
+    def _rehearse(self, source_index: int) -> None:
+        """One micro-batch's forwards and backward on source `source_index`, with no optimizer update."""
+        b = self.train_cfg.batch_size
+        dev = self.accelerator.device
+        source, latents, _, text = self.sources[source_index]
+        labels = self._labels(b, 0)
+        counts = torch.bincount(labels, minlength=self.num_styles).tolist()
+        idx = torch.arange(b) % len(source.latents)
+        x0 = latents[idx.to(latents.device)].to(dev).float()
+        t = torch.full((b,), self.num_train_timesteps // 2, device=dev)
+        contexts = text(idx.to(dev), torch.zeros(b, dtype=torch.bool, device=dev))
+        time_ids = None if source.time_ids is None else source.time_ids[idx].to(dev)
+        target, feats = self.teacher_targets(x0, t, contexts, counts, time_ids)
+        cond = contexts[self.student_text_key].to(torch.float32).clone()
+        style = torch.nn.functional.one_hot(labels.to(dev), self.num_styles).float()
+        _, s_loss, f_loss = self._student_loss(x0, t, style, cond, time_ids, target, feats)
+        self.accelerator.backward(s_loss + f_loss)
+        self.optimizer.zero_grad(set_to_none=True)
 
     def unwrapped_student(self) -> UNet2DConditionModel:
         return self.accelerator.unwrap_model(self.student)
