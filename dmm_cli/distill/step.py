@@ -177,8 +177,9 @@ def repeated_blocks(unet: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in unet.modules() if type(m).__name__ in REPEATED_BLOCKS]
 
 
-def compile_blocks(unets: list[torch.nn.Module], backend: str = "inductor") -> int:
+def compile_blocks(unets: list[torch.nn.Module], backend: str | None = None) -> int:
     """Compile each repeated block's forward with static shapes; returns how many blocks were compiled.
+    The backend is Inductor, or $DMM_COMPILE_BACKEND (aot_eager, say, to tell a compiler bug from a model bug).
 
     Each class's forward is one code object, so its compiled graphs (one per distinct channel count, shape
     and role: a training student or an inference-mode teacher) are looked up among that class's alone."""
@@ -189,6 +190,7 @@ def compile_blocks(unets: list[torch.nn.Module], backend: str = "inductor") -> i
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
                                                            4 * limit)
+    backend = backend or os.environ.get("DMM_COMPILE_BACKEND") or "inductor"
     for block in blocks:
         block.forward = torch.compile(type(block).forward.__get__(block), backend=backend, dynamic=False)
     return len(blocks)

@@ -420,8 +420,11 @@ class Trainer:
             torch._dynamo.reset()
             self.compiled = []
             self.optimizer.zero_grad(set_to_none=True)
-            console.warn(f"compile stopped after {clock.elapsed:.0f} s ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200] if str(e) else 'no message'}); training without it")
+            while getattr(e, "inner_exception", None) or e.__cause__:  # the compiler's own error, not dynamo's wrapper
+                e = getattr(e, "inner_exception", None) or e.__cause__
+            reason = next((line for line in str(e).splitlines() if line.strip()), "no message")[:200]
+            console.warn(f"compile stopped after {clock.elapsed:.0f} s ({type(e).__name__}: {reason}); "
+                         "training without it")
             return
         console.say(f"compile: done in {clock.elapsed:.1f} s")
 
