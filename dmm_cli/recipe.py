@@ -112,7 +112,9 @@ class Train(Strict):
     checkpoint_every: int = Field(500, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(50, gt=0)
-    attention: Literal["auto", "sdpa", "xformers"] = "auto"
+    attention: Literal["auto", "sdpa", "flash", "cudnn", "efficient", "xformers"] = Field(
+        "auto", description="auto: on CUDA, the fastest kernel on the student's own attention shapes (timed once, "
+                            "remembered); sdpa: PyTorch's own pick; or one SDPA kernel, or xformers.")
     compile: Union[Literal["auto"], bool] = Field("auto", description="torch.compile the UNets' repeated blocks "
                                                   "(static shapes, cached under $DMM_HOME/compile); auto: on CUDA only.")
     compile_budget_s: float = Field(600, gt=0, description="Past this many seconds of compiling, train without it.")

@@ -291,7 +291,7 @@ def run(plan: RunPlan) -> Path:
 def _train(plan: RunPlan, accelerator) -> Path:
     from tqdm.auto import tqdm
 
-    from ..models.pipeline import choose_attention
+    from ..models.attention import choose_attention
     from .text import load_tokenizers, tokenize
     from .trainer import MetricsLog, Trainer, load_models
 
@@ -313,7 +313,9 @@ def _train(plan: RunPlan, accelerator) -> Path:
             tmp.write_text(json.dumps({"name": recipe.name, "fingerprint": recipe.fingerprint(),
                                        "recipe": recipe.model_dump()}, indent=2))
     models = load_models(recipe, plan.base, plan.teachers, accelerator.device, plan.previous)
-    if choose_attention(cfg.attention, accelerator.device, models.teacher_dtype) == "xformers":
+    side = max((tuple(s.latents.shape[2:]) for s in sources), key=lambda hw: hw[0] * hw[1])  # costs the most
+    if choose_attention(cfg.attention, accelerator.device, models.teacher_dtype, unet=models.student,
+                        latent_size=side, batch=cfg.batch_size, backward=True) == "xformers":
         for unet in {id(u): u for u in [models.student, *models.teachers]}.values():
             unet.enable_xformers_memory_efficient_attention()
     trainer = Trainer(cfg, models, sources, tokenize(tokenizers, [""])[0], accelerator, plan.resume_from)

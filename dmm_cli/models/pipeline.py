@@ -1,7 +1,6 @@
 """Load any Stable Diffusion family folder as a ready diffusers pipeline: samplers, attention backend, components."""
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from .. import console
 from ..errors import BadInput, ModelError
 from ..files.safetensors_header import weight_files
 from ..files.safetensors_io import TensorReader, check_finite
+from .attention import use_attention
 from .folders import check_pipeline_folder
 from .student import holds_style_mlp, load_style_mlp
 
@@ -36,7 +36,6 @@ SCHEDULERS = {
     "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
     "dpm++-karras": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
 }
-ATTENTION_BACKENDS = ("auto", "sdpa", "xformers")
 
 
 def pipeline_class(folder: Path) -> type:
@@ -76,51 +75,6 @@ def make_scheduler(name: str, config):
         raise BadInput(f"--scheduler: unknown scheduler {name!r} (use {', '.join(SCHEDULERS)})")
     cls, overrides = SCHEDULERS[name]
     return cls.from_config(config, **overrides)
-
-
-@functools.cache
-def xformers_failure(device: str, dtype: torch.dtype) -> str | None:
-    """Why xformers cannot run here, or None if a real tiny attention op just succeeded.
-
-    Importing is not enough: PyPI builds import fine on torch versions whose CUDA kernels they cannot load.
-    """
-    try:
-        import xformers.ops
-    except Exception as e:  # any import failure means "not usable", whatever its type
-        return f"cannot import xformers: {e.__class__.__name__}"
-    try:
-        q = torch.randn(1, 16, 2, 8, device=device, dtype=dtype)
-        xformers.ops.memory_efficient_attention(q, q, q)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-    except Exception as e:  # same: any failure of the probe op rules xformers out
-        return f"its attention op failed on {device}: {str(e).splitlines()[0]}"
-    return None
-
-
-def choose_attention(requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The attention backend to run ("xformers" or "sdpa"), said once on stderr."""
-    if requested not in ATTENTION_BACKENDS:
-        raise BadInput(f"--attention: unknown backend {requested!r} (use {', '.join(ATTENTION_BACKENDS)})")
-    if requested == "sdpa":
-        console.say("attention: PyTorch SDPA")
-        return "sdpa"
-    failure = xformers_failure(str(device), dtype)
-    if failure is None:
-        console.say("attention: xformers")
-        return "xformers"
-    if requested == "xformers":
-        raise BadInput(f"--attention xformers: xformers is not usable ({failure})")
-    console.say(f"attention: PyTorch SDPA (xformers not used: {failure})")
-    return "sdpa"
-
-
-def use_attention(pipe_or_model, requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Switch a pipeline or model to the chosen backend; SDPA is diffusers' default, so it needs no change."""
-    backend = choose_attention(requested, device, dtype)
-    if backend == "xformers":
-        pipe_or_model.enable_xformers_memory_efficient_attention()
-    return backend
 
 
 def load_component(cls, folder: Path, part: str, dtype: torch.dtype | None = None):

@@ -1,0 +1,182 @@
+"""Which attention kernel runs: on CUDA, the fastest of SDPA's flash, cuDNN and memory-efficient kernels (and
+xformers where a real op works), timed once on the model's own attention shapes, remembered under $DMM_HOME
+and said on stderr. `train.attention` and `generate --attention` can force any of them."""
+from __future__ import annotations
+
+import functools
+import json
+
+import torch
+
+from .. import console
+from ..errors import BadInput
+from ..files import state
+
+SDPA_KERNELS = ("flash", "cudnn", "efficient")
+ATTENTION_BACKENDS = ("auto", "sdpa", *SDPA_KERNELS, "xformers")
+_FLAGS = {"flash": "flash_sdp", "cudnn": "cudnn_sdp", "efficient": "mem_efficient_sdp"}  # torch.backends.cuda's
+RECORD = "attention.json"
+
+
+@functools.cache
+def xformers_failure(device: str, dtype: torch.dtype) -> str | None:
+    """Why xformers cannot run here, or None if a real tiny attention op just succeeded.
+
+    Importing is not enough: PyPI builds import fine on torch versions whose CUDA kernels they cannot load.
+    """
+    try:
+        import xformers.ops
+    except Exception as e:  # any import failure means "not usable", whatever its type
+        return f"cannot import xformers: {e.__class__.__name__}"
+    try:
+        q = torch.randn(1, 16, 2, 8, device=device, dtype=dtype)
+        xformers.ops.memory_efficient_attention(q, q, q)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    except Exception as e:  # same: any failure of the probe op rules xformers out
+        return f"its attention op failed on {device}: {str(e).splitlines()[0]}"
+    return None
+
+
+def attention_shapes(unet, height: int, width: int, tokens: int = 77) -> list[tuple[int, int, int, int]]:
+    """(heads, query length, key length, head dim) of every distinct attention call of `unet` on latents of
+    `height` x `width`, found by running a copy of it on meta tensors (no memory, no arithmetic)."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import Attention
+
+    config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        meta = UNet2DConditionModel.from_config(config)
+        shapes = set()
+
+        def record(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            context = kwargs.get("encoder_hidden_states")
+            keys = hidden.shape[1] if context is None else context.shape[1]
+            shapes.add((module.heads, hidden.shape[1], keys, module.inner_dim // module.heads))
+
+        for m in meta.modules():
+            if isinstance(m, Attention):
+                m.register_forward_pre_hook(record, with_kwargs=True)
+        extra = {}
+        if meta.config.addition_embed_type == "text_time":
+            pooled = meta.config.projection_class_embeddings_input_dim - 6 * meta.config.addition_time_embed_dim
+            extra["added_cond_kwargs"] = {"text_embeds": torch.empty(1, pooled), "time_ids": torch.empty(1, 6)}
+        if meta.config.class_embed_type == "projection":
+            extra["class_labels"] = torch.empty(1, meta.config.projection_class_embeddings_input_dim)
+        meta(torch.empty(1, meta.config.in_channels, height, width), torch.zeros(1, dtype=torch.long),
+             encoder_hidden_states=torch.empty(1, tokens, meta.config.cross_attention_dim), **extra)
+    return sorted(shapes)
+
+
+def _kernel_only(name: str | None) -> None:
+    """Let SDPA dispatch to `name` alone (with the math kernel as the fallback for shapes it cannot take);
+    None lets it choose among all of them again."""
+    for kernel, flag in _FLAGS.items():
+        getattr(torch.backends.cuda, f"enable_{flag}")(name is None or kernel == name)
+
+
+def time_backend(name: str, shapes, batch: int, device: torch.device, dtype: torch.dtype, backward: bool,
+                 repeats: int = 5) -> float | None:
+    """Seconds one pass over `shapes` takes with backend `name` (forward, and backward if `backward`), or None
+    where it cannot run them."""
+    import time
+
+    if name == "xformers":
+        import xformers.ops
+
+        def attend(q, k, v):
+            return xformers.ops.memory_efficient_attention(*(x.transpose(1, 2) for x in (q, k, v)))
+    else:
+        attend = torch.nn.functional.scaled_dot_product_attention
+    inputs = [[torch.randn(batch, h, n, d, device=device, dtype=dtype, requires_grad=backward)
+               for n in (q_len, k_len, k_len)] for h, q_len, k_len, d in shapes]
+
+    def one_pass():
+        for q, k, v in inputs:
+            out = attend(q, k, v)
+            if backward:
+                out.sum().backward()
+
+    previous = {flag: getattr(torch.backends.cuda, f"{flag}_enabled")() for flag in _FLAGS.values()}
+    math = torch.backends.cuda.math_sdp_enabled()
+    try:
+        if name != "xformers":
+            _kernel_only(name)
+            torch.backends.cuda.enable_math_sdp(False)  # a kernel that cannot run fails instead of falling back
+        one_pass()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            one_pass()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / repeats
+    except RuntimeError:
+        return None
+    finally:
+        for flag, on in previous.items():
+            getattr(torch.backends.cuda, f"enable_{flag}")(on)
+        torch.backends.cuda.enable_math_sdp(math)
+
+
+def fastest_backend(candidates, shapes, batch: int, device: torch.device, dtype: torch.dtype,
+                    backward: bool) -> tuple[str, dict]:
+    """The fastest candidate on these shapes, and every candidate's time (None: cannot run), remembered in
+    $DMM_HOME/attention.json by torch version, device, dtype, shapes and pass."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    key = json.dumps([torch.__version__, name, str(dtype), batch, backward, sorted(candidates), shapes])
+    record = state.read_record(RECORD)
+    if key in record:
+        return record[key]["choice"], record[key]["seconds"]
+    seconds = {c: time_backend(c, shapes, batch, device, dtype, backward) for c in candidates}
+    runnable = {c: s for c, s in seconds.items() if s is not None}
+    choice = min(runnable, key=runnable.get) if runnable else "sdpa"
+    record[key] = {"choice": choice, "seconds": seconds}
+    state.write_record(RECORD, record)
+    return choice, seconds
+
+
+def choose_attention(requested: str, device: torch.device, dtype: torch.dtype, *, unet=None,
+                     latent_size: tuple[int, int] | None = None, batch: int = 2, backward: bool = False) -> str:
+    """The attention backend to run, said once on stderr. `auto` on CUDA times the kernels on `unet`'s own
+    attention shapes at `latent_size` (its default size if None); elsewhere it is PyTorch SDPA."""
+    device = torch.device(device)
+    if requested not in ATTENTION_BACKENDS:
+        raise BadInput(f"--attention: unknown backend {requested!r} (use {', '.join(ATTENTION_BACKENDS)})")
+    if requested in ("cudnn", "efficient") and device.type != "cuda":
+        raise BadInput(f"--attention {requested}: that kernel runs on CUDA GPUs only; use sdpa or flash here")
+    if requested == "sdpa" or requested in SDPA_KERNELS:
+        _kernel_only(None if requested == "sdpa" else requested)
+        console.say(f"attention: PyTorch SDPA{'' if requested == 'sdpa' else f' ({requested} kernel)'}")
+        return requested
+    failure = xformers_failure(str(device), dtype)
+    if requested == "xformers":
+        if failure is not None:
+            raise BadInput(f"--attention xformers: xformers is not usable ({failure})")
+        console.say("attention: xformers")
+        return "xformers"
+    if device.type != "cuda" or unet is None:
+        _kernel_only(None)
+        console.say("attention: PyTorch SDPA" + (f" (xformers not used: {failure})" if failure else ""))
+        return "sdpa"
+    side = latent_size or (unet.config.sample_size,) * 2
+    shapes = attention_shapes(unet, *side)
+    candidates = list(SDPA_KERNELS) + ([] if failure else ["xformers"])
+    choice, seconds = fastest_backend(candidates, shapes, batch, device, dtype, backward)
+    timings = ", ".join(f"{c} {s * 1e3:.2f} ms" if s is not None else f"{c} n/a" for c, s in seconds.items())
+    if choice != "xformers":
+        _kernel_only(choice if choice in SDPA_KERNELS else None)
+    console.say(f"attention: {choice}, the fastest on this model's attention shapes ({timings})")
+    return choice
+
+
+def use_attention(pipe_or_model, requested: str, device: torch.device, dtype: torch.dtype, **shape) -> str:
+    """Switch a pipeline or model to the chosen backend: xformers through diffusers, an SDPA kernel by
+    PyTorch's process-wide kernel switches (diffusers' default processors call SDPA)."""
+    unet = getattr(pipe_or_model, "unet", pipe_or_model)
+    backend = choose_attention(requested, device, dtype, unet=unet, **shape)
+    if backend == "xformers":
+        pipe_or_model.enable_xformers_memory_efficient_attention()
+    return backend
