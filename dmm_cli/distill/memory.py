@@ -1,15 +1,16 @@
 """An estimate of a run's peak GPU memory, before anything is loaded, and the settings that would fit a card.
 
     student weights    4 B x P            (fp32 master weights, whatever train.precision says)
-    gradients          4 B x P
     optimizer state    8 B x P for AdamW, 2 B x P for 8-bit AdamW (two moments)
     teachers           b x P x distinct teacher UNets   (b = 2 B in bf16/fp16, 4 B in fp32; one slot with
                                                           train.teacher_offload: cpu)
     text encoders      b x their parameters, once per distinct encoder
     discriminator      b x the UNet's encoder half, with train.adversarial_loss
-    activations        what the student's forward keeps for its backward, per sample, times the batch;
-                       counted by running the UNet on meta tensors (no memory, no weights), at 1/5 of that
-                       with train.gradient_checkpointing
+    activations        every storage the student's forward saves for its backward, counted once, in the dtype
+                       CUDA autocast gives it (half-precision matmul inputs and weight copies, float32 norms),
+                       with attention as the fused kernels keep it; with gradient checkpointing, the regions'
+                       inputs plus one region recomputed at a time. Counted on meta tensors: no memory used.
+    gradients          4 B x P, where they outgrow the activations (the peak is at the end of the forward)
     + 10 % for the allocator and workspaces.
 
 P is the UNet's parameter count, read from its weights files' headers. The estimate leaves out the
@@ -17,6 +18,7 @@ latent and text-context caches (at most 2 GB and 1 GB, kept on the GPU only when
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from dataclasses import dataclass
@@ -31,7 +33,6 @@ from ..files.safetensors_header import component_shapes
 
 CARDS_GB = (24, 48, 80)
 ENCODER_PARTS = ("text_encoder", "text_encoder_2")  # an SDXL model has both
-CHECKPOINTED = 0.2  # the share of activations gradient checkpointing keeps (block inputs only)
 
 
 def parameters(component: Path) -> int:
@@ -44,41 +45,109 @@ def parameters(component: Path) -> int:
     return total
 
 
+@dataclass(frozen=True)
+class Activations:
+    """What the student's forward leaves for its backward: `per_sample` bytes a sample, `fixed` bytes whatever
+    the batch (autocast's half-precision copies of the weights, which the matmuls keep), and `transient`: what
+    gradient checkpointing recomputes, one region at a time, during the backward (per sample)."""
+
+    per_sample: int
+    fixed: int
+    transient: int = 0
+
+    def at(self, batch: int) -> int:
+        return self.fixed + (self.per_sample + self.transient) * batch
+
+
 @functools.cache
-def activation_bytes(unet_config: Path, side: int, dtype_bytes: int) -> int:
-    """Bytes the student's forward saves for its backward, for one sample with latents `side` x `side`."""
+def activation_bytes(unet_config: Path, side: int, precision: str, checkpointing: bool = False) -> Activations:
+    """Counted by running the UNet on meta tensors (no memory, no arithmetic) at batches 1 and 2: every
+    storage autograd saves, once however many ops save it, in the dtype CUDA autocast gives it."""
+    one, two = (_saved(unet_config, side, precision, checkpointing, batch) for batch in (1, 2))
+    per_sample = two[0] - one[0]
+    return Activations(per_sample, max(one[0] - per_sample, 0), two[1] - one[1])
+
+
+def _saved(unet_config: Path, side: int, precision: str, checkpointing: bool, batch: int) -> tuple[int, int]:
+    """(bytes kept until the backward, the largest checkpointed region's bytes) of one forward."""
     from diffusers import UNet2DConditionModel
 
     config = {k: v for k, v in json.loads(unet_config.read_text()).items() if not k.startswith("_")}
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
-        x = torch.empty(1, unet.config.in_channels, side, side)
-        context = torch.empty(1, 77, unet.config.cross_attention_dim)
-        t = torch.zeros(1, dtype=torch.long)
+        unet = UNet2DConditionModel.from_config(config).train()
+        x = torch.empty(batch, unet.config.in_channels, side, side)
+        context = torch.empty(batch, 77, unet.config.cross_attention_dim)
+        t = torch.zeros(batch, dtype=torch.long)
         extra = {}
         if unet.config.addition_embed_type == "text_time":  # SDXL: the pooled text and the size conditioning
             pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-            extra["added_cond_kwargs"] = {"text_embeds": torch.empty(1, pooled), "time_ids": torch.empty(1, 6)}
-    saved = []
+            extra["added_cond_kwargs"] = {"text_embeds": torch.empty(batch, pooled), "time_ids": torch.empty(batch, 6)}
+    kept, regions = {}, [0]
+    weights = {p.untyped_storage()._cdata for p in unet.parameters()}  # counted as weights already
 
-    def pack(tensor):
-        saved.append(tensor.numel())
-        return tensor
+    def keeper(into: dict):
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if storage._cdata not in weights:
+                into[storage._cdata] = storage.nbytes()
+            return tensor
+        return pack
 
+    def checkpoint(module, *args):
+        """What non-reentrant checkpointing keeps of a region: its inputs; its own saves come back, one region
+        at a time, while the backward recomputes it."""
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                keeper(kept)(a)
+        inside = {}
+        with torch.autograd.graph.saved_tensors_hooks(keeper(inside), lambda tensor: tensor):
+            out = module(*args)
+        regions.append(sum(v for k, v in inside.items() if k not in kept))
+        return out
+
+    if checkpointing:
+        unet.enable_gradient_checkpointing(checkpoint)
     fused = mock.patch.object(F, "scaled_dot_product_attention", lambda q, k, v, *a, **kw: _FusedAttention.apply(q, k, v))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), fused:
+    low = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    with torch.autograd.graph.saved_tensors_hooks(keeper(kept), lambda tensor: tensor), fused, \
+            _CudaAutocast(low, keeper(kept)) if low else contextlib.nullcontext():
         unet(x, t, encoder_hidden_states=context, **extra)
-    return sum(saved) * dtype_bytes
+    return sum(kept.values()), max(regions)
+
+
+class _CudaAutocast(torch.overrides.TorchFunctionMode):
+    """CUDA autocast's casting rules, on meta tensors (which real autocast leaves alone): matmuls, convolutions
+    and attention run in half precision, normalisations and softmax in float32, everything else in what its
+    inputs promote to. So the saved tensors get the dtypes, and the sizes, a GPU run gives them. Autocast
+    keeps its half-precision copy of each weight until it exits, checkpointed regions or not: `keep` them."""
+
+    HALF = {F.conv2d, F.linear, torch.matmul, torch.bmm, torch.baddbmm, torch.Tensor.matmul}
+    FLOAT32 = {F.group_norm, F.layer_norm, F.softmax, torch.softmax, torch.Tensor.softmax}
+
+    def __init__(self, dtype: torch.dtype, keep):
+        super().__init__()
+        self.dtype, self.keep = dtype, keep
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        target = self.dtype if func in self.HALF else torch.float32 if func in self.FLOAT32 else None
+        if target is not None:
+            def cast(a):
+                if not isinstance(a, torch.Tensor) or not a.is_floating_point() or a.dtype == target:
+                    return a
+                return self.keep(a.to(target)) if isinstance(a, torch.nn.Parameter) else a.to(target)
+            args, kwargs = [cast(a) for a in args], {k: cast(v) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
 
 
 class _FusedAttention(torch.autograd.Function):
-    """Attention as the fused GPU kernels (flash, memory-efficient) keep it for the backward: q, k, v and the
-    output, not the attention matrix the plain formula materialises."""
+    """Attention as the fused GPU kernels (flash, cuDNN, memory-efficient) keep it for the backward: q, k, v,
+    the output and the float32 log-sum-exp of each row, not the attention matrix the plain formula makes."""
 
     @staticmethod
     def forward(ctx, query, key, value):
         out = query.new_empty(*query.shape[:-1], value.shape[-1])
-        ctx.save_for_backward(query, key, value, out)
+        ctx.save_for_backward(query, key, value, out, query.new_empty(query.shape[:-1], dtype=torch.float32))
         return out
 
     @staticmethod
@@ -126,16 +195,21 @@ def model_sizes(base: Path, teachers: list[Path | None], previous: Path | None =
 
 
 def estimate(train, sizes: ModelSizes, side: int) -> Estimate:
-    """The peak GPU memory of one process of a run with these `train` settings."""
+    """The peak GPU memory of one process of a run with these `train` settings.
+
+    The peak comes at the end of the student's forward, when every saved activation is alive and the
+    gradients are not yet (they are set to None after each update); the backward frees activations as it
+    makes gradients, and a UNet's last blocks hold the most activations and the fewest weights. So the
+    gradients count only where they outgrow the activations."""
     p = sizes.unet
     b = 4 if train.precision == "no" else 2
-    activations = activation_bytes(sizes.unet_config, side, b) * train.batch_size
-    if train.gradient_checkpointing:
-        activations = int(activations * CHECKPOINTED)
-    parts = {"weights": 4 * p, "gradients": 4 * p, "optimizer": (2 if train.optimizer == "adamw-8bit" else 8) * p,
+    activations = activation_bytes(sizes.unet_config, side, train.precision,
+                                   train.gradient_checkpointing).at(train.batch_size)
+    gradients = 4 * p
+    parts = {"weights": 4 * p, "optimizer": (2 if train.optimizer == "adamw-8bit" else 8) * p,
              "teachers": b * p * (1 if train.teacher_offload == "cpu" else sizes.teachers),
              "text encoders": b * sizes.text, "discriminator": b * p // 2 if train.adversarial_loss else 0,
-             "activations": activations}
+             "activations": activations, "gradients beyond activations": max(gradients - activations, 0)}
     return Estimate(parts)
 
 
