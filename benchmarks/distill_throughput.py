@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sd15  # noqa: E402
 from dmm_cli.console import quiet_loading, set_debug  # noqa: E402
 from dmm_cli.distill.text import TextEncoders  # noqa: E402
+from dmm_cli.distill.memory import ModelSizes, estimate  # noqa: E402
 from dmm_cli.distill.trainer import DataSource, Models, Trainer  # noqa: E402
 from dmm_cli.models.student import make_student  # noqa: E402
 from dmm_cli.recipe import Train  # noqa: E402
@@ -52,7 +53,7 @@ def official(path: Path, batch: int, steps: int, warmup: int, tiny: bool, device
 
 
 def ours(batch: int, teachers: int, steps: int, warmup: int, tiny: bool, device: str, accelerator,
-         compile_: str, offload: bool) -> dict:
+         compile_: str, offload: bool, checkpointing: bool = False) -> dict:
     cuda = device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     teacher_device = "cpu" if offload else device
@@ -71,8 +72,12 @@ def ours(batch: int, teachers: int, steps: int, warmup: int, tiny: bool, device:
     latents = torch.randn(256, 4, side, side)
     ids = torch.randint(0, 49408, (256, 1, 77))
     cfg = Train(batch_size=batch, lr=1e-5, precision="bf16" if cuda else "no", compile=compile_ == "on" or
-                ("auto" if compile_ == "auto" else False), teacher_offload="cpu" if offload else "none")
+                ("auto" if compile_ == "auto" else False), teacher_offload="cpu" if offload else "none",
+                gradient_checkpointing=checkpointing)
     trainer = Trainer(cfg, models, [DataSource(latents, ids)], ids[0], accelerator)
+    started = time.perf_counter()
+    trainer.warm_up()  # the compile stage (and the teachers' CUDA graphs), timed on its own
+    compile_s = time.perf_counter() - started
     for k in range(warmup):
         trainer.step(k)
     if cuda:
@@ -86,8 +91,14 @@ def ours(batch: int, teachers: int, steps: int, warmup: int, tiny: bool, device:
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
     result = dict(variant="dmm", teachers=teachers, batch=batch, compile=compile_, offload=offload,
-                  step_s=round(seconds, 4), samples_per_s=round(batch / seconds, 2), loss=round(loss, 5),
+                  graphs=trainer.teacher_bank.graphs, compile_s=round(compile_s, 1), step_s=round(seconds, 4), samples_per_s=round(batch / seconds, 2), loss=round(loss, 5),
+                  checkpointing=checkpointing,
                   peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None)
+    if cuda and not tiny:  # the dry run's plan for this very step
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        sizes = ModelSizes(count(student), count(models.text_encoders["clip"].encoders[0]), 1 if offload else teachers,
+                           sd15.UNET_CONFIG)
+        result["estimate_gib"] = round(estimate(cfg, sizes, sd15.configs(tiny)[0]["sample_size"]).total / 2**30, 2)
     del trainer, models, student
     gc.collect()
     if cuda:
@@ -104,6 +115,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", nargs="+", default=["auto"], choices=["auto", "on", "off"])
     p.add_argument("--offload", action="store_true", help="also time train.teacher_offload: cpu")
+    p.add_argument("--checkpointing", action="store_true", help="with train.gradient_checkpointing")
     p.add_argument("--no-official", action="store_true")
     p.add_argument("--official-step", type=Path,
                    default=Path(__file__).resolve().parents[2] / "shared" / "bench" / "official_step.py")
@@ -143,7 +155,7 @@ def main() -> None:
                 for offload in ([False, True] if a.offload else [False]):
                     try:
                         row = ours(batch, teachers, a.steps, a.warmup, a.tiny, device, accelerator, compile_,
-                                   offload)
+                                   offload, a.checkpointing)
                     except Exception as e:  # same: report and continue
                         emit(dict(variant="dmm", batch=batch, teachers=teachers, compile=compile_,
                                   offload=offload, error=repr(e)[:300]))

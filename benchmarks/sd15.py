@@ -17,6 +17,9 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from dmm_cli.toy import components
 
+# The shipped SD1.5 UNet config, the same shapes as UNET below: what the dry run's memory plan reads.
+UNET_CONFIG = Path(components.__file__).resolve().parents[1] / "models" / "configs" / "sd15" / "unet" / "config.json"
+
 UNET = dict(sample_size=64, in_channels=4, out_channels=4,
             down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
             up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
@@ -82,7 +85,8 @@ def write_model_folders(root: Path, teachers: int, tiny: bool) -> dict[str, Path
         folder = root / f"teacher{i}"
         unet(tiny, torch.float16, seed=i + 1).save_pretrained(folder / "unet", safe_serialization=True)
         for part in ("vae", "text_encoder", "tokenizer", "scheduler", "model_index.json"):
-            os.symlink(base / part, folder / part)
+            if not (folder / part).is_symlink():  # a second run into the same folder keeps the links it made
+                os.symlink(base / part, folder / part)
         folders[f"teacher{i}"] = folder
     return folders
 

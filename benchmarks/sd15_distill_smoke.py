@@ -57,7 +57,7 @@ def main() -> None:
     dry = subprocess.run([*cmd, "--dry-run", "--json"], capture_output=True, text=True, env=env)
     estimate = json.loads(dry.stdout)["memory"] if dry.returncode == 0 else None
     t0 = time.perf_counter()
-    real = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    real = subprocess.run([*cmd, "--overwrite"], capture_output=True, text=True, env=env)  # reruns start over
     seconds = time.perf_counter() - t0
     rows = []
     metrics = a.work / "run" / "logs" / "metrics.jsonl"

@@ -73,7 +73,8 @@ def table(teachers: list[int], batches: list[int]) -> None:
             }), flush=True)
 
 
-def measure(teachers: int, batch: int, steps: int, offload: bool, optimizer: str, tiny: bool = False) -> dict:
+def measure(teachers: int, batch: int, steps: int, offload: bool, optimizer: str, tiny: bool = False,
+            checkpointing: bool = True) -> dict:
     """One real-size SDXL distillation step, timed after a warm-up step."""
     from accelerate import Accelerator
 
@@ -96,7 +97,7 @@ def measure(teachers: int, batch: int, steps: int, offload: bool, optimizer: str
     items = 64
     data = DataSource(torch.randn(items, 4, side, side), torch.randint(0, 49408, (items, 2, 77)),
                       time_ids=torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]]).expand(items, -1))
-    cfg = Train(batch_size=batch, lr=1e-5, precision="bf16" if cuda else "no", gradient_checkpointing=True,
+    cfg = Train(batch_size=batch, lr=1e-5, precision="bf16" if cuda else "no", gradient_checkpointing=checkpointing,
                 compile=False, teacher_offload="cpu" if offload else "none", optimizer=optimizer)
     trainer = Trainer(cfg, models, [data], data.caption_ids[0], accelerator)
     trainer.step(0)
@@ -111,7 +112,7 @@ def measure(teachers: int, batch: int, steps: int, offload: bool, optimizer: str
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
     row = {"device": torch.cuda.get_device_name() if cuda else "cpu", "tiny": tiny, "teachers": teachers,
-           "batch": batch, "offload": offload, "optimizer": optimizer, "gradient_checkpointing": True,
+           "batch": batch, "offload": offload, "optimizer": optimizer, "gradient_checkpointing": checkpointing,
            "step_s": round(seconds, 3), "samples_per_s": round(batch / seconds, 3), "loss": round(loss, 5)}
     if cuda and not tiny:
         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -128,6 +129,7 @@ def main() -> None:
     p.add_argument("--offload", action="store_true")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw-8bit"])
     p.add_argument("--tiny", action="store_true", help="small widths on the CPU: a smoke run of --measure")
+    p.add_argument("--checkpointing", nargs="+", default=["on"], choices=["on", "off"])
     a = p.parse_args()
     set_debug(False)
     quiet_loading()
@@ -136,15 +138,14 @@ def main() -> None:
         return
     if not torch.cuda.is_available() and not a.tiny:
         sys.exit("--measure needs a CUDA GPU (or --tiny for a CPU smoke run)")
-    for n in a.teachers:
-        for batch in a.batch:
-            try:
-                print(json.dumps(measure(n, batch, a.steps, a.offload, a.optimizer, a.tiny)), flush=True)
-            except torch.OutOfMemoryError:
-                print(json.dumps({"teachers": n, "batch": batch, "offload": a.offload, "optimizer": a.optimizer,
-                                  "error": "out of memory"}), flush=True)
-            torch.cuda.empty_cache()
-
+    for n, batch, checkpointing in ((n, b, c) for n in a.teachers for b in a.batch for c in a.checkpointing):
+        try:
+            print(json.dumps(measure(n, batch, a.steps, a.offload, a.optimizer, a.tiny, checkpointing == "on")),
+                  flush=True)
+        except torch.OutOfMemoryError:
+            print(json.dumps({"teachers": n, "batch": batch, "offload": a.offload, "optimizer": a.optimizer,
+                              "gradient_checkpointing": checkpointing == "on", "error": "out of memory"}), flush=True)
+        torch.cuda.empty_cache()
 
 if __name__ == "__main__":
     main()

@@ -21,9 +21,14 @@ def style_conditioning(unet, style: torch.Tensor | None):
         yield
         return
 
+    on_device = {}  # one copy per device, dtype and batch: a copy at every step would stall the GPU queue
+
     def hook(module, args, kwargs):
         sample = args[0] if args else kwargs["sample"]
-        kwargs["class_labels"] = style.to(sample.device, sample.dtype).expand(sample.shape[0], -1)
+        key = (sample.device, sample.dtype, sample.shape[0])
+        if key not in on_device:
+            on_device[key] = style.to(sample.device, sample.dtype).expand(sample.shape[0], -1)
+        kwargs["class_labels"] = on_device[key]
         return args, kwargs
 
     handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
