@@ -1,36 +1,44 @@
 #!/usr/bin/env bash
-# Every GPU measurement in one go (device time is scarce): throughput vs the released step, generation
-# parity, 8 teachers with offload, torch.compile, the SD1.5-scale CLI run, then real-size SDXL steps.
-# Results land in $OUT (or ./gpu-out): one JSON-lines file per step, stderr of all steps in errors.log.
+# Every GPU measurement of the distillation step in one go, sized for a short turn on a bare H200 (<= 8 min,
+# installs and compiles included): the released step against dmm's at 1, 4 and 8 teachers (b16, b32), compile
+# off and on (cold, then warm from the same $DMM_HOME), generation parity, the CLI's peak memory against the
+# dry run's plan (run twice into one work folder), and the SDXL step with and without checkpointing.
+# Each step has its own time limit and the script goes on past a failure. Results land in $OUT (or ./gpu-out):
+# one JSON-lines file per step, stderr of all steps in errors.log, and summary.json (benchmarks/gpu_summary.py).
 # Usage: benchmarks/gpu_run.sh [path/to/official_step.py]
-#        ONLY="merge_bench sdxl_step" benchmarks/gpu_run.sh   # just these steps
+#        ONLY="compile_cold compile_warm" benchmarks/gpu_run.sh   # just these steps
+#        ONLY=merge_bench benchmarks/gpu_run.sh                   # the weight-space merges (not in the default set)
 set -u
 out=${OUT:-gpu-out}
 mkdir -p "$out"
 official=${1:-../shared/bench/official_step.py}
-export PYTHONUNBUFFERED=1
+work=${WORK:-/tmp/dmm-gpu}
+export PYTHONUNBUFFERED=1 DMM_HOME=$work/home  # one compile cache for the cold and the warm run
 if [ -d .whl ]; then  # packages the GPU image lacks, carried as wheels
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:${PYTHONPATH:-} || exit 1
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+git rev-parse --short HEAD > "$out/commit.txt" 2>/dev/null
 step() {
   local name=$1 limit=$2; shift 2
   if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
+  if [ -z "${ONLY:-}" ] && [ "$name" = merge_bench ]; then return; fi
   echo "== $name" | tee -a "$out/errors.log"
+  local t0=$SECONDS
   timeout "$limit" "$@" 2>>"$out/errors.log" | tee "$out/$name.jsonl"
-  echo "rc=${PIPESTATUS[0]}" | tee -a "$out/errors.log"
+  echo "rc=${PIPESTATUS[0]} seconds=$((SECONDS - t0))" | tee -a "$out/errors.log"
 }
-step distill_b16_b32 120 python3 benchmarks/distill_throughput.py --batch 16 32 --teachers 4 --compile off \
-  --official-step "$official"
-step generate 60 python3 benchmarks/generate_throughput.py
-step distill_8teachers_offload 80 python3 benchmarks/distill_throughput.py --batch 16 --teachers 8 --compile off \
-  --offload --no-official
-step distill_compile 120 python3 benchmarks/distill_throughput.py --batch 16 --teachers 4 --compile on \
-  --no-official
-step sd15_cli 90 python3 benchmarks/sd15_distill_smoke.py --work /tmp/sd15 --teachers 4 --steps 20 --compile false
-step sdxl_step 300 python3 benchmarks/sdxl_memory.py --measure --teachers 2 --batch 1 4
-step sdxl_step_offload 200 python3 benchmarks/sdxl_memory.py --measure --teachers 4 --batch 4 --offload
-# The weight-space merges (dmm alone: sd-mecha is not in the GPU image) on this machine's cores and on its GPU.
-step merge_bench 300 python3 benchmarks/merge_bench.py --work /tmp/merge-bench --devices cpu cuda
+step distill_eager 130 python3 benchmarks/distill_throughput.py --batch 16 32 --teachers 1 4 8 --compile off \
+  --steps 6 --warmup 2 --official-step "$official"
+step compile_cold 110 python3 benchmarks/distill_throughput.py --batch 16 --teachers 4 --compile on --steps 6 \
+  --warmup 2 --no-official
+step compile_warm 70 python3 benchmarks/distill_throughput.py --batch 16 --teachers 1 8 --compile on --steps 6 \
+  --warmup 2 --no-official
+step generate 45 python3 benchmarks/generate_throughput.py --repeats 3
+step sd15_cli 50 python3 benchmarks/sd15_distill_smoke.py --work "$work/sd15" --teachers 2 --steps 10
+step sd15_cli_again 40 python3 benchmarks/sd15_distill_smoke.py --work "$work/sd15" --teachers 2 --steps 10
+step sdxl_step 90 python3 benchmarks/sdxl_memory.py --measure --teachers 2 --batch 4 --checkpointing on off --steps 2
+step merge_bench 300 python3 benchmarks/merge_bench.py --work "$work/merge-bench" --devices cpu cuda
+python3 benchmarks/gpu_summary.py "$out" | tee "$out/summary.json"

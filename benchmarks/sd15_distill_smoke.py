@@ -53,11 +53,11 @@ def main() -> None:
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     prepared = time.perf_counter() - started
     env = dict(os.environ, DMM_HOME=str(a.work / "home"))
-    cmd = [sys.executable, "-m", "dmm_cli", "distill", str(recipe_path)]
-    dry = subprocess.run([*cmd, "--dry-run", "--json"], capture_output=True, text=True, env=env)
+    cmd = [sys.executable, "-m", "dmm_cli", "distill", str(recipe_path)]  # --overwrite: a rerun starts over
+    dry = subprocess.run([*cmd, "--dry-run", "--json", "--overwrite"], capture_output=True, text=True, env=env)
     estimate = json.loads(dry.stdout)["memory"] if dry.returncode == 0 else None
     t0 = time.perf_counter()
-    real = subprocess.run([*cmd, "--overwrite"], capture_output=True, text=True, env=env)  # reruns start over
+    real = subprocess.run([*cmd, "--overwrite"], capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - t0
     rows = []
     metrics = a.work / "run" / "logs" / "metrics.jsonl"
