@@ -328,9 +328,11 @@ def export_(
                                           help="Folder (or .safetensors with --single-file; a folder of them for "
                                                "--style all). Default: named after the model and style."),
     single_file: bool = typer.Option(False, "--single-file", help="Write one original-layout .safetensors file, as "
-                                                                   "A1111, ComfyUI and Forge load."),
+                                                                   "A1111, ComfyUI and Forge load (a student: with "
+                                                                   "--style, or --format dmm-official)."),
     fmt: str = typer.Option("diffusers", "--format", help="diffusers, or dmm-official: the released MCG-NJU/DMM "
-                                                          "layout (model_embedding + add_embedding) of a student."),
+                                                          "layout (model_embedding + add_embedding) of a student; "
+                                                          "with --single-file, the file the ComfyUI-DMM nodes load."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (as stored), fp32, fp16, bf16."),
     metrics: Optional[Path] = typer.Option(None, "--metrics", help="A `dmm eval` metrics.json whose figures go into "
                                                                    "the model card. Default: MODEL/eval/metrics.json."),
@@ -347,6 +349,7 @@ def export_(
       dmm export runs/toy_styles --style all --single-file -o styles/    # one file per style for A1111/ComfyUI
       dmm export runs/toy_styles --style night:0.5,checker:0.5 --single-file -o mix.safetensors
       dmm export runs/toy_styles --format dmm-official -o toy_styles-official/
+      dmm export runs/toy_styles --format dmm-official --single-file -o dmm.safetensors   # ComfyUI-DMM
       dmm export ./sd15-folder --single-file -o sd15.safetensors
     """
     from .export.run import export

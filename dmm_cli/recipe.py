@@ -280,6 +280,8 @@ def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:
         raise RecipeError(f"{path}: malformed YAML at {where}: {problem}") from None
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: not a text file") from None
+    except RecursionError:  # the YAML parser recurses once per nested bracket
+        raise RecipeError(f"{path}: nested too deeply to be a recipe (at most {MAX_DEPTH} levels)") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a YAML mapping of keys to values")
     if _expanded_size(data) > MAX_NODES:

@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import assert_one_sentence_error
+from dmm_cli.models.styles import Style, StyleTable
 
 UNET = Path("unet") / "diffusion_pytorch_model.safetensors"
 SAMPLING = {"steps": 6, "guidance": 3.0, "seed": 11}
@@ -96,8 +97,6 @@ def test_official_layout_round_trips_exactly(dmm, tmp_path, student):
     original, again = load_file(student / UNET), load_file(Path(back.lines[0]) / UNET)
     assert original.keys() == again.keys()
     assert all((original[k].float() - again[k].float()).abs().max() == 0 for k in original)
-    from dmm_cli.models.styles import StyleTable
-
     assert StyleTable.read(Path(back.lines[0])).names == ["night", "outline", "checker"]
 
 
@@ -115,6 +114,8 @@ def test_fetch_export_single_file_still_works_and_says_it_moved(dmm, tmp_path):
     (["STUDENT"], "nothing to export"),
     (["STUDENT", "--format", "onnx"], "unknown format 'onnx'"),
     (["STUDENT", "--style", "night", "--single-file", "-o", "OUT/x.ckpt"], "must end in .safetensors"),
+    (["STUDENT", "--single-file", "-o", "OUT/x.safetensors"], "no single-file form that A1111, ComfyUI or Forge"),
+    (["STUDENT", "--format", "dmm-official", "--style", "night"], "leave out --style"),
 ])
 def test_bad_exports_write_nothing(dmm, tmp_path, student, args, fragment):
     out = tmp_path / "out"
@@ -135,3 +136,64 @@ def test_an_existing_output_needs_overwrite_and_only_an_export_is_replaced(dmm, 
     assert_one_sentence_error(dmm("export", student, "--style", "night", "-o", mine, "--overwrite"), 2,
                               "not written by dmm export")
     assert list(mine.iterdir()) == []
+
+
+OFFICIAL_UNET_KEYS = {"model.diffusion_model.model_embedding.weight",
+                      *(f"model.diffusion_model.add_embedding.linear_{i}.{kind}" for i in (1, 2)
+                        for kind in ("weight", "bias"))}
+
+
+def test_the_released_single_file_is_the_plain_layout_plus_the_style_table_and_comes_back_identical(
+        dmm, tmp_path, student):
+    """The ComfyUI-DMM nodes load one original-layout file whose UNet also holds `model_embedding` (8 rows) and
+    `add_embedding`: exactly a baked file's keys plus those five, the three styles padded to 8 rows."""
+    r = dmm("export", student, "--format", "dmm-official", "--single-file", "-o", tmp_path / "dmm.safetensors")
+    assert r.code == 0, r
+    assert "rows 3-7 of the style table are zero padding" in r.err and "indices 0-2" in r.err
+    official = load_file(tmp_path / "dmm.safetensors")
+    assert dmm("export", student, "--style", "night", "--single-file", "-o", tmp_path / "baked.safetensors").code == 0
+    assert set(official) == set(load_file(tmp_path / "baked.safetensors")) | OFFICIAL_UNET_KEYS
+    table = official["model.diffusion_model.model_embedding.weight"]
+    assert table.shape[0] == 8 and not table[3:].any() and table[:3].abs().sum() > 0
+    assert not [k for k in official if "label_emb" in k]
+
+    back = dmm("fetch", tmp_path / "dmm.safetensors")
+    assert back.code == 0, back
+    folder = Path(back.lines[0])
+    assert StyleTable.read(folder).names == ["night", "outline", "checker"]  # the padding rows dropped
+    ours, theirs = load_file(student / UNET), load_file(folder / UNET)
+    assert set(ours) == set(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)  # max abs difference 0
+
+
+def test_a_released_file_from_elsewhere_imports_as_eight_styles(dmm, tmp_path, student):
+    """Without dmm's style names (the released checkpoint itself), every row of the table is a style."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    ours = tmp_path / "d.safetensors"
+    assert dmm("export", student, "--format", "dmm-official", "--single-file", "-o", ours).code == 0
+    with safe_open(str(ours), framework="pt") as handle:  # the toy widths still need their configs
+        configs = handle.metadata()["dmm.configs"]
+    bare = tmp_path / "released.safetensors"
+    save_file(load_file(ours), bare, metadata={"dmm.configs": configs})
+    back = dmm("fetch", bare)
+    assert back.code == 0, back
+    assert StyleTable.read(Path(back.lines[0])).names == [f"style-{i}" for i in range(8)]
+
+
+def test_more_styles_than_the_nodes_take_are_refused(dmm, tmp_path, student):
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    from dmm_cli.models.student import grow_student
+
+    nine = tmp_path / "nine"
+    shutil.copytree(student, nine, ignore=shutil.ignore_patterns("checkpoints", "logs"))
+    grow_student(UNet2DConditionModel.from_pretrained(student / "unet"), 9, "zero").save_pretrained(nine / "unet")
+    table = StyleTable.read(student)
+    (nine / "styles.json").write_text(StyleTable(table.styles + [Style(f"extra{i}") for i in range(6)]).to_json())
+    r = dmm("export", nine, "--format", "dmm-official", "--single-file", "-o", tmp_path / "x.safetensors")
+    assert_one_sentence_error(r, 2, "has 9 styles", "holds 8")
+    assert not (tmp_path / "x.safetensors").exists()

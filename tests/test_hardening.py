@@ -199,7 +199,8 @@ def test_outputs_get_the_usual_permissions(dmm, tmp_path):
         recipe = tiny_recipe(tmp_path, **{"train.max_steps": 2, "train.checkpoint_every": 1})
         assert dmm("-q", "distill", recipe).code == 0
         assert dmm("-q", "baseline-merge", "toy:night", "toy:outline", "-o", tmp_path / "merge").code == 0
-        assert dmm("-q", "fetch", tmp_path / "run", "--export-single-file", tmp_path / "one.safetensors").code == 0
+        assert dmm("-q", "export", tmp_path / "run", "--style", "night", "--single-file", "-o",
+                   tmp_path / "one.safetensors").code == 0
     finally:
         os.umask(old)
     files = [tmp_path / "run" / UNET, tmp_path / "merge" / UNET, tmp_path / "one.safetensors",
@@ -276,6 +277,9 @@ def test_an_alias_bomb_recipe_is_refused_without_echoing_it(dmm, tmp_path):
     deep = tmp_path / "deep.yaml"
     deep.write_text("name: " + "[" * 100 + "]" * 100 + "\n")
     assert_one_sentence_error(dmm("distill", deep), 2, "too deeply nested")
+    deeper = tmp_path / "deeper.yaml"  # past the YAML parser's own recursion: 100,000 brackets
+    deeper.write_text("name: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    assert_one_sentence_error(dmm("distill", deeper), 2, str(deeper), "nested too deeply")
     huge = tiny_recipe(tmp_path / "huge", name="x" * 5000, **{"train.max_steps": "y" * 5000})
     r = dmm("distill", huge)
     assert_one_sentence_error(r, 2, "train.max_steps: must be an integer")

@@ -12,14 +12,16 @@ from .. import console
 from ..errors import BadInput
 from ..files.atomic import atomic_folder, check_replaceable, output_lock, remove_leftovers
 from ..files.images import slug
+from ..files.safetensors_io import read_component
 from ..models import references
 from ..models.folders import copy_part, derived_model_index, model_family, model_root, parts_besides_unet
 from ..models.official import OFFICIAL_PIPELINE_CLASS, OFFICIAL_UNET_CLASS, official_unet
-from ..models.single_file import _read, export_single_file
+from ..models.single_file import export_single_file
 from ..models.styles import STYLES_FILE, StyleTable, parse_style
 from .bake import bake
 
 FORMATS = ("diffusers", "dmm-official")
+OFFICIAL_ROWS = 8  # the style table of the released checkpoint and of the ComfyUI-DMM nodes' UNet
 UNET_FILE = "diffusion_pytorch_model.safetensors"
 
 
@@ -68,9 +70,8 @@ def export(ref: str, *, style: str | None = None, output: Path | None = None, si
     """Write the requested exports and return their paths."""
     if fmt not in FORMATS:
         raise BadInput(f"--format: unknown format {fmt!r} (use {', '.join(FORMATS)})")
-    if fmt == "dmm-official" and (style is not None or single_file):
-        raise BadInput("--format dmm-official writes the whole student as a folder: leave out --style and "
-                       "--single-file")
+    if fmt == "dmm-official" and style is not None:
+        raise BadInput("--format dmm-official writes the whole student, every style: leave out --style")
     if fmt == "diffusers" and style is None and not single_file:
         raise BadInput("nothing to export: give --style (bake a style), --single-file, or --format dmm-official")
     folder = references.resolve(ref)
@@ -80,10 +81,17 @@ def export(ref: str, *, style: str | None = None, output: Path | None = None, si
     table = StyleTable.read(folder)
     if (style is not None or fmt == "dmm-official") and table is None:
         raise BadInput(f"{ref}: not a DMM student (no {STYLES_FILE}), so it has no styles to export")
+    if fmt == "diffusers" and single_file and style is None and table is not None:
+        raise BadInput(f"{ref}: a DMM student has no single-file form that A1111, ComfyUI or Forge load; give --style "
+                       "with a style's name or index, a mix (a:0.5,b:0.5) or all, to bake styles into plain files, "
+                       "or --format dmm-official --single-file for the ComfyUI-DMM nodes")
+    if fmt == "dmm-official" and single_file and len(table.names) > OFFICIAL_ROWS:
+        raise BadInput(f"{ref}: has {len(table.names)} styles, and the ComfyUI-DMM nodes' file holds {OFFICIAL_ROWS}; "
+                       "export it as a --format dmm-official folder, or bake styles with --style")
     stem = slug(folder.name)
     suffix = ".safetensors" if single_file else ""
     if fmt == "dmm-official":
-        targets = [(Path(output or f"{stem}-dmm-official"), None, None)]
+        targets = [(Path(output or f"{stem}-dmm-official{suffix}"), None, None)]
     elif style is None:
         targets = [(Path(output or f"{stem}{suffix or '.safetensors'}"), None, None)]
     else:
@@ -99,7 +107,7 @@ def export(ref: str, *, style: str | None = None, output: Path | None = None, si
     for path, _, _ in targets:
         check_replaceable(path, overwrite, "export", "dmm.source")
     unet_config = json.loads((folder / "unet" / "config.json").read_text())
-    weights = _read(folder / "unet")
+    weights = read_component(folder / "unet")
     if dtype is not None:
         weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
     written = []
@@ -107,7 +115,9 @@ def export(ref: str, *, style: str | None = None, output: Path | None = None, si
         with output_lock(path):
             remove_leftovers(path)
             check_replaceable(path, overwrite, "export", "dmm.source")
-            if fmt == "dmm-official":
+            if fmt == "dmm-official" and single_file:
+                _write_official_file(folder, path, official_unet(weights, unet_config), table, dtype)
+            elif fmt == "dmm-official":
                 _write_folder(folder, path, *official_unet(weights, unet_config), official=True)
             elif vector is None:
                 export_single_file(folder, path, dtype)
@@ -125,6 +135,22 @@ def export(ref: str, *, style: str | None = None, output: Path | None = None, si
         console.say(f"export: wrote {path}")
         written.append(path)
     return written
+
+
+def _write_official_file(source: Path, target: Path, unet: tuple[dict, dict], table: StyleTable,
+                         dtype: torch.dtype | None) -> None:
+    """The released DMM checkpoint as one original-layout file, as the ComfyUI-DMM nodes load it: the UNet,
+    VAE and text encoder under their usual names, and the style table `model_embedding` (8 rows, zero past the
+    student's styles) with its MLP `add_embedding` in the UNet."""
+    weights, config = unet
+    table_rows = weights["model_embedding.weight"]
+    if len(table_rows) < OFFICIAL_ROWS:
+        padding = table_rows.new_zeros(OFFICIAL_ROWS - len(table_rows), table_rows.shape[1])
+        weights = {**weights, "model_embedding.weight": torch.cat([table_rows, padding])}
+        console.say(f"export: rows {len(table_rows)}-{OFFICIAL_ROWS - 1} of the style table are zero padding (the "
+                    f"ComfyUI-DMM nodes take {OFFICIAL_ROWS}); its styles are indices 0-{len(table_rows) - 1}")
+    export_single_file(source, target, dtype, unet=(weights, config),
+                       metadata={"dmm.format": "dmm-official", "dmm.styles": table.to_json()})
 
 
 def _write_folder(source: Path, target: Path, weights: dict, config: dict, *, metadata: dict | None = None,

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelError
-from .safetensors_header import read_header_and_start
+from .safetensors_header import read_header_and_start, weight_files
 
 
 class TensorReader:
@@ -81,3 +81,14 @@ class StreamingWriter:
             raise ValueError(f"tensor {name} written out of order or with the wrong dtype/shape")
         self.file.write(tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy())  # no copy
         self.next += 1
+
+
+def read_component(component: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a pipeline component's folder (a unet/, a vae/), from all its weights files."""
+    from safetensors import safe_open
+
+    tensors = {}
+    for f in weight_files(component):
+        with safe_open(str(f), framework="pt") as handle:
+            tensors.update({k: handle.get_tensor(k) for k in handle.keys()})
+    return tensors

@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 from ..files import state
 from ..files.atomic import atomic_folder
 from ..files.hashing import component_sha256
+from ..files.safetensors_io import read_component
 from .folders import copy_part, derived_model_index, model_root
-from .single_file import _read
 from .styles import STYLES_FILE, Style, StyleTable
 
 OFFICIAL_KEYS = ("model_embedding.weight", "add_embedding.linear_1.weight", "add_embedding.linear_1.bias",
@@ -54,7 +54,7 @@ def student_folder(folder: Path) -> Path:
         return target
     state.store("converted")
     config = json.loads((folder / "unet" / "config.json").read_text())
-    weights, config = convert_unet(_read(folder / "unet"), config)
+    weights, config = convert_unet(read_component(folder / "unet"), config)
     n = config["projection_class_embeddings_input_dim"]
     with atomic_folder(target, keep_existing=True) as tmp:
         for part in ("vae", "text_encoder", "tokenizer", "scheduler"):

@@ -24,7 +24,8 @@ from safetensors.torch import save_file
 from .. import plugins
 from ..errors import ModelError
 from ..files.atomic import atomic_file, atomic_folder
-from ..files.safetensors_header import read_header, weight_files
+from ..files.safetensors_header import read_header
+from ..files.safetensors_io import read_component
 from .folders import is_open_clip
 
 UNET_PREFIX = "model.diffusion_model."
@@ -34,6 +35,7 @@ OPEN_CLIP_PREFIX = "cond_stage_model.model."
 XL_TEXT_PREFIX = "conditioner.embedders.0.transformer."
 XL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 CONFIGS = Path(__file__).parent / "configs"
+OFFICIAL_MODULES = ("model_embedding", "add_embedding")  # the released DMM UNet's style table and its MLP
 
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
            "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -113,14 +115,6 @@ def open_clip_tensors(text: dict[str, torch.Tensor], config: dict) -> dict[str, 
     return out
 
 
-def _read(component: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for f in weight_files(component):
-        with safe_open(str(f), framework="pt") as handle:
-            tensors.update({k: handle.get_tensor(k) for k in handle.keys()})
-    return tensors
-
-
 def export_single_file(folder: Path, path: Path, dtype: torch.dtype | None = None, *,
                        unet: tuple[dict[str, torch.Tensor], dict] | None = None,
                        metadata: dict[str, str] | None = None) -> Path:
@@ -132,19 +126,21 @@ def export_single_file(folder: Path, path: Path, dtype: torch.dtype | None = Non
         raise ModelError(f"{folder}: only Stable Diffusion 1.x/2.x/XL pipelines can be exported as one file")
     xl = index["_class_name"] == "StableDiffusionXLPipeline"
     out: dict[str, torch.Tensor] = {}
-    unet_weights, unet_config = unet or (_read(folder / "unet"), json.loads((folder / "unet" / "config.json").read_text()))
+    unet_weights, unet_config = unet or (read_component(folder / "unet"), json.loads((folder / "unet" / "config.json").read_text()))
     if xl and any(key.startswith("class_embedding.") for key in unet_weights):
         raise ModelError(f"{folder}: an SDXL student goes into one file a style at a time (export --style): the "
                          "file's label_emb is SDXL's text-time embedding, with no room for a style embedding")
+    official = unet_config.get("addition_embed_type") == "model_merge"  # the released DMM UNet
     for key, tensor in unet_weights.items():
-        out[UNET_PREFIX + unet_key(key, unet_config)] = tensor
+        verbatim = official and key.split(".")[0] in OFFICIAL_MODULES
+        out[UNET_PREFIX + (key if verbatim else unet_key(key, unet_config))] = tensor
     vae_config = json.loads((folder / "vae" / "config.json").read_text())
-    for key, tensor in _read(folder / "vae").items():
+    for key, tensor in read_component(folder / "vae").items():
         if ".mid_block.attentions." in key and tensor.dim() == 2:
             tensor = tensor[:, :, None, None]  # original VAE attention uses 1×1 convolutions
         out[VAE_PREFIX + vae_key(key, vae_config)] = tensor
     text_config = json.loads((folder / "text_encoder" / "config.json").read_text())
-    text = {k.removeprefix("text_model."): v for k, v in _read(folder / "text_encoder").items()}
+    text = {k.removeprefix("text_model."): v for k, v in read_component(folder / "text_encoder").items()}
     if is_open_clip(text_config) and not xl:
         out.update({OPEN_CLIP_PREFIX + k: v for k, v in open_clip_tensors(text, text_config).items()})
     else:  # transformers >= 5.6 saves CLIPTextModel without its `text_model.` level; single files keep it
@@ -152,7 +148,7 @@ def export_single_file(folder: Path, path: Path, dtype: torch.dtype | None = Non
         out.update({f"{prefix}text_model.{k}": v for k, v in text.items()})
     if xl:  # SDXL's second encoder is OpenCLIP's, its projection stored transposed
         text_2_config = json.loads((folder / "text_encoder_2" / "config.json").read_text())
-        text_2 = {k.removeprefix("text_model."): v for k, v in _read(folder / "text_encoder_2").items()}
+        text_2 = {k.removeprefix("text_model."): v for k, v in read_component(folder / "text_encoder_2").items()}
         out.update({XL_OPEN_CLIP_PREFIX + k: v for k, v in open_clip_tensors(text_2, text_2_config).items()})
         out[XL_OPEN_CLIP_PREFIX + "text_projection"] = text_2["text_projection.weight"].T
     if dtype is not None:
@@ -252,16 +248,51 @@ def convert_to_diffusers(path: Path, folder: Path, prediction_type: str | None =
     cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
     extra = {} if kind == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
     widest = max(dtypes.values(), key=lambda d: d.itemsize)  # loaded in the widest, each then cast back: exact
+    official = UNET_PREFIX + "model_embedding.weight" in read_header(path)
     with atomic_folder(folder, keep_existing=True) as tmp, tempfile.TemporaryDirectory() as work:
         config = _config_folder(kind, metadata, prediction_type, path, Path(work))
+        if official:  # diffusers builds the plain UNet; the style table and its MLP are added after
+            unet_config = json.loads((config / "unet" / "config.json").read_text())
+            for key in ("addition_embed_type", "num_models", "_class_name"):
+                unet_config.pop(key, None)
+            (config / "unet" / "config.json").write_text(json.dumps(unet_config))
         try:
             pipe = cls.from_single_file(str(path), config=str(config), local_files_only=True, torch_dtype=widest,
                                         **extra)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise ModelError(f"{path}: cannot convert this checkpoint ({str(e).splitlines()[0]})") from e
+        table = None
+        if official:
+            pipe.unet, table = _official_student(pipe.unet, path, metadata)
         for part, dtype in dtypes.items():
             getattr(pipe, part).to(dtype)
         pipe.save_pretrained(tmp, safe_serialization=True)
-        if "dmm.styles" in metadata:
+        if table is not None:
+            (tmp / "styles.json").write_text(table.to_json())
+        elif "dmm.styles" in metadata:
             (tmp / "styles.json").write_text(metadata["dmm.styles"])
     return folder
+
+
+def _official_student(unet, path: Path, metadata: dict):
+    """The student of a released-layout file (the ComfyUI-DMM nodes'): its 8-row style table and MLP become the
+    student's style MLP, exactly (models/official.py). A file dmm wrote names its styles, and the rows past
+    them, zero padding, are dropped; another file's 8 rows become styles style-0 to style-7."""
+    from .official import convert_unet
+    from .student import make_student
+    from .styles import Style, StyleTable
+
+    with safe_open(str(path), framework="pt") as handle:
+        tensors = {name: handle.get_tensor(UNET_PREFIX + name) for name in (
+            "model_embedding.weight", *(f"add_embedding.linear_{i}.{kind}" for i in (1, 2) for kind in ("weight", "bias")))}
+    known = StyleTable.from_json(metadata["dmm.styles"], path) if "dmm.styles" in metadata else None
+    rows = len(tensors["model_embedding.weight"])
+    count = len(known.names) if known is not None and len(known.names) <= rows else rows
+    tensors["model_embedding.weight"] = tensors["model_embedding.weight"][:count]
+    weights, _ = convert_unet(tensors, {})
+    student = make_student(unet, count)
+    student.load_state_dict({**unet.state_dict(), **{k: v.to(unet.dtype) for k, v in weights.items()}})
+    table = known if known is not None and count == len(known.names) else StyleTable(
+        [Style(f"style-{i}", path.name) for i in range(count)],
+        lineage=[{"converted_from": "MCG-NJU/DMM official layout, one file", "source": path.name}])
+    return student, table

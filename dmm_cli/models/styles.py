@@ -55,13 +55,18 @@ class StyleTable:
         path = Path(folder) / STYLES_FILE
         if not path.is_file():
             return None
+        return cls.from_json(path.read_text(), path)
+
+    @classmethod
+    def from_json(cls, text: str, where) -> "StyleTable":
+        """A table from its JSON text (a styles.json, or a single file's dmm.styles metadata at `where`)."""
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(text)
             styles = [Style(s["name"], s.get("teacher", ""), s.get("sha256", ""),
                             {k: v for k, v in s.items() if k not in ("index", "name", "teacher", "sha256")})
                       for s in sorted(data["styles"], key=lambda s: s["index"])]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ModelError(f"{path}: not a valid styles file ({e})") from None
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ModelError(f"{where}: not a valid styles table ({e})") from None
         return cls(styles, data.get("lineage", []))
 
 
