@@ -63,7 +63,7 @@ def test_a_baked_style_draws_what_the_student_draws(dmm, tmp_path, student, styl
         expected = dmm_picture(dmm, student, style, prompt, tmp_path / f"{prompt}.png")
         assert np.abs(stock_picture(baked, prompt) - expected).max() <= 1, (style, prompt)
     card = (tmp_path / "baked" / "README.md").read_text()
-    assert str(student) in card and "baked into a plain checkpoint" in card
+    assert f"from `{student.name}`" in card and str(student) not in card and "baked into a plain checkpoint" in card
 
 
 def test_baked_single_files_load_with_diffusers_from_single_file(dmm, tmp_path, student):

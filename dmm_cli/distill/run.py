@@ -311,7 +311,7 @@ def _train(plan: RunPlan, accelerator) -> Path:
             shutil.rmtree(out / CHECKPOINTS)
         with atomic_file(out / RUN_FILE) as tmp:
             tmp.write_text(json.dumps({"name": recipe.name, "fingerprint": recipe.fingerprint(),
-                                       "recipe": recipe.model_dump()}, indent=2))
+                                       "recipe": shared_recipe(recipe)}, indent=2))
     models = load_models(recipe, plan.base, plan.teachers, accelerator.device, plan.previous)
     side = max((tuple(s.latents.shape[2:]) for s in sources), key=lambda hw: hw[0] * hw[1])  # costs the most
     if choose_attention(cfg.attention, accelerator.device, models.teacher_dtype, unet=models.student,
@@ -458,9 +458,10 @@ def write_student(plan: RunPlan, student, last: dict) -> None:
         raise DMMError(f"{out / 'scheduler'}: does not match the base's scheduler the student was trained with")
     earlier = plan.previous_styles
     old = earlier.styles if earlier else []
-    styles = old + [Style(t.name, t.ref, component_sha256(folder / "unet"))
+    old = [Style(s.name, references.shareable(s.teacher), s.sha256, s.extra) for s in old]
+    styles = old + [Style(t.name, references.shareable(t.ref), component_sha256(folder / "unet"))
                     for t, folder in zip(recipe.teachers[len(old):], plan.teachers[len(old):])]
-    entry = {"recipe": recipe.name, "base": recipe.base, "steps": last.get("step"),
+    entry = {"recipe": recipe.name, "base": references.shareable(recipe.base), "steps": last.get("step"),
              "styles": [t.name for t in recipe.teachers], "prediction_type": trained.prediction_type}
     synth = recipe.data.synthesize
     if synth is not None:  # what eval must not measure this student on
@@ -468,7 +469,7 @@ def write_student(plan: RunPlan, student, last: dict) -> None:
         entry["synthesis"] = {"prompts_sha256": sorted({prompt_digest(p) for p in plan.synthesis_prompts}),
                               "seeds": [first, first + synth.images_per_teacher]}
     if earlier:
-        entry.update(init_from=recipe.init_from, new_styles=[s.name for s in styles[len(old):]],
+        entry.update(init_from=references.shareable(recipe.init_from), new_styles=[s.name for s in styles[len(old):]],
                      old_style_fraction=recipe.train.old_style_fraction)
     table = StyleTable(styles, lineage=(earlier.lineage if earlier else []) + [entry])
     with atomic_file(out / STYLES_FILE) as tmp:
@@ -479,9 +480,27 @@ def write_student(plan: RunPlan, student, last: dict) -> None:
         tmp.write_text(derived_model_index(plan.base))
 
 
+def shared_recipe(recipe: Recipe) -> dict:
+    """The recipe as files meant for sharing show it: every model, data folder and output by its reference or
+    name (models.references.shareable), no path of this machine."""
+    data = recipe.model_dump()
+    data["base"], data["output"] = references.shareable(recipe.base), Path(recipe.output).name
+    if recipe.init_from:
+        data["init_from"] = references.shareable(recipe.init_from)
+    for teacher in data["teachers"]:
+        teacher["model"] = references.shareable(teacher["model"])
+        for one in teacher["loras"]:
+            one["model"] = references.shareable(one["model"])
+    if recipe.data.folder:
+        data["data"]["folder"] = references.shareable(recipe.data.folder)
+    if recipe.data.synthesize and recipe.data.synthesize.prompts:
+        data["data"]["synthesize"]["prompts"] = Path(recipe.data.synthesize.prompts).name
+    return data
+
+
 def model_card(plan: RunPlan, last: dict) -> str:
     recipe = plan.recipe
-    rows = "\n".join(f"| {i} | {t.name} | `{t.ref}` |" for i, t in enumerate(recipe.teachers))
+    rows = "\n".join(f"| {i} | {t.name} | `{references.shareable(t.ref)}` |" for i, t in enumerate(recipe.teachers))
     losses = ", ".join(f"{k} {last[k]:.5g}" for k in ("loss", "score_loss", "feature_loss") if k in last)
     first = recipe.teachers[0].name
     if model_family(plan.base) == "SDXL":
@@ -489,7 +508,7 @@ def model_card(plan: RunPlan, last: dict) -> str:
                    "whose UNet\nkeeps its style MLP in the `identity` class-embedding slot, which diffusers alone "
                    "leaves empty) and pass the\nstyle vector as the UNet's `class_labels` (see "
                    "`dmm_cli.generate.sampling.style_conditioning`),\nor bake a style into a plain SDXL model "
-                   f"with `dmm export {plan.output} --style {first}`.")
+                   f"with `dmm export {plan.output.name} --style {first}`.")
     else:
         loading = ("In Python, load it with `StableDiffusionPipeline.from_pretrained` and pass the style vector as "
                    "the\nUNet's `class_labels` (see `dmm_cli.generate.sampling.style_conditioning`).")
@@ -501,7 +520,7 @@ tags: [stable-diffusion, dmm, model-merging, distillation]
 # {recipe.name}: a DMM style-promptable student
 
 Distilled with [dmm](https://arxiv.org/abs/2504.12364) from {len(recipe.teachers)} teachers into one UNet
-that takes a style vector. Base: `{recipe.base}`.
+that takes a style vector. Base: `{references.shareable(recipe.base)}`.
 
 | style | name | teacher |
 |---|---|---|
@@ -512,9 +531,9 @@ Trained for {last.get("step", "?")} steps; final losses: {losses or "n/a"}.
 ## Generate
 
 ```bash
-dmm generate --model {plan.output} --style {first} "a photo of a cat"
-dmm generate --model {plan.output} --style all "a photo of a cat"
-dmm generate --model {plan.output} --style {first}:0.5,{recipe.teachers[-1].name}:0.5 "a photo of a cat"
+dmm generate --model {plan.output.name} --style {first} "a photo of a cat"
+dmm generate --model {plan.output.name} --style all "a photo of a cat"
+dmm generate --model {plan.output.name} --style {first}:0.5,{recipe.teachers[-1].name}:0.5 "a photo of a cat"
 ```
 
 {loading}
@@ -522,6 +541,6 @@ dmm generate --model {plan.output} --style {first}:0.5,{recipe.teachers[-1].name
 ## Recipe
 
 ```yaml
-{yaml.safe_dump(recipe.model_dump(), sort_keys=False).strip()}
+{yaml.safe_dump(shared_recipe(recipe), sort_keys=False).strip()}
 ```
 """

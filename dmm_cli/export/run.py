@@ -17,7 +17,7 @@ from ..models import references
 from ..models.folders import copy_part, derived_model_index, model_family, model_root, parts_besides_unet
 from ..models.official import OFFICIAL_PIPELINE_CLASS, OFFICIAL_UNET_CLASS, official_unet
 from ..models.single_file import export_single_file
-from ..models.styles import STYLES_FILE, StyleTable, parse_style
+from ..models.styles import STYLES_FILE, Style, StyleTable, parse_style
 from .bake import bake
 
 FORMATS = ("diffusers", "dmm-official")
@@ -37,7 +37,7 @@ def eval_figures(folder: Path, metrics: Path | None, index: int | None) -> dict:
         entry = next(m for m in data["models"] if m["kind"] == "student")
     except (json.JSONDecodeError, KeyError, TypeError, StopIteration):
         raise BadInput(f"--metrics {path}: not a dmm eval metrics.json with a student in it") from None
-    figures = {"metrics_file": str(path), "fid_t": entry["fid_t"], "fid_t_over_reference": entry.get(
+    figures = {"metrics_file": path.name, "fid_t": entry["fid_t"], "fid_t_over_reference": entry.get(
         "fid_t_over_reference"), "style_accuracy": entry.get("style_accuracy")}
     if index is not None and index < len(entry.get("diag", [])):
         figures["fid_of_this_style"] = entry["diag"][index]
@@ -79,6 +79,9 @@ def export(ref: str, *, style: str | None = None, output: Path | None = None, si
         raise BadInput(f"{ref}: --format dmm-official is the released SD1.x layout, whose style embedding takes the "
                        "slot of SDXL's text-time embedding; export an SDXL student as a folder or a single file")
     table = StyleTable.read(folder)
+    if table is not None:
+        table = _shared(table)
+    source = references.shareable(ref)  # how shared files name the model: never a path of this machine
     if (style is not None or fmt == "dmm-official") and table is None:
         raise BadInput(f"{ref}: not a DMM student (no {STYLES_FILE}), so it has no styles to export")
     if fmt == "diffusers" and single_file and style is None and table is not None:
@@ -116,18 +119,19 @@ def export(ref: str, *, style: str | None = None, output: Path | None = None, si
             remove_leftovers(path)
             check_replaceable(path, overwrite, "export", "dmm.source")
             if fmt == "dmm-official" and single_file:
-                _write_official_file(folder, path, official_unet(weights, unet_config), table, dtype)
+                _write_official_file(folder, path, official_unet(weights, unet_config), table, dtype, source)
             elif fmt == "dmm-official":
-                _write_folder(folder, path, *official_unet(weights, unet_config), official=True)
+                _write_folder(folder, path, *official_unet(weights, unet_config), metadata={"dmm.source": source},
+                              table=table)
             elif vector is None:
-                export_single_file(folder, path, dtype)
+                export_single_file(folder, path, dtype, metadata={"dmm.source": source})
             else:
                 index = int(vector.argmax()) if vector.max() == 1 else None
                 figures = eval_figures(folder, metrics, index)
                 baked = bake(weights, unet_config, vector)
-                meta = {"dmm.source": str(folder), "dmm.style": label, "dmm.style_vector": json.dumps(
+                meta = {"dmm.source": source, "dmm.style": label, "dmm.style_vector": json.dumps(
                     dict(zip(table.names, vector.tolist()))), "dmm.eval": json.dumps(figures)}
-                card = _card(ref, label, vector.tolist(), table.names, figures)
+                card = _card(source, label, vector.tolist(), table.names, figures)
                 if single_file:
                     export_single_file(folder, path, dtype, unet=baked, metadata=meta)
                 else:
@@ -138,7 +142,7 @@ def export(ref: str, *, style: str | None = None, output: Path | None = None, si
 
 
 def _write_official_file(source: Path, target: Path, unet: tuple[dict, dict], table: StyleTable,
-                         dtype: torch.dtype | None) -> None:
+                         dtype: torch.dtype | None, name: str) -> None:
     """The released DMM checkpoint as one original-layout file, as the ComfyUI-DMM nodes load it: the UNet,
     VAE and text encoder under their usual names, and the style table `model_embedding` (8 rows, zero past the
     student's styles) with its MLP `add_embedding` in the UNet."""
@@ -150,23 +154,33 @@ def _write_official_file(source: Path, target: Path, unet: tuple[dict, dict], ta
         console.say(f"export: rows {len(table_rows)}-{OFFICIAL_ROWS - 1} of the style table are zero padding (the "
                     f"ComfyUI-DMM nodes take {OFFICIAL_ROWS}); its styles are indices 0-{len(table_rows) - 1}")
     export_single_file(source, target, dtype, unet=(weights, config),
-                       metadata={"dmm.format": "dmm-official", "dmm.styles": table.to_json()})
+                       metadata={"dmm.source": name, "dmm.format": "dmm-official", "dmm.styles": table.to_json()})
+
+
+def _shared(table: StyleTable) -> StyleTable:
+    """A student's style table as shared files carry it: teachers and lineage by reference, not by local path
+    (students distilled before dmm wrote them so kept their paths)."""
+    styles = [Style(s.name, references.shareable(s.teacher), s.sha256, s.extra) for s in table.styles]
+    lineage = [{k: references.shareable(v) if k in ("base", "init_from", "source") and isinstance(v, str) else v
+                for k, v in entry.items()} for entry in table.lineage]
+    return StyleTable(styles, lineage)
 
 
 def _write_folder(source: Path, target: Path, weights: dict, config: dict, *, metadata: dict | None = None,
-                  card: str | None = None, official: bool = False) -> None:
-    """A pipeline folder: `source`'s parts with this UNet; the released layout's class names if `official`."""
+                  card: str | None = None, table: StyleTable | None = None) -> None:
+    """A pipeline folder: `source`'s parts with this UNet; with a style `table`, the released layout's class
+    names and the table beside it."""
     with atomic_folder(target) as tmp:
         for part in parts_besides_unet(source):
             copy_part(source / part, tmp / part, model_root(source))
         (tmp / "unet").mkdir()
         (tmp / "unet" / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "unet" / UNET_FILE,
-                  metadata={"dmm.source": str(source), **(metadata or {})})
-        if official:
+                  metadata={"dmm.source": source.name, **(metadata or {})})
+        if table is not None:
             (tmp / "model_index.json").write_text(derived_model_index(
                 source, _class_name=OFFICIAL_PIPELINE_CLASS, unet=["dmm_unet", OFFICIAL_UNET_CLASS]))
-            (tmp / STYLES_FILE).write_text((source / STYLES_FILE).read_text())  # names, for dmm's own import
+            (tmp / STYLES_FILE).write_text(table.to_json())  # names, for dmm's own import
         else:
             (tmp / "model_index.json").write_text(derived_model_index(source))
         if card is not None:

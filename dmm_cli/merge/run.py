@@ -100,9 +100,11 @@ def _merge(method, teachers, base, weights, density, lam, seed, dare_sign, outpu
     for part, owner in copied.items():  # no link may lead out of a model into the output
         check_links(owner / part, model_root(owner))
     unet_sha = component_sha256_many([f / "unet" for f in everyone])
-    inputs = {"base": {"ref": base, "sha256": unet_sha[-1]} if base_dir else None,
-              "teachers": [{"ref": r, "sha256": h, **({"loras": [{"ref": x.spec.ref, "scale": x.spec.scale,
-                                                                  "sha256": x.sha256} for x in own]} if own else {})}
+    shared = references.shareable  # inputs by reference or name, never by a path of this machine
+    inputs = {"base": {"ref": shared(base), "sha256": unet_sha[-1]} if base_dir else None,
+              "teachers": [{"ref": shared(r), "sha256": h,
+                            **({"loras": [{"ref": shared(x.spec.ref), "scale": x.spec.scale, "sha256": x.sha256}
+                                          for x in own]} if own else {})}
                            for r, h, own in zip(teachers, unet_sha, teacher_loras)]}
     used = METHODS[method].uses
     recorded = {"weights": weights, **{k: v for k, v in (("density", density), ("lambda", lam),
@@ -119,7 +121,8 @@ def _merge(method, teachers, base, weights, density, lam, seed, dare_sign, outpu
         for part, owner in copied.items():
             copy_part(owner / part, tmp / part, model_root(owner))
         (tmp / "model_index.json").write_text(derived_model_index(template))
-        (tmp / "README.md").write_text(_card(method, params, base, teachers, parts, vae))
+        (tmp / "README.md").write_text(_card(method, params, base and shared(base), [shared(t) for t in teachers],
+                                             parts, vae and shared(vae)))
     return output
 
 

@@ -66,8 +66,8 @@ def student_folder(folder: Path) -> Path:
             folder, _class_name="StableDiffusionPipeline", unet=["diffusers", "UNet2DConditionModel"]))
         known = StyleTable.read(folder)  # a dmm export keeps the style names beside the released layout
         table = known if known is not None and len(known.names) == n else StyleTable(
-            [Style(f"style-{i}", str(folder)) for i in range(n)],
-            lineage=[{"converted_from": "MCG-NJU/DMM official layout", "source": str(folder)}])
+            [Style(f"style-{i}", folder.name) for i in range(n)],
+            lineage=[{"converted_from": "MCG-NJU/DMM official layout", "source": folder.name}])
         (tmp / STYLES_FILE).write_text(table.to_json())
     return target
 

@@ -157,7 +157,7 @@ def export_single_file(folder: Path, path: Path, dtype: torch.dtype | None = Non
     configs = {part: json.loads((folder / part / "config.json").read_text())
                for part in ("vae", "text_encoder", "text_encoder_2") if (folder / part / "config.json").is_file()}
     configs["scheduler"] = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    metadata = {"dmm.source": str(folder), "dmm.configs": json.dumps({"unet": unet_config, **configs}),
+    metadata = {"dmm.source": folder.name, "dmm.configs": json.dumps({"unet": unet_config, **configs}),
                 **(metadata or {})}
     styles = folder / "styles.json"
     if styles.is_file() and unet is None:
