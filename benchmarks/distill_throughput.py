@@ -91,7 +91,8 @@ def ours(batch: int, teachers: int, steps: int, warmup: int, tiny: bool, device:
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
     result = dict(variant="dmm", teachers=teachers, batch=batch, compile=compile_, offload=offload,
-                  graphs=trainer.teacher_bank.graphs, compile_s=round(compile_s, 1), step_s=round(seconds, 4), samples_per_s=round(batch / seconds, 2), loss=round(loss, 5),
+                  graphs=trainer.teacher_bank.graphs, compile_s=round(compile_s, 1),
+                  step_s=round(seconds, 4), samples_per_s=round(batch / seconds, 2), loss=round(loss, 5),
                   checkpointing=checkpointing,
                   peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None)
     if cuda and not tiny:  # the dry run's plan for this very step

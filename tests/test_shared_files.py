@@ -27,7 +27,8 @@ def test_no_file_that_distill_export_or_merge_writes_holds_a_path_of_this_machin
         shutil.copytree(resolve(f"toy:{name}"), models / name)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({
-        "name": "local", "base": str(models / "base"), "data": {"folder": "toy:shapes"}, "output": str(tmp_path / "run"),
+        "name": "local", "base": str(models / "base"), "data": {"folder": "toy:shapes"},
+        "output": str(tmp_path / "run"),
         "teachers": [{"name": n, "model": str(models / n)} for n in ("night", "outline")],
         "train": {"max_steps": 2, "batch_size": 4, "checkpoint_every": 1}}))
     out = tmp_path / "out"
@@ -35,7 +36,8 @@ def test_no_file_that_distill_export_or_merge_writes_holds_a_path_of_this_machin
                  ["export", tmp_path / "run", "--style", "night", "-o", out / "baked"],
                  ["export", tmp_path / "run", "--style", "all", "--single-file", "-o", out / "files"],
                  ["export", tmp_path / "run", "--format", "dmm-official", "-o", out / "official"],
-                 ["export", tmp_path / "run", "--format", "dmm-official", "--single-file", "-o", out / "dmm.safetensors"],
+                 ["export", tmp_path / "run", "--format", "dmm-official", "--single-file", "-o",
+                  out / "dmm.safetensors"],
                  ["export", models / "night", "--single-file", "-o", out / "night.safetensors"],
                  ["baseline-merge", models / "night", models / "outline", "--base", models / "base", "--method", "ties",
                   "-o", out / "merge"]):

@@ -1,4 +1,5 @@
 """Multi-teacher distillation into one style-promptable student (paper §3.3-3.4)."""
-from .run import Interrupted, RunPlan, plan_run, run
+from .plan import RunPlan, plan_run
+from .run import Interrupted, run
 
 __all__ = ["Interrupted", "RunPlan", "plan_run", "run"]

@@ -1,4 +1,4 @@
-"""One student, many frozen teachers: the distillation step, checkpoints and the training loop.
+"""One student, many frozen teachers: the models, the optimizer step and its checkpoints.
 
 All randomness of step k (which samples, which teacher, caption drop, noise, timesteps) comes from
 a generator seeded by (seed, k, micro-batch, rank), so a resumed run replays exactly what an
@@ -7,8 +7,6 @@ uninterrupted one would have done.
 from __future__ import annotations
 
 import copy
-import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import console
 from ..errors import ModelError
-from ..files.atomic import atomic_file, atomic_folder
+from ..files.atomic import atomic_folder
 from ..models.pipeline import load_component
 from ..models.schedule import read_schedule
 from ..models.student import FeatureTaps, grow_student, make_student
@@ -468,36 +466,3 @@ class Trainer:
 
 def load_vae(base: Path, device) -> AutoencoderKL:
     return load_component(AutoencoderKL, base, "vae", torch.float32).to(device).eval()
-
-
-class MetricsLog:
-    """metrics.jsonl (and TensorBoard when it is installed), written by the main process."""
-
-    def __init__(self, folder: Path, resume_step: int):
-        folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / "metrics.jsonl"
-        if self.path.is_file():  # drop lines past the checkpoint we resume from: they will be redone
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            with atomic_file(self.path) as tmp:
-                tmp.write_text("".join(line + "\n" for line in kept))
-        self.file = open(self.path, "a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tensorboard = SummaryWriter(str(folder / "tensorboard"), purge_step=resume_step + 1)
-        except ImportError:
-            self.tensorboard = None
-        self.started = time.perf_counter()
-
-    def write(self, row: dict) -> None:
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        if self.tensorboard is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tensorboard.add_scalar(k, v, row["step"])
-
-    def close(self) -> None:
-        self.file.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()

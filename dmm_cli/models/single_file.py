@@ -283,8 +283,9 @@ def _official_student(unet, path: Path, metadata: dict):
     from .styles import Style, StyleTable
 
     with safe_open(str(path), framework="pt") as handle:
-        tensors = {name: handle.get_tensor(UNET_PREFIX + name) for name in (
-            "model_embedding.weight", *(f"add_embedding.linear_{i}.{kind}" for i in (1, 2) for kind in ("weight", "bias")))}
+        names = ["model_embedding.weight", *(f"add_embedding.linear_{i}.{kind}" for i in (1, 2)
+                                             for kind in ("weight", "bias"))]
+        tensors = {name: handle.get_tensor(UNET_PREFIX + name) for name in names}
     known = StyleTable.from_json(metadata["dmm.styles"], path) if "dmm.styles" in metadata else None
     rows = len(tensors["model_embedding.weight"])
     count = len(known.names) if known is not None and len(known.names) <= rows else rows

@@ -1,0 +1,253 @@
+"""`dmm distill`, first half: check the recipe, the output folder, every model and the data, and write nothing."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from .. import console
+from ..data.prompts import prompt_digest
+from ..data.sources import open_images, resolve_data
+from ..errors import BadInput, ModelError, RecipeError
+from ..files.safetensors_header import component_shapes
+from ..generate.sampling import SYNTHESIS_SEEDS
+from ..models import lora, references
+from ..models.folders import check_links, check_pipeline_folder, model_family, model_root, parts_besides_unet
+from ..models.schedule import read_schedule
+from ..models.styles import STYLES_FILE, StyleTable
+from ..recipe import Recipe, Synthesize, load_recipe
+
+
+RUN_FILE = "run.json"
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class RunPlan:
+    recipe: Recipe
+    recipe_path: Path
+    output: Path
+    base: Path
+    teachers: list[Path | None]  # None: an old style of `previous`
+    data: DataPlan
+    resume_from: Path | None
+    overwrite: bool
+    previous: Path | None = None
+    previous_styles: StyleTable | None = None
+    synthesis_prompts: list[str] | None = None  # data.synthesize's prompts, read once while planning
+    teacher_loras: list[list] = field(default_factory=list)  # each teacher's checked LoRAs (models.lora)
+
+    def with_loras_fused(self) -> RunPlan:
+        """The plan with each LoRA teacher's folder its fused copy, written once (not for a dry run)."""
+        if not any(self.teacher_loras):
+            return self
+        return replace(self, teachers=[lora.fused_folder(t, own) if own else t
+                                       for t, own in zip(self.teachers, self.teacher_loras)], teacher_loras=[])
+
+    def memory(self) -> dict:
+        """The peak GPU memory estimate (distill/memory.py) and the settings that fit common cards."""
+        from .memory import estimate, fitting_settings, model_sizes
+
+        side = latent_side(self.recipe, self.base)
+        args = (self.recipe.train, model_sizes(self.base, self.teachers, self.previous), side)
+        found = estimate(*args)
+        return {"estimate_bytes": found.total, "parts_bytes": found.parts, "summary": found.describe(),
+                "fits": {f"{card} GB": answer for card, answer in fitting_settings(*args).items()}}
+
+    def describe(self) -> dict:
+        t = self.recipe.train
+        return {
+            "recipe": str(self.recipe_path), "name": self.recipe.name, "output": str(self.output),
+            "base": {"ref": self.recipe.base, "folder": str(self.base),
+                     "prediction_type": read_schedule(self.base).prediction_type},
+            "teachers": [{"style": i, "name": tc.name, "ref": tc.ref,
+                          "folder": str(f) if f else f"old style of {self.previous}",
+                          "prediction_type": read_schedule(f or self.previous).prediction_type}
+                         for i, (tc, f) in enumerate(zip(self.recipe.teachers, self.teachers))],
+            "init_from": str(self.previous) if self.previous else None,
+            "data": {"folder": self.recipe.data.folder, "images": self.data.images, "bytes": self.data.bytes,
+                     "latent_cache_bytes": self.data.latent_bytes,
+                     "synthesize": self.recipe.data.synthesize.model_dump() if self.recipe.data.synthesize else None},
+            "train": t.model_dump(),
+            "samples_per_teacher_per_step": t.batch_size * t.grad_accum / len(self.teachers),
+            "memory": self.memory(),
+            "resume_from": str(self.resume_from) if self.resume_from else None,
+        }
+
+
+def checkpoints(output: Path) -> list[Path]:
+    return sorted((output / CHECKPOINTS).glob("step-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def _check_output(output: Path, recipe: Recipe, resume: bool, overwrite: bool) -> Path | None:
+    run_file = output / RUN_FILE
+    if output.exists() and not output.is_dir():
+        raise BadInput(f"output {output}: exists and is not a folder")
+    if output.is_dir() and any(output.iterdir()):
+        if not run_file.is_file():
+            raise BadInput(f"output {output}: exists and is not a dmm run; choose another --output or remove it")
+        previous = json.loads(run_file.read_text())
+        if previous.get("fingerprint") != recipe.fingerprint():
+            raise BadInput(f"output {output}: holds a run of another recipe ({previous.get('name')!r}, different "
+                           "base, teachers or data); choose another --output")
+        started = bool(checkpoints(output)) or (output / "model_index.json").is_file()
+        if started and not resume and not overwrite:
+            raise BadInput(f"output {output}: already holds a run of this recipe; continue it with --resume or "
+                           "start over with --overwrite")
+    if resume:
+        found = checkpoints(output) if output.is_dir() else []
+        if found:
+            return found[-1]
+        if not run_file.is_file():
+            raise BadInput(f"--resume: no checkpoint under {output / CHECKPOINTS}")
+        console.say(f"distill: {output} has no checkpoint yet; starting from the beginning")
+    return None
+
+
+def _previous_student(recipe: Recipe) -> tuple[Path, StyleTable]:
+    """The student an incremental recipe extends; its styles must lead the teachers list, in order."""
+    folder = references.resolve(recipe.init_from)
+    table = StyleTable.read(folder)
+    if table is None:
+        raise ModelError(f"init_from {recipe.init_from}: not a dmm student (no {STYLES_FILE})")
+    names = [t.name for t in recipe.teachers]
+    if names[:len(table.names)] != table.names:
+        raise RecipeError(f"teachers: the first {len(table.names)} must be init_from's styles in order "
+                          f"({', '.join(table.names)}), got ({', '.join(names[:len(table.names)])})")
+    if len(names) == len(table.names):
+        raise RecipeError(f"teachers: add at least one new teacher after init_from's {len(table.names)} styles")
+    return folder, table
+
+
+def _check_teachers(recipe: Recipe, base: Path, teachers: list[Path | None]) -> None:
+    """Every teacher has the base's family, UNet and noise schedule; what they predict may differ (it is
+    converted)."""
+    check_pipeline_folder(base)
+    family = model_family(base)
+    for spec, folder in zip(recipe.teachers, teachers):
+        own = model_family(folder) if folder is not None else family
+        if own != family:
+            raise ModelError(f"teacher {spec.name!r} ({spec.model}): an {own} model cannot be distilled with the "
+                             f"{family} base {recipe.base}; every teacher must be a fine-tune of it")
+    base_shapes = component_shapes(base / "unet")
+    if any(k.startswith("class_embedding.") for k in base_shapes):
+        raise ModelError(f"base {recipe.base}: is already a style student; a base must be a plain model")
+    schedule = read_schedule(base)
+    for spec, folder in zip(recipe.teachers, teachers):
+        if folder is None:
+            continue
+        shapes = component_shapes(folder / "unet")
+        for key in sorted(set(base_shapes) | set(shapes)):
+            if base_shapes.get(key) != shapes.get(key):
+                raise ModelError(f"teacher {spec.name!r} ({spec.model}): its UNet differs from the base's at {key} "
+                                 f"(base {base_shapes.get(key)}, teacher {shapes.get(key)})")
+        own = read_schedule(folder)
+        if own.training != schedule.training:
+            raise ModelError(f"teacher {spec.name!r} ({spec.model}): trained on another noise schedule ({own.describe()}) "
+                             f"than the base ({schedule.describe()}), so its predictions cannot be matched")
+        if own.prediction_type == "epsilon" != schedule.prediction_type and schedule.training[-1]:
+            raise ModelError(f"teacher {spec.name!r} ({spec.model}): predicts epsilon, which does not convert to the "
+                             "base's prediction at the zero-SNR last timestep of its schedule")
+
+
+def plan_run(recipe_path: Path, overrides: list[str] = (), *, output: Path | None = None,
+             max_steps: int | None = None, resume: bool = False, overwrite: bool = False) -> RunPlan:
+    """Validate the recipe, the output folder, every model and the data; write nothing."""
+    overrides = list(overrides) + ([f"train.max_steps={max_steps}"] if max_steps is not None else [])
+    recipe = load_recipe(recipe_path, overrides)
+    if resume and overwrite:
+        raise BadInput("--resume and --overwrite contradict each other; pick one")
+    out = Path(output or recipe.output)
+    resume_from = _check_output(out, recipe, resume, overwrite)
+    base = references.resolve(recipe.base)
+    previous, table = _previous_student(recipe) if recipe.init_from else (None, None)
+    old = len(table.names) if table else 0
+    teachers = [None if i < old else references.resolve(t.model) for i, t in enumerate(recipe.teachers)]
+    _check_teachers(recipe, base, teachers)  # before any LoRA is fetched
+    teacher_loras = [lora.load_loras([lora.LoraSpec(x.model, x.scale) for x in t.loras], folder, t.model)
+                     if folder is not None else [] for t, folder in zip(recipe.teachers, teachers)]
+    for part in parts_besides_unet(base):  # the student folder gets copies of these: no link may lead out of the base
+        check_links(base / part, model_root(base))
+    _check_optimizer(recipe.train.optimizer)
+    data = _plan_data(recipe, base, len(teachers))
+    synth, prompts = recipe.data.synthesize, None
+    if synth is not None:
+        prompts = _synthesis_prompts(recipe, old)
+    return RunPlan(recipe, Path(recipe_path), out, base, teachers, data, resume_from, overwrite, previous, table,
+                   prompts, teacher_loras)
+
+
+def _synthesis_prompts(recipe: Recipe, old_styles: int) -> list[str]:
+    """data.synthesize's prompts, none of which may be an eval prompt for these teachers."""
+    from ..data.prompts import read_prompts, shared_prompts
+
+    given = recipe.data.synthesize.prompts
+    prompts = read_prompts(Path(given) if given else None, [t.ref for t in recipe.teachers[old_styles:]],
+                           "synthesis")
+    eval_prompts = read_prompts(None, [t.ref for t in recipe.teachers], "eval")
+    clash = shared_prompts(prompts, {prompt_digest(p) for p in eval_prompts})
+    if clash:
+        raise BadInput(f"data.synthesize.prompts {given or '(default)'}: {clash[0]!r} is an eval prompt for these "
+                       f"teachers ({len(clash)} such prompts), and a student must not train on its teachers' "
+                       "pictures of the prompts it is evaluated on; remove them")
+    return prompts
+
+
+def synthesis_settings(synth: Synthesize):
+    """How the teachers draw synthesized data: seeds from SYNTHESIS_SEEDS up, which eval never uses."""
+    from ..generate.samples import SamplerSettings
+
+    return SamplerSettings(synth.steps, synth.guidance, SYNTHESIS_SEEDS + synth.seed)
+
+
+def _check_optimizer(optimizer: str) -> None:
+    if optimizer != "adamw-8bit":
+        return
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise BadInput("train.optimizer adamw-8bit needs bitsandbytes: pip install 'dmm-cli[8bit]'") from None
+    if not torch.cuda.is_available():
+        raise BadInput("train.optimizer adamw-8bit runs on CUDA GPUs only; use adamw on this machine")
+
+
+@dataclass
+class DataPlan:
+    images: int | None  # None: rows of Hub parquet shards, counted once they are downloaded
+    bytes: int  # the pictures (or shards) on disk
+    latent_bytes: int | None  # the latent cache they become
+
+
+def _plan_data(recipe: Recipe, base: Path, teachers: int) -> DataPlan:
+    """How many pictures the run trains on and the disk they take, without downloading a Hub dataset."""
+    from ..data.hub_datasets import is_dataset_ref, list_dataset
+
+    images, size, folder = 0, 0, recipe.data.folder
+    if folder is not None and is_dataset_ref(folder):
+        listing = list_dataset(folder)
+        images, size = listing.images, listing.bytes
+    elif folder is not None:
+        found = open_images(resolve_data(folder), recipe.data.image_column, recipe.data.caption_column)
+        images, size = len(found), found.size_bytes()
+    if recipe.data.synthesize is not None and images is not None:
+        images += recipe.data.synthesize.images_per_teacher * teachers
+    side = latent_side(recipe, base)
+    return DataPlan(images, size, None if images is None else images * 4 * side * side * 4)
+
+
+def _downscaling(base: Path, part: str) -> int:
+    """How many times smaller a VAE or UNet makes its input's sides: 2 per block after the first."""
+    return 2 ** (len(json.loads((base / part / "config.json").read_text())["block_out_channels"]) - 1)
+
+
+def latent_side(recipe: Recipe, base: Path) -> int:
+    """The side of the run's latents: its picture side over the VAE's downscaling."""
+    side = recipe.data.resolution or json.loads((base / "vae" / "config.json").read_text())["sample_size"]
+    return side // _downscaling(base, "vae")
+
+
+def bucket_multiple(base: Path) -> int:
+    """What bucket sides must be multiples of: the VAE's downscaling times the UNet's."""
+    return _downscaling(base, "vae") * _downscaling(base, "unet")
