@@ -84,6 +84,10 @@ def export(ref: str, *, style: str | None = None, output: Path | None = None, si
     source = references.shareable(ref)  # how shared files name the model: never a path of this machine
     if (style is not None or fmt == "dmm-official") and table is None:
         raise BadInput(f"{ref}: not a DMM student (no {STYLES_FILE}), so it has no styles to export")
+    if fmt == "diffusers" and single_file and style is None and table is not None and model_family(folder) == "SDXL":
+        raise BadInput(f"{ref}: an SDXL student goes into one file a style at a time (export --style with a style's "
+                       "name or index, a mix a:0.5,b:0.5, or all): the file's label_emb is SDXL's text-time embedding, "
+                       "with no room for a style embedding")
     if fmt == "diffusers" and single_file and style is None and table is not None:
         raise BadInput(f"{ref}: a DMM student has no single-file form that A1111, ComfyUI or Forge load; give --style "
                        "with a style's name or index, a mix (a:0.5,b:0.5) or all, to bake styles into plain files, "
