@@ -30,15 +30,17 @@ step() {
   timeout "$limit" "$@" 2>>"$out/errors.log" | tee "$out/$name.jsonl"
   echo "rc=${PIPESTATUS[0]} seconds=$((SECONDS - t0))" | tee -a "$out/errors.log"
 }
-step distill_eager 130 python3 benchmarks/distill_throughput.py --batch 16 32 --teachers 1 4 8 --compile off \
-  --steps 6 --warmup 2 --official-step "$official"
-step compile_cold 110 python3 benchmarks/distill_throughput.py --batch 16 --teachers 4 --compile on --steps 6 \
+step distill_eager 100 python3 benchmarks/distill_throughput.py --batch 16 32 --teachers 1 4 8 --compile off \
+  --steps 5 --warmup 2 --official-step "$official"
+step compile_cold 100 python3 benchmarks/distill_throughput.py --batch 16 --teachers 4 --compile on --steps 5 \
   --warmup 2 --no-official
-step compile_warm 70 python3 benchmarks/distill_throughput.py --batch 16 --teachers 1 8 --compile on --steps 6 \
+step compile_warm 40 python3 benchmarks/distill_throughput.py --batch 16 --teachers 4 --compile on --steps 5 \
   --warmup 2 --no-official
-step generate 45 python3 benchmarks/generate_throughput.py --repeats 3
-step sd15_cli 50 python3 benchmarks/sd15_distill_smoke.py --work "$work/sd15" --teachers 2 --steps 10
-step sd15_cli_again 40 python3 benchmarks/sd15_distill_smoke.py --work "$work/sd15" --teachers 2 --steps 10
-step sdxl_step 90 python3 benchmarks/sdxl_memory.py --measure --teachers 2 --batch 4 --checkpointing on off --steps 2
+step compile_teachers 60 python3 benchmarks/distill_throughput.py --batch 16 --teachers 1 8 --compile on \
+  --steps 5 --warmup 2 --no-official
+step generate 40 python3 benchmarks/generate_throughput.py --repeats 3
+step sd15_cli 45 python3 benchmarks/sd15_distill_smoke.py --work "$work/sd15" --teachers 2 --steps 10
+step sd15_cli_again 35 python3 benchmarks/sd15_distill_smoke.py --work "$work/sd15" --teachers 2 --steps 10
+step sdxl_step 60 python3 benchmarks/sdxl_memory.py --measure --teachers 2 --batch 4 --checkpointing on off --steps 2
 step merge_bench 300 python3 benchmarks/merge_bench.py --work "$work/merge-bench" --devices cpu cuda
 python3 benchmarks/gpu_summary.py "$out" | tee "$out/summary.json"

@@ -107,6 +107,7 @@ def test_no_recompiles_after_the_compile_stage_and_the_same_losses_as_eager(tmp_
     from torch._dynamo.utils import counters
 
     monkeypatch.setenv("DMM_COMPILE_BACKEND", "aot_eager")  # dynamo's tracing and guards, without codegen
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # the compile stage points it into $DMM_HOME
     eager = trainer_for(tmp_path / "eager", sources=two_buckets, max_steps=20)
     torch._dynamo.reset()
     counters.clear()
@@ -135,6 +136,7 @@ def test_a_failing_compiler_costs_one_warning_not_the_run(dmm, tmp_path, monkeyp
         raise RuntimeError("this compiler is broken on purpose")
 
     monkeypatch.setenv("DMM_COMPILE_BACKEND", "dmm_test_broken")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     torch._dynamo.reset()
     try:
         r = dmm("distill", tiny_recipe(tmp_path, **{"train.compile": True, "train.max_steps": 2}))
@@ -148,6 +150,7 @@ def test_a_failing_compiler_costs_one_warning_not_the_run(dmm, tmp_path, monkeyp
 
 def test_a_compile_past_its_budget_trains_eagerly(dmm, tmp_path, monkeypatch):
     monkeypatch.setenv("DMM_COMPILE_BACKEND", "aot_eager")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     torch._dynamo.reset()
     try:
         r = dmm("distill", tiny_recipe(tmp_path, **{"train.compile": True, "train.compile_budget_s": 1e-9,
@@ -175,3 +178,19 @@ def test_checkpoints_before_the_blow_up_are_kept_and_finite(dmm, tmp_path):
     assert r.code == 0, r
     for checkpoint in (tmp_path / "run" / "checkpoints").glob("step-*"):
         assert all(torch.isfinite(t).all() for t in load_file(checkpoint / "student.safetensors").values())
+
+
+def test_the_compile_cache_is_one_folder_per_torch_device_and_model(monkeypatch):
+    import os
+
+    from dmm_cli.distill.step import compile_cache
+    from dmm_cli.files import state
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    cpu = torch.device("cpu")
+    first = compile_cache({"block_out_channels": [32, 64]}, cpu)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == first and first.startswith(str(state.home() / "compile"))
+    assert compile_cache({"block_out_channels": [32, 64]}, cpu) == first  # the same model: warm
+    assert compile_cache({"block_out_channels": [32, 96]}, cpu) != first  # another model: its own folder
+    monkeypatch.setattr(torch, "__version__", "0.0.0-other")
+    assert compile_cache({"block_out_channels": [32, 64]}, cpu) != first  # another torch: never a stale entry

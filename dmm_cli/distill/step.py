@@ -202,13 +202,13 @@ def uncompile_blocks(unets: list[torch.nn.Module]) -> None:
             block.__dict__.pop("forward", None)
 
 
-def compile_cache(unet_config: dict, shapes: list, device: torch.device) -> str:
-    """$DMM_HOME/compile/KEY, made the compiler's cache (Inductor's graphs, AOTAutograd's and Triton's kernels):
-    KEY hashes the torch version, the device, the UNet's config and the run's shapes, so a second run of the
-    same kind starts warm, and a different one never reads a stale entry."""
+def compile_cache(unet_config: dict, device: torch.device) -> str:
+    """$DMM_HOME/compile/KEY, made the compiler's cache (Inductor's graphs, AOTAutograd's and Triton's kernels).
+    KEY hashes the torch version, the device and the UNet's config; within it the compiler keys each graph by
+    its code and input shapes, so a second run of the same model starts warm at any batch or teacher count, and
+    nothing compiled for another model, device or torch is ever read."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    key = json.dumps({"torch": torch.__version__, "device": name, "unet": unet_config, "shapes": shapes},
-                     sort_keys=True, default=str)
+    key = json.dumps({"torch": torch.__version__, "device": name, "unet": unet_config}, sort_keys=True, default=str)
     folder = state.store("compile") / hashlib.sha256(key.encode()).hexdigest()[:16]
     folder.mkdir(exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)

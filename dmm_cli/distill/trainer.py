@@ -395,8 +395,7 @@ class Trainer:
         where = ""
         if self.compiled:
             config = dict(self.unwrapped_student().config)
-            where = compile_cache(config, [self.train_cfg.batch_size, self.teacher_bank.rows, shapes],
-                                  self.accelerator.device)
+            where = compile_cache(config, self.accelerator.device)
         console.say(f"compile: {len(shapes)} shape{'s' * (len(shapes) > 1)}"
                     + (f", blocks of {len(self.compiled)} UNets, cache {where}" if self.compiled else "")
                     + (", teachers as CUDA graphs" if self.teacher_bank.graphs else "") + " ...")
