@@ -1,6 +1,6 @@
 """Long checks, opt-in with `make test-slow`: SD1.5-sized single-file round trip, and the toy acceptance bars
-(the SDXL-shaped student, the demo, then incremental merging with and without the old-student regulariser), a full disk, and the Inception FID
-against torch-fidelity."""
+(the SDXL-shaped student, the demo, then incremental merging with and without the old-student regulariser), a full
+disk, the Inception FID against torch-fidelity, and a compiled run started warm from $DMM_HOME's compile cache."""
 from __future__ import annotations
 
 import json
@@ -128,3 +128,33 @@ def test_inception_fid_matches_torch_fidelity(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     result = json.loads((tmp_path / "inception_check.json").read_text())
     assert result["torch_fidelity"] > 1 and result["dmm_relative_difference"] < 1e-3
+
+
+def test_a_second_compiled_run_starts_warm_from_the_cache_in_dmm_home(tmp_path):
+    """Inductor on the CPU (a C++ compiler), two `dmm distill` runs of one model into one $DMM_HOME: the first
+    compiles, the second reads every compiled graph from $DMM_HOME/compile and compiles none."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import tiny_recipe
+
+    env = dict(os.environ, DMM_HOME=str(tmp_path / "home"))
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    script = ("import json, sys; from torch._dynamo.utils import counters; from dmm_cli.cli import main; "
+              "code = main(['distill', sys.argv[1]]); "
+              "print(json.dumps({k: dict(v) for k, v in counters.items() if k in ('inductor', 'aot_autograd')})); "
+              "sys.exit(code)")
+    found = {}
+    for run in ("cold", "warm"):
+        recipe = tiny_recipe(tmp_path / run, **{"train.compile": True, "train.max_steps": 2})
+        p = subprocess.run([sys.executable, "-c", script, str(recipe)], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=1800)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert "warning: compile stopped" not in p.stderr and "compile: done in" in p.stderr, p.stderr[-3000:]
+        found[run] = json.loads(p.stdout.strip().splitlines()[-1])
+
+    def count(run, *names):
+        return sum(found[run].get(group, {}).get(name, 0) for group in ("inductor", "aot_autograd") for name in names)
+
+    assert count("cold", "fxgraph_cache_miss", "autograd_cache_miss") > 0, found
+    assert count("warm", "fxgraph_cache_hit", "autograd_cache_hit") > 0, found
+    assert count("warm", "fxgraph_cache_miss", "autograd_cache_miss") == 0, found
+    assert len(list((tmp_path / "home" / "compile").iterdir())) == 1  # one model: one cache folder
