@@ -25,6 +25,14 @@ def test_attention_shapes_are_the_models_own():
     assert max(q for _, q, _, _ in wide) == 2 * max(q for _, q, _, _ in shapes)
 
 
+def test_an_sdxl_students_attention_shapes_are_its_bases():
+    """Its style MLP sits in diffusers' identity class-embedding slot, which the meta run must feed too."""
+    from dmm_cli.models.student import make_student
+
+    base = UNet2DConditionModel.from_pretrained(resolve("toy:xl-base") / "unet")
+    assert attention.attention_shapes(make_student(base, 2), 8, 8) == attention.attention_shapes(base, 8, 8)
+
+
 def test_the_benchmark_runs_once_and_is_remembered(monkeypatch):
     shapes = attention.attention_shapes(toy_unet(), 8, 8)
     cpu = torch.device("cpu")

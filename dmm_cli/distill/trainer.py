@@ -414,6 +414,8 @@ class Trainer:
                 torch.cuda.synchronize()
         except Exception as e:  # a compiler bug or a budget overrun must not cost the run
             uncompile_blocks(self.compiled)
+            for runner in self.runners:  # graphs captured around compiled code go with it: recaptured eagerly
+                runner.graphs.clear()
             torch._dynamo.reset()
             self.compiled = []
             self.optimizer.zero_grad(set_to_none=True)

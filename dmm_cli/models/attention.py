@@ -64,6 +64,8 @@ def attention_shapes(unet, height: int, width: int, tokens: int = 77) -> list[tu
             extra["added_cond_kwargs"] = {"text_embeds": torch.empty(1, pooled), "time_ids": torch.empty(1, 6)}
         if meta.config.class_embed_type == "projection":
             extra["class_labels"] = torch.empty(1, meta.config.projection_class_embeddings_input_dim)
+        elif meta.config.class_embed_type == "identity":  # an SDXL student's slot: its output is added as is
+            extra["class_labels"] = torch.empty(1, meta.time_embedding.linear_2.out_features)
         meta(torch.empty(1, meta.config.in_channels, height, width), torch.zeros(1, dtype=torch.long),
              encoder_hidden_states=torch.empty(1, tokens, meta.config.cross_attention_dim), **extra)
     return sorted(shapes)
@@ -162,9 +164,13 @@ def choose_attention(requested: str, device: torch.device, dtype: torch.dtype, *
         console.say("attention: PyTorch SDPA" + (f" (xformers not used: {failure})" if failure else ""))
         return "sdpa"
     side = latent_size or (unet.config.sample_size,) * 2
-    shapes = attention_shapes(unet, *side)
     candidates = list(SDPA_KERNELS) + ([] if failure else ["xformers"])
-    choice, seconds = fastest_backend(candidates, shapes, batch, device, dtype, backward)
+    try:
+        choice, seconds = fastest_backend(candidates, attention_shapes(unet, *side), batch, device, dtype, backward)
+    except Exception as e:  # timing is an optimisation: PyTorch's own pick is always a correct answer
+        _kernel_only(None)
+        console.say(f"attention: PyTorch SDPA (the kernels could not be timed: {str(e).splitlines()[0][:160]})")
+        return "sdpa"
     timings = ", ".join(f"{c} {s * 1e3:.2f} ms" if s is not None else f"{c} n/a" for c, s in seconds.items())
     if choice != "xformers":
         _kernel_only(choice if choice in SDPA_KERNELS else None)
