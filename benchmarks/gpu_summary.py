@@ -38,14 +38,14 @@ def ratio(a, b, digits=3):
 
 
 def summarize(folder: Path) -> dict:
-    eager, cold, warm, flat = (rows(folder, n) for n in ("distill_eager", "compile_cold", "compile_warm",
-                                                          "compile_teachers"))
+    eager, cold, warm, other_counts = (rows(folder, n) for n in ("distill_eager", "compile_cold", "compile_warm",
+                                                                  "compile_teachers"))
     steps = {}
     for batch in (16, 32):
         official = throughput(eager, variant="official", batch=batch)
         entry = {"official": official}
         for teachers in (1, 4, 8):
-            for label, found, compile_ in (("eager", eager, "off"), ("compiled", warm + cold + flat, "on")):
+            for label, found, compile_ in (("eager", eager, "off"), ("compiled", warm + cold + other_counts, "on")):
                 value = throughput(found, variant="dmm", batch=batch, teachers=teachers, compile=compile_)
                 if value:
                     entry[f"dmm_{teachers}t_{label}"] = value
@@ -55,10 +55,10 @@ def summarize(folder: Path) -> dict:
     flat = {label: ratio(b16.get(f"dmm_8t_{label}"), b16.get(f"dmm_1t_{label}")) for label in ("eager", "compiled")}
     compile_s = {"cold": next((r.get("compile_s") for r in cold if "compile_s" in r), None),
                  "warm": next((r.get("compile_s") for r in warm if "compile_s" in r), None),
-                 "other_teacher_counts": [r.get("compile_s") for r in flat if "compile_s" in r]}
+                 "other_teacher_counts": [r.get("compile_s") for r in other_counts if "compile_s" in r]}
     generate = next(iter(rows(folder, "generate")), {})
     memory = []
-    for r in eager + cold + warm + flat + rows(folder, "sdxl_step"):
+    for r in eager + cold + warm + other_counts + rows(folder, "sdxl_step"):
         if r.get("peak_gib") and r.get("estimate_gib"):
             memory.append({k: r.get(k) for k in ("teachers", "batch", "compile", "gradient_checkpointing",
                                                   "checkpointing", "peak_gib", "estimate_gib")}

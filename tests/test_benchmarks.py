@@ -71,3 +71,38 @@ def test_sdxl_memory_estimates_real_size_and_smoke_runs_its_gpu_step():
     for offload in ([], ["--offload"]):
         row, = run("benchmarks/sdxl_memory.py", "--measure", "--tiny", "--teachers", "2", "--batch", "2", *offload)
         assert row["samples_per_s"] > 0 and row["loss"] > 0 and row["offload"] == bool(offload)
+
+
+def test_gpu_summary_turns_a_run_folder_into_ratios_and_goals(tmp_path):
+    """gpu_run.sh's summary over hand-made step outputs of the shapes its benchmarks print."""
+    lines = {
+        "distill_eager": [{"variant": "official", "batch": 16, "samples_per_s": 40.0},
+                          {"variant": "dmm", "batch": 16, "teachers": 1, "compile": "off", "samples_per_s": 80.0},
+                          {"variant": "dmm", "batch": 16, "teachers": 4, "compile": "off", "samples_per_s": 78.0,
+                           "peak_gib": 30.0, "estimate_gib": 33.0},
+                          {"variant": "dmm", "batch": 16, "teachers": 8, "compile": "off", "samples_per_s": 76.0}],
+        "compile_cold": [{"variant": "dmm", "batch": 16, "teachers": 4, "compile": "on", "samples_per_s": 90.0,
+                          "compile_s": 70.0}],
+        "compile_warm": [{"variant": "dmm", "batch": 16, "teachers": 4, "compile": "on", "samples_per_s": 91.0,
+                          "compile_s": 9.0}],
+        "compile_teachers": [{"variant": "dmm", "batch": 16, "teachers": 1, "compile": "on", "samples_per_s": 92.0,
+                              "compile_s": 20.0},
+                             {"variant": "dmm", "batch": 16, "teachers": 8, "compile": "on", "samples_per_s": 90.0,
+                              "compile_s": 25.0}],
+        "generate": [{"dmm_over_diffusers_time": 1.01}],
+    }
+    for name, rows in lines.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    p = subprocess.run([sys.executable, "benchmarks/gpu_summary.py", str(tmp_path)], capture_output=True, text=True,
+                       cwd=ROOT, timeout=60)
+    assert p.returncode == 0, p.stderr
+    summary = json.loads(p.stdout)
+    b16 = summary["steps"]["b16"]
+    assert b16["dmm_4t_eager_vs_official"] == 1.95 and b16["dmm_4t_compiled"] == 91.0  # the warm run's figure
+    assert summary["b16_4t_best_vs_official"] == 2.275
+    assert summary["eight_over_one_teacher_b16"] == {"eager": 0.95, "compiled": 0.978}
+    assert summary["compile_s"] == {"cold": 70.0, "warm": 9.0, "other_teacher_counts": [20.0, 25.0]}
+    assert summary["generate_dmm_over_diffusers_time"] == 1.01
+    assert summary["memory"] == [{"teachers": 4, "batch": 16, "compile": "off", "gradient_checkpointing": None,
+                                  "checkpointing": None, "peak_gib": 30.0, "estimate_gib": 33.0,
+                                  "estimate_over_peak": 1.1}]
