@@ -97,12 +97,30 @@ class Adversarial(Strict):
     start_step: int = Field(0, ge=0, description="First step with the adversarial terms.")
 
 
+class Ema(Strict):
+    """An exponential moving average of the student's weights, which becomes the saved student."""
+
+    decay: float = Field(0.999, description="Weight of the average so far at each step; between 0 and 1, exclusive.")
+    start_step: int = Field(0, ge=0, description="Steps before this one copy the weights instead of averaging them.")
+
+    @field_validator("decay")
+    @classmethod
+    def _open_interval(cls, v):
+        if not 0 < v < 1:
+            raise ValueError(f"must be between 0 and 1, exclusive (got {v})")
+        return v
+
+
 class Train(Strict):
     max_steps: int = Field(1000, gt=0)
     batch_size: int = Field(16, gt=0, description="Per process; each step's batch is split across the teachers.")
     grad_accum: int = Field(1, gt=0)
     lr: float = Field(1e-5, gt=0)
     warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field("constant", description="After the warm-up: keep "
+                                                                  "train.lr, or decay it to 0 at max_steps along a "
+                                                                  "cosine or a straight line.")
+    ema: Optional[Ema] = None
     weight_decay: float = Field(1e-2, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     precision: Literal["no", "fp16", "bf16"] = "no"
@@ -140,6 +158,16 @@ class Train(Strict):
     @classmethod
     def _yaml_no(cls, v):
         return "no" if v is False else v  # YAML reads a bare `no` as false
+
+    @model_validator(mode="after")
+    def _within_the_run(self):
+        if self.lr_schedule != "constant" and self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps}), so the "
+                             f"{self.lr_schedule} schedule would never decay")
+        if self.ema is not None and self.ema.start_step >= self.max_steps:
+            raise ValueError(f"ema.start_step ({self.ema.start_step}) is not before max_steps ({self.max_steps}), so no "
+                             "step would be averaged")
+        return self
 
 
 class Recipe(Strict):

@@ -102,6 +102,11 @@ def shape_mismatched_teacher(tmp_path) -> str:
      "teacher 'odd'"),
     (lambda p: (p / "empty").mkdir() or bad(p, data={"folder": str(p / "empty")}), "no captioned images"),
     (lambda p: bad(p, teachers=[{"name": "x", "model": "toy:nope"}]), "toy:nope: no such toy model"),
+    (lambda p: bad(p, **{"train.ema": {"decay": 1.0}}), "train.ema.decay: must be between 0 and 1, exclusive"),
+    (lambda p: bad(p, **{"train.ema": {"decay": 0}}), "train.ema.decay: must be between 0 and 1, exclusive"),
+    (lambda p: bad(p, **{"train.ema": {"start_step": 6}}), "ema.start_step (6) is not before max_steps (6)"),
+    (lambda p: bad(p, **{"train.lr_schedule": "cosine", "train.warmup_steps": 7}),
+     "warmup_steps (7) exceeds max_steps (6), so the cosine schedule would never decay"),
 ])
 def test_bad_recipes(dmm, tmp_path, make, fragment):
     recipe = make(tmp_path)
@@ -166,6 +171,44 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     a, b = unet_weights(tmp_path / "a" / "run"), unet_weights(tmp_path / "b" / "run")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_ema_and_a_cosine_schedule_is_bit_identical_and_saves_the_average(tmp_path):
+    """The EMA (kept in each checkpoint) and the schedule's place come back on --resume; the saved student is
+    the average, not the last weights."""
+    steps = {"train.max_steps": 40, "train.checkpoint_every": 4, "train.lr_schedule": "cosine",
+             "train.warmup_steps": 2, "train.ema": {"decay": 0.8, "start_step": 3}}
+    whole = tiny_recipe(tmp_path / "a", **steps, output=str(tmp_path / "a" / "run"))
+    p = cli("distill", str(whole))
+    out, err = p.communicate()
+    assert p.returncode == 0, err
+    broken = tiny_recipe(tmp_path / "b", **steps, output=str(tmp_path / "b" / "run"))
+    p = cli("distill", str(broken))
+    wait_for(tmp_path / "b" / "run" / "checkpoints" / "step-0000008", p)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (tmp_path / "b" / "run" / "model_index.json").exists(), "the run finished before it was killed"
+    p = cli("distill", str(broken), "--resume")
+    out, err = p.communicate()
+    assert p.returncode == 0, err
+    a, b = unet_weights(tmp_path / "a" / "run"), unet_weights(tmp_path / "b" / "run")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    last = load_file(tmp_path / "a" / "run" / "checkpoints" / "step-0000040" / "student.safetensors")
+    ema = load_file(tmp_path / "a" / "run" / "checkpoints" / "step-0000040" / "ema.safetensors")
+    assert all(torch.equal(a[k], ema[k].to(a[k].dtype)) for k in a)  # the student written is the average
+    assert any(not torch.equal(last[k], ema[k]) for k in ema)  # which is not the last weights
+
+
+def test_lr_schedules_warm_up_then_decay_to_zero():
+    from dmm_cli.distill.trainer import lr_factor
+
+    factors = {shape: [lr_factor(s, warmup=2, total=10, shape=shape) for s in range(11)]
+               for shape in ("constant", "cosine", "linear")}
+    assert factors["constant"][:3] == [1 / 3, 2 / 3, 1.0] and set(factors["constant"][2:]) == {1.0}
+    for shape in ("cosine", "linear"):
+        assert factors[shape][:3] == [1 / 3, 2 / 3, 1.0] and factors[shape][10] == 0
+        assert all(x > y for x, y in zip(factors[shape][2:10], factors[shape][3:11]))  # strictly decaying
+    assert abs(factors["cosine"][6] - 0.5) < 1e-12 and factors["linear"][6] == 0.5
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):

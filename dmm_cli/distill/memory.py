@@ -2,6 +2,7 @@
 
     student weights    4 B x P            (fp32 master weights, whatever train.precision says)
     optimizer state    8 B x P for AdamW, 2 B x P for 8-bit AdamW (two moments)
+    EMA                4 B x P with train.ema (an fp32 average of the student's weights)
     teachers           b x P x distinct teacher UNets   (b = 2 B in bf16/fp16, 4 B in fp32; one slot with
                                                           train.teacher_offload: cpu)
     text encoders      b x their parameters, once per distinct encoder
@@ -209,6 +210,7 @@ def estimate(train, sizes: ModelSizes, side: int) -> Estimate:
     parts = {"weights": 4 * p, "optimizer": (2 if train.optimizer == "adamw-8bit" else 8) * p,
              "teachers": b * p * (1 if train.teacher_offload == "cpu" else sizes.teachers),
              "text encoders": b * sizes.text, "discriminator": b * p // 2 if train.adversarial_loss else 0,
+             "ema": 4 * p if train.ema is not None else 0,
              "activations": activations, "gradients beyond activations": max(gradients - activations, 0)}
     return Estimate(parts)
 

@@ -136,7 +136,7 @@ def _train(plan: RunPlan, accelerator) -> Path:
     check_finite()
     if main:
         _checkpoint(trainer, out, step, cfg.keep_checkpoints, main)
-        write_student(plan, trainer.unwrapped_student(), last or {"step": step})
+        write_student(plan, trainer.final_student(), last or {"step": step})
         state.remember_last_model(out)
     accelerator.wait_for_everyone()
     return out

@@ -7,6 +7,8 @@ uninterrupted one would have done.
 from __future__ import annotations
 
 import copy
+import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +79,15 @@ class Models:
     discriminator_base: UNet2DConditionModel | None = None  # frozen encoder of the adversarial loss
     prediction: str = "epsilon"  # what the student predicts: its base's prediction type
     teacher_predictions: list[str] | None = None  # each teacher's (default: the student's)
+
+
+def lr_factor(step: int, *, warmup: int, total: int, shape: str) -> float:
+    """train.lr's multiplier at `step`: a linear warm-up, then constant, or a cosine or straight decay to 0 at
+    `total` steps."""
+    if step < warmup or shape == "constant":
+        return min(1.0, (step + 1) / (warmup + 1))
+    progress = min(1.0, (step - warmup) / max(total - warmup, 1))
+    return 0.5 * (1 + math.cos(math.pi * progress)) if shape == "cosine" else 1 - progress
 
 
 def _seed_for(*parts: int) -> int:
@@ -212,8 +223,14 @@ class Trainer:
             optimizer = bitsandbytes.optim.AdamW8bit(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:
             optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
-        warmup = cfg.warmup_steps
-        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+            lr_factor, warmup=cfg.warmup_steps, total=cfg.max_steps, shape=cfg.lr_schedule))
+        self.ema = None  # parameter name -> its running average, which becomes the saved student
+        if cfg.ema is not None:
+            saved = checkpoint / "ema.safetensors" if checkpoint is not None else None
+            loaded = load_file(saved) if saved is not None and saved.is_file() else {}
+            self.ema = {name: loaded[name].to(device) if name in loaded else p.detach().clone()
+                        for name, p in student.named_parameters()}
         self.adversarial = cfg.adversarial_loss
         discriminator = d_optimizer = None
         if self.adversarial is not None:
@@ -371,10 +388,32 @@ class Trainer:
             sums["feature"] = sums["feature"] + f_loss.detach()
             self.nonfinite |= ~torch.isfinite(loss.detach())
         self.lr_schedule.step()
+        if self.ema is not None:
+            self._update_ema(step)
         k = cfg.grad_accum
         return StepLosses(sums["loss"] / k, sums["score"] / k, sums["feature"] / k,
                           sums["adversarial"] / k if adversarial else None,
                           sums["discriminator"] / k if adversarial else None)
+
+    def _update_ema(self, step: int) -> None:
+        """Copy the weights before ema.start_step, average them from it on: one fused op over all tensors."""
+        averages = list(self.ema.values())
+        weights = [p.detach() for p in self.unwrapped_student().parameters()]
+        with torch.no_grad():
+            if step < self.train_cfg.ema.start_step:
+                torch._foreach_copy_(averages, weights)
+            else:
+                torch._foreach_lerp_(averages, weights, 1 - self.train_cfg.ema.decay)
+
+    def final_student(self) -> UNet2DConditionModel:
+        """The student to save: its EMA weights where the run keeps an average (the run is over: they replace the
+        trained ones in place)."""
+        student = self.unwrapped_student()
+        if self.ema is not None:
+            with torch.no_grad():
+                for name, p in student.named_parameters():
+                    p.copy_(self.ema[name])
+        return student
 
     def all_finite(self) -> bool:
         """Whether every loss and gradient norm since the last call was finite, on every process (a device sync)."""
@@ -450,11 +489,13 @@ class Trainer:
         return self.accelerator.unwrap_model(self.student)
 
     def save_checkpoint(self, folder: Path, step: int) -> None:
-        """Models, optimizers, LR schedule and RNG state, written atomically (main process only)."""
+        """Models, optimizers, LR schedule, EMA and RNG state, written atomically (main process only)."""
         with atomic_folder(folder) as tmp:
             state = {k: v.detach().cpu().contiguous() for k, v in self.unwrapped_student().state_dict().items()}
             save_file(state, tmp / "student.safetensors")
             extra = {}
+            if self.ema is not None:
+                save_file({k: v.detach().cpu().contiguous() for k, v in self.ema.items()}, tmp / "ema.safetensors")
             if self.discriminator is not None:
                 head = self.accelerator.unwrap_model(self.discriminator).head
                 save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
