@@ -224,7 +224,8 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 
 
 def test_two_cpu_processes_with_torchrun(tmp_path):
-    recipe = tiny_recipe(tmp_path, **{"train.max_steps": 4, "train.log_every": 1})
+    recipe = tiny_recipe(tmp_path, **{"train.max_steps": 4, "train.log_every": 1, "train.lr_schedule": "linear",
+                                      "train.ema": {"decay": 0.9}})  # both ranks keep the same average
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         "-m", "dmm_cli", "distill", str(recipe)], capture_output=True, text=True,
                        env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
@@ -233,4 +234,5 @@ def test_two_cpu_processes_with_torchrun(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(r["processes"] == 2 for r in rows)
+    assert rows[-1]["lr"] < rows[0]["lr"]  # the linear schedule decays
     assert StableDiffusionPipeline.from_pretrained(tmp_path / "run").unet.config.class_embed_type == "projection"
