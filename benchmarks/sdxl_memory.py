@@ -13,6 +13,7 @@ samples/s. Prints JSON lines.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -138,7 +139,7 @@ def main() -> None:
         return
     if not torch.cuda.is_available() and not a.tiny:
         sys.exit("--measure needs a CUDA GPU (or --tiny for a CPU smoke run)")
-    for n, batch, checkpointing in ((n, b, c) for n in a.teachers for b in a.batch for c in a.checkpointing):
+    for n, batch, checkpointing in itertools.product(a.teachers, a.batch, a.checkpointing):
         try:
             print(json.dumps(measure(n, batch, a.steps, a.offload, a.optimizer, a.tiny, checkpointing == "on")),
                   flush=True)

@@ -151,8 +151,10 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.02)
 
 
-def test_sigkill_then_resume_is_bit_identical(tmp_path):
-    steps = {"train.max_steps": 40, "train.checkpoint_every": 4}
+def whole_and_killed_then_resumed(tmp_path: Path, **train) -> tuple[dict, dict]:
+    """The students of one run straight through, and of the same recipe SIGKILLed after its step-8 checkpoint
+    and continued with --resume."""
+    steps = {"train.max_steps": 40, "train.checkpoint_every": 4, **train}
     whole = tiny_recipe(tmp_path / "a", **steps, output=str(tmp_path / "a" / "run"))
     p = cli("distill", str(whole))
     out, err = p.communicate()
@@ -170,28 +172,19 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     assert "resuming from" in err
     a, b = unet_weights(tmp_path / "a" / "run"), unet_weights(tmp_path / "b" / "run")
     assert a.keys() == b.keys()
+    return a, b
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path):
+    a, b = whole_and_killed_then_resumed(tmp_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_with_ema_and_a_cosine_schedule_is_bit_identical_and_saves_the_average(tmp_path):
     """The EMA (kept in each checkpoint) and the schedule's place come back on --resume; the saved student is
     the average, not the last weights."""
-    steps = {"train.max_steps": 40, "train.checkpoint_every": 4, "train.lr_schedule": "cosine",
-             "train.warmup_steps": 2, "train.ema": {"decay": 0.8, "start_step": 3}}
-    whole = tiny_recipe(tmp_path / "a", **steps, output=str(tmp_path / "a" / "run"))
-    p = cli("distill", str(whole))
-    out, err = p.communicate()
-    assert p.returncode == 0, err
-    broken = tiny_recipe(tmp_path / "b", **steps, output=str(tmp_path / "b" / "run"))
-    p = cli("distill", str(broken))
-    wait_for(tmp_path / "b" / "run" / "checkpoints" / "step-0000008", p)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert not (tmp_path / "b" / "run" / "model_index.json").exists(), "the run finished before it was killed"
-    p = cli("distill", str(broken), "--resume")
-    out, err = p.communicate()
-    assert p.returncode == 0, err
-    a, b = unet_weights(tmp_path / "a" / "run"), unet_weights(tmp_path / "b" / "run")
+    a, b = whole_and_killed_then_resumed(tmp_path, **{"train.lr_schedule": "cosine", "train.warmup_steps": 2,
+                                                      "train.ema": {"decay": 0.8, "start_step": 3}})
     assert all(torch.equal(a[k], b[k]) for k in a)
     last = load_file(tmp_path / "a" / "run" / "checkpoints" / "step-0000040" / "student.safetensors")
     ema = load_file(tmp_path / "a" / "run" / "checkpoints" / "step-0000040" / "ema.safetensors")

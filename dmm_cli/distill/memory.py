@@ -71,18 +71,10 @@ def activation_bytes(unet_config: Path, side: int, precision: str, checkpointing
 
 def _saved(unet_config: Path, side: int, precision: str, checkpointing: bool, batch: int) -> tuple[int, int]:
     """(bytes kept until the backward, the largest checkpointed region's bytes) of one forward."""
-    from diffusers import UNet2DConditionModel
+    from ..models.meta import meta_inputs, meta_unet
 
-    config = {k: v for k, v in json.loads(unet_config.read_text()).items() if not k.startswith("_")}
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config).train()
-        x = torch.empty(batch, unet.config.in_channels, side, side)
-        context = torch.empty(batch, 77, unet.config.cross_attention_dim)
-        t = torch.zeros(batch, dtype=torch.long)
-        extra = {}
-        if unet.config.addition_embed_type == "text_time":  # SDXL: the pooled text and the size conditioning
-            pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-            extra["added_cond_kwargs"] = {"text_embeds": torch.empty(batch, pooled), "time_ids": torch.empty(batch, 6)}
+    unet = meta_unet(json.loads(unet_config.read_text())).train()
+    args, kwargs = meta_inputs(unet, batch, side, side)
     kept, regions = {}, [0]
     weights = {p.untyped_storage()._cdata for p in unet.parameters()}  # counted as weights already
 
@@ -112,7 +104,7 @@ def _saved(unet_config: Path, side: int, precision: str, checkpointing: bool, ba
     low = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     with torch.autograd.graph.saved_tensors_hooks(keeper(kept), lambda tensor: tensor), fused, \
             _CudaAutocast(low, keeper(kept)) if low else contextlib.nullcontext():
-        unet(x, t, encoder_hidden_states=context, **extra)
+        unet(*args, **kwargs)
     return sum(kept.values()), max(regions)
 
 

@@ -128,23 +128,27 @@ class TeacherBank:
         return target, features
 
     def _forward(self, runner: TeacherRunner, inputs: dict):
-        if not self.graphs:
-            return _call(runner.unet, inputs), runner.taps.take()
-        key = tuple((name, tuple(v.shape)) for name, v in inputs.items())
-        captured = runner.graphs.get(key)
+        captured = self._graph(runner, inputs) if self.graphs else None
         if captured is None:
-            try:
-                captured = runner.graphs[key] = self._capture(runner, inputs)
-            except Exception as e:  # an op that cannot be captured: eager forwards cost host time, not results
-                console.warn(f"teachers run without CUDA graphs ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
-                self.graphs = False
-                torch.cuda.synchronize()
-                return _call(runner.unet, inputs), runner.taps.take()
+            return _call(runner.unet, inputs), runner.taps.take()
         for name, value in inputs.items():
             captured.inputs[name].copy_(value, non_blocking=True)
         captured.graph.replay()
         # A runner may answer for several teachers in one batch (old styles, offload): copy what it returned.
         return captured.output.clone(), {k: v.clone() for k, v in captured.features.items()}
+
+    def _graph(self, runner: TeacherRunner, inputs: dict) -> _Graph | None:
+        """The runner's graph for these input shapes, captured on first use; None once a capture failed."""
+        key = tuple((name, tuple(v.shape)) for name, v in inputs.items())
+        if key not in runner.graphs:
+            try:
+                runner.graphs[key] = self._capture(runner, inputs)
+            except Exception as e:  # an op that cannot be captured: eager forwards cost host time, not results
+                console.warn(f"teachers run without CUDA graphs ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+                self.graphs = False
+                torch.cuda.synchronize()
+                return None
+        return runner.graphs[key]
 
     def _capture(self, runner: TeacherRunner, inputs: dict) -> _Graph:
         static = {name: value.clone() for name, value in inputs.items()}
@@ -177,8 +181,8 @@ def repeated_blocks(unet: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in unet.modules() if type(m).__name__ in REPEATED_BLOCKS]
 
 
-def compile_blocks(unets: list[torch.nn.Module], backend: str | None = None) -> int:
-    """Compile each repeated block's forward with static shapes; returns how many blocks were compiled.
+def compile_blocks(unets: list[torch.nn.Module], backend: str | None = None) -> None:
+    """Compile each repeated block's forward with static shapes.
     The backend is Inductor, or $DMM_COMPILE_BACKEND (aot_eager, say, to tell a compiler bug from a model bug).
 
     Each class's forward is one code object, so its compiled graphs (one per distinct channel count, shape
@@ -193,7 +197,6 @@ def compile_blocks(unets: list[torch.nn.Module], backend: str | None = None) -> 
     backend = backend or os.environ.get("DMM_COMPILE_BACKEND") or "inductor"
     for block in blocks:
         block.forward = torch.compile(type(block).forward.__get__(block), backend=backend, dynamic=False)
-    return len(blocks)
 
 
 def uncompile_blocks(unets: list[torch.nn.Module]) -> None:

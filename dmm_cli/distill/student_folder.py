@@ -11,7 +11,7 @@ from ..data.prompts import prompt_digest
 from ..errors import DMMError
 from ..files.atomic import atomic_file, atomic_folder
 from ..files.hashing import component_sha256
-from ..models import references
+from ..models import lora, references
 from ..models.folders import copy_part, derived_model_index, model_family, model_root, parts_besides_unet
 from ..models.schedule import read_schedule
 from ..models.styles import STYLES_FILE, Style, StyleTable
@@ -37,8 +37,8 @@ def write_student(plan: RunPlan, student, last: dict) -> None:
         raise DMMError(f"{out / 'scheduler'}: does not match the base's scheduler the student was trained with")
     earlier = plan.previous_styles
     old = earlier.styles if earlier else []
-    old = [Style(s.name, references.shareable(s.teacher), s.sha256, s.extra) for s in old]
-    styles = old + [Style(t.name, references.shareable(t.ref), component_sha256(folder / "unet"))
+    old = [Style(s.name, lora.shareable(s.teacher), s.sha256, s.extra) for s in old]
+    styles = old + [Style(t.name, lora.shareable(t.ref), component_sha256(folder / "unet"))
                     for t, folder in zip(recipe.teachers[len(old):], plan.teachers[len(old):])]
     entry = {"recipe": recipe.name, "base": references.shareable(recipe.base), "steps": last.get("step"),
              "styles": [t.name for t in recipe.teachers], "prediction_type": trained.prediction_type}
@@ -79,7 +79,7 @@ def shared_recipe(recipe: Recipe) -> dict:
 
 def model_card(plan: RunPlan, last: dict) -> str:
     recipe = plan.recipe
-    rows = "\n".join(f"| {i} | {t.name} | `{references.shareable(t.ref)}` |" for i, t in enumerate(recipe.teachers))
+    rows = "\n".join(f"| {i} | {t.name} | `{lora.shareable(t.ref)}` |" for i, t in enumerate(recipe.teachers))
     losses = ", ".join(f"{k} {last[k]:.5g}" for k in ("loss", "score_loss", "feature_loss") if k in last)
     first = recipe.teachers[0].name
     if model_family(plan.base) == "SDXL":

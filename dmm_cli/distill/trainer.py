@@ -147,6 +147,21 @@ class MicroBatch:
     seed: int  # of the device generator that draws the noise (and the re-noise)
 
 
+@dataclass
+class DeviceBatch:
+    """One micro-batch's inputs on the device (`Trainer._on_device`)."""
+
+    xt: torch.Tensor  # the noised latents
+    t: torch.Tensor
+    t2: torch.Tensor
+    labels: torch.Tensor
+    counts: list[int]  # samples per teacher, on the host
+    contexts: dict  # text-encoder key -> Conditioning
+    cond: object  # the student's Conditioning, float32
+    time_ids: torch.Tensor | None
+    renoise: torch.Tensor | None
+
+
 class Trainer:
     """Holds the models and the optimizers; `step(k)` performs optimizer update k.
 
@@ -188,18 +203,18 @@ class Trainer:
                 else:
                     unet.to(device, memory_format=fast_layout)
             self.teachers.append(Teacher(unet, key, style, prediction))
-        runners = {}  # one per UNet on the device; with offload, one slot per architecture, weights copied in
+        runners, self.runners = {}, []  # one per UNet on the device; with offload, one slot per architecture
         for t in self.teachers:
             key = (t.style is not None) if self.offload else id(t.unet)
             if key not in runners:
                 unet = copy.deepcopy(t.unet).to(device) if self.offload else t.unet
                 runners[key] = TeacherRunner(unet, FeatureTaps(unet))
-        self.runners = [runners[(t.style is not None) if self.offload else id(t.unet)] for t in self.teachers]
-        graphs = cfg.cuda_graphs is True or cfg.cuda_graphs == "auto" and cuda
+            self.runners.append(runners[key])
         self.teacher_bank = TeacherBank(self.teachers, self.runners, max_share(self._labels(cfg.batch_size, 0),
                                         len(self.teachers)), prediction=self.prediction,
                                         alphas_cumprod=self.alphas_cumprod, dtype=self.teacher_dtype,
-                                        memory_format=fast_layout, offload=self.offload, graphs=graphs and cuda)
+                                        memory_format=fast_layout, offload=self.offload,
+                                        graphs=cuda and cfg.cuda_graphs in (True, "auto"))
 
         student = models.student
         self.step_done = 0
@@ -322,11 +337,28 @@ class Trainer:
         batch, in batch order (distill/step.py runs them)."""
         return self.teacher_bank(xt, t, contexts, counts, time_ids)
 
-    def _student_loss(self, x, t, style, cond, time_ids, target, teacher_feats):
+    def _on_device(self, mb: MicroBatch, renoise: bool) -> DeviceBatch:
+        """A micro-batch's inputs on the device: its small draws in one (pinned) copy, its noise drawn there."""
+        dev = self.accelerator.device
+        counts = torch.bincount(mb.labels, minlength=self.num_styles).tolist()  # on the CPU: no device sync
+        source, latents, _, text = self.sources[mb.source]
+        small = torch.stack([mb.idx, mb.labels, mb.drop.long(), mb.t, mb.t2])
+        idx, labels, drop, t, t2 = (small.pin_memory() if dev.type == "cuda" else small).to(dev, non_blocking=True)
+        x0 = (latents[idx] if latents.device == dev else latents[mb.idx].to(dev, non_blocking=True)).float()
+        noise, renoised = self.noise(mb, x0.shape, renoise)
+        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        contexts = text(idx, drop.bool())
+        return DeviceBatch(
+            xt=a.sqrt() * x0 + (1 - a).sqrt() * noise, t=t, t2=t2, labels=labels, counts=counts, contexts=contexts,
+            cond=contexts[self.student_text_key].to(torch.float32).clone(),
+            time_ids=None if source.time_ids is None else source.time_ids[mb.idx].to(dev, non_blocking=True),
+            renoise=renoised)
+
+    def _student_loss(self, batch: DeviceBatch, target, teacher_feats):
         cfg = self.train_cfg
-        kwargs = cond.unet_kwargs(time_ids)
-        prediction = self.student(x.contiguous(memory_format=self.memory_format), t, class_labels=style,
-                                  **kwargs).sample
+        style = torch.nn.functional.one_hot(batch.labels, self.num_styles).float()
+        prediction = self.student(batch.xt.contiguous(memory_format=self.memory_format), batch.t, class_labels=style,
+                                  **batch.cond.unet_kwargs(batch.time_ids)).sample
         s_loss = score_loss(prediction, target)
         f_loss = feature_loss(self.student_taps.take(), teacher_feats, cfg.feature_loss.type, cfg.feature_loss.reduce)
         return prediction, s_loss, f_loss
@@ -336,26 +368,15 @@ class Trainer:
         the device: losses come back as device tensors, and `nonfinite` gathers whether any loss or gradient
         norm was NaN or infinite, for the caller to look at when it syncs anyway."""
         cfg = self.train_cfg
-        dev = self.accelerator.device
         adversarial = self.adversarial is not None and step >= self.adversarial.start_step
         sums = {"loss": 0.0, "score": 0.0, "feature": 0.0, "adversarial": 0.0, "discriminator": 0.0}
         for micro in range(cfg.grad_accum):
-            mb = self.micro_batch(step, micro)
-            counts = torch.bincount(mb.labels, minlength=self.num_styles).tolist()  # on the CPU: no device sync
-            source, latents, _, text = self.sources[mb.source]
-            small = torch.stack([mb.idx, mb.labels, mb.drop.long(), mb.t, mb.t2])
-            idx, labels, drop, t, t2 = (small.pin_memory() if dev.type == "cuda" else small).to(dev, non_blocking=True)
-            x0 = (latents[idx] if latents.device == dev else latents[mb.idx].to(dev, non_blocking=True)).float()
-            noise, renoise = self.noise(mb, x0.shape, adversarial)
-            a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            contexts = text(idx, drop.bool())
-            time_ids = None if source.time_ids is None else source.time_ids[mb.idx].to(dev, non_blocking=True)
-            target, teacher_feats = self.teacher_targets(xt, t, contexts, counts, time_ids)
-            cond = contexts[self.student_text_key].to(torch.float32).clone()
-            style = torch.nn.functional.one_hot(labels, self.num_styles).float()
+            batch = self._on_device(self.micro_batch(step, micro), adversarial)
+            xt, t, t2, labels, cond, time_ids, renoise = (batch.xt, batch.t, batch.t2, batch.labels, batch.cond,
+                                                          batch.time_ids, batch.renoise)
+            target, teacher_feats = self.teacher_targets(xt, t, batch.contexts, batch.counts, time_ids)
             with self.accelerator.accumulate(self.student):
-                prediction, s_loss, f_loss = self._student_loss(xt, t, style, cond, time_ids, target, teacher_feats)
+                prediction, s_loss, f_loss = self._student_loss(batch, target, teacher_feats)
                 loss = s_loss + cfg.feature_loss.weight * f_loss
                 if adversarial:
                     a2 = self.alphas_cumprod[t2].view(-1, 1, 1, 1)
@@ -467,21 +488,16 @@ class Trainer:
         console.say(f"compile: done in {clock.elapsed:.1f} s")
 
     def _rehearse(self, source_index: int) -> None:
-        """One micro-batch's forwards and backward on source `source_index`, with no optimizer update."""
+        """One micro-batch's forwards and backward on source `source_index`, through the step's own path, with no
+        optimizer update."""
         b = self.train_cfg.batch_size
-        dev = self.accelerator.device
-        source, latents, _, text = self.sources[source_index]
-        labels = self._labels(b, 0)
-        counts = torch.bincount(labels, minlength=self.num_styles).tolist()
-        idx = torch.arange(b) % len(source.latents)
-        x0 = latents[idx.to(latents.device)].to(dev).float()
-        t = torch.full((b,), self.num_train_timesteps // 2, device=dev)
-        contexts = text(idx.to(dev), torch.zeros(b, dtype=torch.bool, device=dev))
-        time_ids = None if source.time_ids is None else source.time_ids[idx].to(dev)
-        target, feats = self.teacher_targets(x0, t, contexts, counts, time_ids)
-        cond = contexts[self.student_text_key].to(torch.float32).clone()
-        style = torch.nn.functional.one_hot(labels.to(dev), self.num_styles).float()
-        _, s_loss, f_loss = self._student_loss(x0, t, style, cond, time_ids, target, feats)
+        idx = torch.arange(b) % len(self.sources[source_index][0].latents)
+        mb = MicroBatch(idx, self._labels(b, 0), torch.zeros(b, dtype=torch.bool),
+                        torch.full((b,), self.num_train_timesteps // 2), torch.zeros(b, dtype=torch.long),
+                        source_index, seed=0)
+        batch = self._on_device(mb, renoise=False)
+        target, feats = self.teacher_targets(batch.xt, batch.t, batch.contexts, batch.counts, batch.time_ids)
+        _, s_loss, f_loss = self._student_loss(batch, target, feats)
         self.accelerator.backward(s_loss + f_loss)
         self.optimizer.zero_grad(set_to_none=True)
 

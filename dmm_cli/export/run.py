@@ -13,7 +13,7 @@ from ..errors import BadInput
 from ..files.atomic import atomic_folder, check_replaceable, output_lock, remove_leftovers
 from ..files.images import slug
 from ..files.safetensors_io import read_component
-from ..models import references
+from ..models import lora, references
 from ..models.folders import copy_part, derived_model_index, model_family, model_root, parts_besides_unet
 from ..models.official import OFFICIAL_PIPELINE_CLASS, OFFICIAL_UNET_CLASS, official_unet
 from ..models.single_file import export_single_file
@@ -164,7 +164,7 @@ def _write_official_file(source: Path, target: Path, unet: tuple[dict, dict], ta
 def _shared(table: StyleTable) -> StyleTable:
     """A student's style table as shared files carry it: teachers and lineage by reference, not by local path
     (students distilled before dmm wrote them so kept their paths)."""
-    styles = [Style(s.name, references.shareable(s.teacher), s.sha256, s.extra) for s in table.styles]
+    styles = [Style(s.name, lora.shareable(s.teacher), s.sha256, s.extra) for s in table.styles]
     lineage = [{k: references.shareable(v) if k in ("base", "init_from", "source") and isinstance(v, str) else v
                 for k, v in entry.items()} for entry in table.lineage]
     return StyleTable(styles, lineage)

@@ -102,7 +102,7 @@ def _merge(method, teachers, base, weights, density, lam, seed, dare_sign, outpu
     unet_sha = component_sha256_many([f / "unet" for f in everyone])
     shared = references.shareable  # inputs by reference or name, never by a path of this machine
     inputs = {"base": {"ref": shared(base), "sha256": unet_sha[-1]} if base_dir else None,
-              "teachers": [{"ref": shared(r), "sha256": h,
+              "teachers": [{"ref": lora.shareable(r), "sha256": h,
                             **({"loras": [{"ref": shared(x.spec.ref), "scale": x.spec.scale, "sha256": x.sha256}
                                           for x in own]} if own else {})}
                            for r, h, own in zip(teachers, unet_sha, teacher_loras)]}
@@ -121,8 +121,9 @@ def _merge(method, teachers, base, weights, density, lam, seed, dare_sign, outpu
         for part, owner in copied.items():
             copy_part(owner / part, tmp / part, model_root(owner))
         (tmp / "model_index.json").write_text(derived_model_index(template))
-        (tmp / "README.md").write_text(_card(method, params, base and shared(base), [shared(t) for t in teachers],
-                                             parts, vae and shared(vae)))
+        card = _card(method, params, base and shared(base), [lora.shareable(t) for t in teachers], parts,
+                     vae and shared(vae))
+        (tmp / "README.md").write_text(card)
     return output
 
 

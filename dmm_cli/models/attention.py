@@ -3,18 +3,24 @@ xformers where a real op works), timed once on the model's own attention shapes,
 and said on stderr. `train.attention` and `generate --attention` can force any of them."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import time
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import console
 from ..errors import BadInput
 from ..files import state
+from .meta import meta_inputs, meta_unet
 
 SDPA_KERNELS = ("flash", "cudnn", "efficient")
 ATTENTION_BACKENDS = ("auto", "sdpa", *SDPA_KERNELS, "xformers")
 _FLAGS = {"flash": "flash_sdp", "cudnn": "cudnn_sdp", "efficient": "mem_efficient_sdp"}  # torch.backends.cuda's
+_KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION}
 RECORD = "attention.json"
 
 
@@ -38,36 +44,25 @@ def xformers_failure(device: str, dtype: torch.dtype) -> str | None:
     return None
 
 
-def attention_shapes(unet, height: int, width: int, tokens: int = 77) -> list[tuple[int, int, int, int]]:
+def attention_shapes(unet, height: int, width: int) -> list[tuple[int, int, int, int]]:
     """(heads, query length, key length, head dim) of every distinct attention call of `unet` on latents of
     `height` x `width`, found by running a copy of it on meta tensors (no memory, no arithmetic)."""
-    from diffusers import UNet2DConditionModel
     from diffusers.models.attention_processor import Attention
 
-    config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
-    with torch.device("meta"):
-        meta = UNet2DConditionModel.from_config(config)
-        shapes = set()
+    meta = meta_unet(dict(unet.config))
+    shapes = set()
 
-        def record(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            context = kwargs.get("encoder_hidden_states")
-            keys = hidden.shape[1] if context is None else context.shape[1]
-            shapes.add((module.heads, hidden.shape[1], keys, module.inner_dim // module.heads))
+    def record(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        context = kwargs.get("encoder_hidden_states")
+        keys = hidden.shape[1] if context is None else context.shape[1]
+        shapes.add((module.heads, hidden.shape[1], keys, module.inner_dim // module.heads))
 
-        for m in meta.modules():
-            if isinstance(m, Attention):
-                m.register_forward_pre_hook(record, with_kwargs=True)
-        extra = {}
-        if meta.config.addition_embed_type == "text_time":
-            pooled = meta.config.projection_class_embeddings_input_dim - 6 * meta.config.addition_time_embed_dim
-            extra["added_cond_kwargs"] = {"text_embeds": torch.empty(1, pooled), "time_ids": torch.empty(1, 6)}
-        if meta.config.class_embed_type == "projection":
-            extra["class_labels"] = torch.empty(1, meta.config.projection_class_embeddings_input_dim)
-        elif meta.config.class_embed_type == "identity":  # an SDXL student's slot: its output is added as is
-            extra["class_labels"] = torch.empty(1, meta.time_embedding.linear_2.out_features)
-        meta(torch.empty(1, meta.config.in_channels, height, width), torch.zeros(1, dtype=torch.long),
-             encoder_hidden_states=torch.empty(1, tokens, meta.config.cross_attention_dim), **extra)
+    for m in meta.modules():
+        if isinstance(m, Attention):
+            m.register_forward_pre_hook(record, with_kwargs=True)
+    args, kwargs = meta_inputs(meta, 1, height, width)
+    meta(*args, **kwargs)
     return sorted(shapes)
 
 
@@ -82,8 +77,6 @@ def time_backend(name: str, shapes, batch: int, device: torch.device, dtype: tor
                  repeats: int = 5) -> float | None:
     """Seconds one pass over `shapes` takes with backend `name` (forward, and backward if `backward`), or None
     where it cannot run them."""
-    import time
-
     if name == "xformers":
         import xformers.ops
 
@@ -100,27 +93,21 @@ def time_backend(name: str, shapes, batch: int, device: torch.device, dtype: tor
             if backward:
                 out.sum().backward()
 
-    previous = {flag: getattr(torch.backends.cuda, f"{flag}_enabled")() for flag in _FLAGS.values()}
-    math = torch.backends.cuda.math_sdp_enabled()
+    # xformers is called directly; an SDPA kernel alone, so one that cannot run fails instead of falling back
+    alone = contextlib.nullcontext() if name == "xformers" else sdpa_kernel([_KERNELS[name]])
     try:
-        if name != "xformers":
-            _kernel_only(name)
-            torch.backends.cuda.enable_math_sdp(False)  # a kernel that cannot run fails instead of falling back
-        one_pass()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(repeats):
+        with alone:
             one_pass()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(repeats):
+                one_pass()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
         return (time.perf_counter() - start) / repeats
     except RuntimeError:
         return None
-    finally:
-        for flag, on in previous.items():
-            getattr(torch.backends.cuda, f"enable_{flag}")(on)
-        torch.backends.cuda.enable_math_sdp(math)
 
 
 def fastest_backend(candidates, shapes, batch: int, device: torch.device, dtype: torch.dtype,

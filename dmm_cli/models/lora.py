@@ -27,6 +27,7 @@ from ..files.safetensors_io import TORCH_DTYPES, StreamingWriter, TensorReader
 from .folders import check_pipeline_folder, copy_part, derived_model_index, model_family, model_root
 from .local import PICKLE_SUFFIXES
 from .references import HUB_REF, SCHEMES, resolve as resolve_model, scheme_of
+from .references import shareable as shareable_model
 
 PARTS = ("unet", "text_encoder", "text_encoder_2")
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
@@ -65,6 +66,12 @@ def split_ref(ref: str) -> tuple[str, list[LoraSpec]]:
     if not model or not all(loras):
         raise BadInput(f"{ref}: expected MODEL+LORA[:SCALE]+LORA[:SCALE]...")
     return model, [parse_lora(text, ref) for text in loras]
+
+
+def shareable(ref: str) -> str:
+    """`MODEL+LORA[:SCALE]+...` as files meant for sharing name it: each model by references.shareable."""
+    model, loras = split_ref(ref)
+    return shareable_model(model) + "".join(f"+{shareable_model(x.ref)}:{x.scale!r}" for x in loras)
 
 
 # -- fetching ---------------------------------------------------------------------------------------------------

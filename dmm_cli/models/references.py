@@ -51,23 +51,13 @@ def scheme_of(ref: str) -> str | None:
 
 
 def shareable(ref: str) -> str:
-    """A reference as files meant for sharing name it: a Hub id (with its revision) or a plug-in's reference as
-    given, a local folder or file by its name alone, never by where it lies on this machine. Each part of a
-    `MODEL+LORA[:SCALE]` reference is named so."""
-    if not ref:
+    """A model reference as files meant for sharing name it: a Hub id (with its revision) or a plug-in's
+    reference as given, a local folder or file by its name alone, never by where it lies on this machine.
+    (`lora.shareable` names a `MODEL+LORA[:SCALE]` reference part by part.)"""
+    local = Path(ref).expanduser()
+    if not ref or scheme_of(ref) is not None or not (local.exists() or ref.startswith((".", "/", "~"))):
         return ref
-    parts = []
-    for part in str(ref).split("+"):
-        path, scale = part, ""
-        if ":" in part and scheme_of(part) is None:  # a LoRA's strength (A1111's <lora:name:0.8>)
-            head, _, tail = part.rpartition(":")
-            if tail.replace(".", "", 1).isdigit():
-                path, scale = head, ":" + tail
-        local = Path(path).expanduser()
-        if scheme_of(path) is None and (local.exists() or path.startswith((".", "/", "~"))):
-            path = local.resolve().name or path
-        parts.append(path + scale)
-    return "+".join(parts)
+    return local.resolve().name or ref
 
 
 def resolve(ref: str, *, allow_pickle: bool = False, variant: str | None = None, store: Path | None = None,
