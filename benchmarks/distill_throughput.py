@@ -28,7 +28,8 @@ import sd15  # noqa: E402
 from dmm_cli.console import quiet_loading, set_debug  # noqa: E402
 from dmm_cli.distill.text import TextEncoders  # noqa: E402
 from dmm_cli.distill.memory import ModelSizes, estimate  # noqa: E402
-from dmm_cli.distill.trainer import DataSource, Models, Trainer  # noqa: E402
+from dmm_cli.distill.models import Models  # noqa: E402
+from dmm_cli.distill.trainer import DataSource, Trainer  # noqa: E402
 from dmm_cli.models.student import make_student  # noqa: E402
 from dmm_cli.recipe import Train  # noqa: E402
 

@@ -80,7 +80,8 @@ def measure(teachers: int, batch: int, steps: int, offload: bool, optimizer: str
     from accelerate import Accelerator
 
     from dmm_cli.distill.text import TextEncoders
-    from dmm_cli.distill.trainer import DataSource, Models, Trainer
+    from dmm_cli.distill.models import Models
+    from dmm_cli.distill.trainer import DataSource, Trainer
     from dmm_cli.models.student import make_student
 
     cuda = torch.cuda.is_available()

@@ -244,6 +244,10 @@ def _describe_plan(d: dict) -> str:
                  f"precision {t['precision']}, feature loss {t['feature_loss']['weight']} x {t['feature_loss']['reduce']} of "
                  f"{t['feature_loss']['type']}, "
                  f"caption dropout {t['caption_dropout']}")
+    student = t["student"]
+    lines.append(f"student {student['type']}" + (f": rank {student['rank']} on {', '.join(student['targets'])}"
+                                                  if student["type"] == "lora" else "")
+                 + f", {d['memory']['trainable_parameters']:,} UNet parameters train besides the style MLP")
     lines.append(f"memory {d['memory']['summary']}")
     lines += [f"       on {card}: {answer}" for card, answer in d["memory"]["fits"].items()]
     if d["resume_from"]:
@@ -330,9 +334,12 @@ def export_(
     single_file: bool = typer.Option(False, "--single-file", help="Write one original-layout .safetensors file, as "
                                                                    "A1111, ComfyUI and Forge load (a student: with "
                                                                    "--style, or --format dmm-official)."),
-    fmt: str = typer.Option("diffusers", "--format", help="diffusers, or dmm-official: the released MCG-NJU/DMM "
-                                                          "layout (model_embedding + add_embedding) of a student; "
-                                                          "with --single-file, the file the ComfyUI-DMM nodes load."),
+    fmt: str = typer.Option("diffusers", "--format", help="diffusers; dmm-official: the released MCG-NJU/DMM "
+                                                          "layout (model_embedding + add_embedding) of a student, "
+                                                          "with --single-file the file the ComfyUI-DMM nodes load; "
+                                                          "lora (kohya/A1111 file) or lora-diffusers (a folder for "
+                                                          "load_lora_weights): a LoRA student's style as a LoRA on "
+                                                          "its base."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (as stored), fp32, fp16, bf16."),
     metrics: Optional[Path] = typer.Option(None, "--metrics", help="A `dmm eval` metrics.json whose figures go into "
                                                                    "the model card. Default: MODEL/eval/metrics.json."),
@@ -351,6 +358,8 @@ def export_(
       dmm export runs/toy_styles --format dmm-official -o toy_styles-official/
       dmm export runs/toy_styles --format dmm-official --single-file -o dmm.safetensors   # ComfyUI-DMM
       dmm export ./sd15-folder --single-file -o sd15.safetensors
+      dmm export runs/toy_styles_lora --style all --format lora -o loras/     # kohya files: ComfyUI, A1111, Forge
+      dmm export runs/toy_styles_lora --style night --format lora-diffusers -o night-lora/
     """
     from .export.run import export
     from .models.devices import DTYPES

@@ -97,6 +97,30 @@ class Adversarial(Strict):
     start_step: int = Field(0, ge=0, description="First step with the adversarial terms.")
 
 
+# Every attention projection and feed-forward layer of the transformer blocks, as most style LoRAs train.
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+
+
+class Student(Strict):
+    """What trains: every weight of the student, or a LoRA on its frozen base (with the style MLP)."""
+
+    type: Literal["full", "lora"] = Field("full", description="full: every UNet weight trains; lora: a low-rank "
+                                          "adapter on a frozen base, a few percent of the optimizer state.")
+    rank: int = Field(16, gt=0, description="lora: the adapter's rank.")
+    alpha: Optional[float] = Field(None, gt=0, description="lora: its scale is alpha/rank; default: the rank.")
+    targets: list[str] = Field(list(LORA_TARGETS), min_length=1, description="lora: the layers it adapts, by "
+                               "name or last dotted parts of the name (resnets' conv1/conv2 add conv layers).")
+
+
+class Timesteps(Strict):
+    """How each sample's training timestep is drawn."""
+
+    sampling: Literal["uniform", "logit_normal"] = Field("uniform", description="uniform over the schedule, or "
+                                                          "logit-normal in t/T, which favours the middle of it.")
+    mean: float = Field(0.0, description="logit_normal: the centre in logits of t/T; below 0 favours less noise.")
+    std: float = Field(1.0, gt=0, description="logit_normal: the spread in logits.")
+
+
 class Ema(Strict):
     """An exponential moving average of the student's weights, which becomes the saved student."""
 
@@ -121,6 +145,8 @@ class Train(Strict):
                                                                   "train.lr, or decay it to 0 at max_steps along a "
                                                                   "cosine or a straight line.")
     ema: Optional[Ema] = None
+    timesteps: Timesteps = Timesteps()
+    student: Student = Student()
     weight_decay: float = Field(1e-2, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     precision: Literal["no", "fp16", "bf16"] = "no"

@@ -59,7 +59,8 @@ def test_teachers_of_another_type_are_converted_into_the_bases(tmp_path):
     from dmm_cli.distill import plan_run
     from dmm_cli.distill.run import data_sources
     from dmm_cli.distill.text import Conditioning, load_tokenizers, tokenize
-    from dmm_cli.distill.trainer import Trainer, load_models
+    from dmm_cli.distill.models import load_models
+    from dmm_cli.distill.trainer import Trainer
 
     v_teacher = retyped("night", tmp_path / "v-night", prediction_type="v_prediction")
     plan = plan_run(recipe(tmp_path, "toy:base", ["toy:night", str(v_teacher)]))

@@ -12,7 +12,8 @@ from dmm_cli.distill import plan_run
 from dmm_cli.distill.losses import feature_loss, score_loss
 from dmm_cli.distill.run import data_sources
 from dmm_cli.distill.text import load_tokenizers, tokenize
-from dmm_cli.distill.trainer import DataSource, Trainer, load_models
+from dmm_cli.distill.models import load_models
+from dmm_cli.distill.trainer import DataSource, Trainer
 
 
 def trainer_for(tmp_path, teachers=3, batch=8, sources=None, **train):

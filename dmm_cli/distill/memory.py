@@ -3,6 +3,7 @@
     student weights    4 B x P            (fp32 master weights, whatever train.precision says)
     optimizer state    8 B x P for AdamW, 2 B x P for 8-bit AdamW (two moments)
     EMA                4 B x P with train.ema (an fp32 average of the student's weights)
+                       (a LoRA student: P is its adapter's weights, and its frozen base takes b x the UNet's)
     teachers           b x P x distinct teacher UNets   (b = 2 B in bf16/fp16, 4 B in fp32; one slot with
                                                           train.teacher_offload: cpu)
     text encoders      b x their parameters, once per distinct encoder
@@ -22,7 +23,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from unittest import mock
 
@@ -31,6 +33,7 @@ from torch.nn import functional as F
 
 from ..files.hashing import component_sha256
 from ..files.safetensors_header import component_shapes
+from ..models.lora_student import adapter_parameters
 
 CARDS_GB = (24, 48, 80)
 ENCODER_PARTS = ("text_encoder", "text_encoder_2")  # an SDXL model has both
@@ -61,19 +64,29 @@ class Activations:
 
 
 @functools.cache
-def activation_bytes(unet_config: Path, side: int, precision: str, checkpointing: bool = False) -> Activations:
+def activation_bytes(unet_config: Path, side: int, precision: str, checkpointing: bool = False,
+                     lora: tuple | None = None) -> Activations:
     """Counted by running the UNet on meta tensors (no memory, no arithmetic) at batches 1 and 2: every
-    storage autograd saves, once however many ops save it, in the dtype CUDA autocast gives it."""
-    one, two = (_saved(unet_config, side, precision, checkpointing, batch) for batch in (1, 2))
+    storage autograd saves, once however many ops save it, in the dtype CUDA autocast gives it. With `lora`
+    (rank, targets), the UNet is a LoRA student's: a frozen base, so only what the adapter's gradients need."""
+    one, two = (_saved(unet_config, side, precision, checkpointing, batch, lora) for batch in (1, 2))
     per_sample = two[0] - one[0]
     return Activations(per_sample, max(one[0] - per_sample, 0), two[1] - one[1])
 
 
-def _saved(unet_config: Path, side: int, precision: str, checkpointing: bool, batch: int) -> tuple[int, int]:
+def _saved(unet_config: Path, side: int, precision: str, checkpointing: bool, batch: int,
+           lora: tuple | None) -> tuple[int, int]:
     """(bytes kept until the backward, the largest checkpointed region's bytes) of one forward."""
     from ..models.meta import meta_inputs, meta_unet
 
+    low = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     unet = meta_unet(json.loads(unet_config.read_text())).train()
+    if lora is not None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        torch.nn.Module.to(unet.requires_grad_(False), low or torch.float32)  # (diffusers' own .to() warns)
+        with torch.device("meta"):
+            inject_adapter_in_model(LoraConfig(r=lora[0], target_modules=list(lora[1])), unet)
     args, kwargs = meta_inputs(unet, batch, side, side)
     kept, regions = {}, [0]
     weights = {p.untyped_storage()._cdata for p in unet.parameters()}  # counted as weights already
@@ -101,7 +114,6 @@ def _saved(unet_config: Path, side: int, precision: str, checkpointing: bool, ba
     if checkpointing:
         unet.enable_gradient_checkpointing(checkpoint)
     fused = mock.patch.object(F, "scaled_dot_product_attention", lambda q, k, v, *a, **kw: _FusedAttention.apply(q, k, v))
-    low = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     with torch.autograd.graph.saved_tensors_hooks(keeper(kept), lambda tensor: tensor), fused, \
             _CudaAutocast(low, keeper(kept)) if low else contextlib.nullcontext():
         unet(*args, **kwargs)
@@ -151,6 +163,7 @@ class _FusedAttention(torch.autograd.Function):
 @dataclass
 class Estimate:
     parts: dict[str, int]  # bytes
+    trainable: int  # the student's parameters that train
 
     @property
     def total(self) -> int:
@@ -173,6 +186,7 @@ class ModelSizes:
     text: int  # parameters of every distinct text encoder
     teachers: int  # distinct teacher UNets on the device (a previous student counts once)
     unet_config: Path  # the UNet's config.json, for its activations
+    unet_shapes: dict = field(default_factory=dict)  # weight name -> shape, for a LoRA student's adapter
 
 
 def model_sizes(base: Path, teachers: list[Path | None], previous: Path | None = None) -> ModelSizes:
@@ -183,8 +197,9 @@ def model_sizes(base: Path, teachers: list[Path | None], previous: Path | None =
         for part in ENCODER_PARTS:
             if (folder / part).is_dir():
                 encoders.setdefault(component_sha256(folder / part), folder / part)
-    return ModelSizes(parameters(base / "unet"), sum(parameters(c) for c in encoders.values()), len(distinct),
-                      base / "unet" / "config.json")
+    shapes = component_shapes(base / "unet")
+    return ModelSizes(sum(math.prod(s) for s in shapes.values()), sum(parameters(c) for c in encoders.values()),
+                      len(distinct), base / "unet" / "config.json", shapes)
 
 
 def estimate(train, sizes: ModelSizes, side: int) -> Estimate:
@@ -196,15 +211,20 @@ def estimate(train, sizes: ModelSizes, side: int) -> Estimate:
     gradients count only where they outgrow the activations."""
     p = sizes.unet
     b = 4 if train.precision == "no" else 2
-    activations = activation_bytes(sizes.unet_config, side, train.precision,
-                                   train.gradient_checkpointing).at(train.batch_size)
-    gradients = 4 * p
-    parts = {"weights": 4 * p, "optimizer": (2 if train.optimizer == "adamw-8bit" else 8) * p,
+    student, lora = train.student, None
+    trained, frozen = p, 0  # a LoRA student trains its adapter; its base stays in the training dtype
+    if student.type == "lora":
+        lora = (student.rank, tuple(student.targets))
+        trained, frozen = adapter_parameters(sizes.unet_shapes, student.rank, student.targets), p
+    activations = activation_bytes(sizes.unet_config, side, train.precision, train.gradient_checkpointing,
+                                   lora).at(train.batch_size)
+    gradients = 4 * trained
+    parts = {"weights": 4 * trained + b * frozen, "optimizer": (2 if train.optimizer == "adamw-8bit" else 8) * trained,
              "teachers": b * p * (1 if train.teacher_offload == "cpu" else sizes.teachers),
              "text encoders": b * sizes.text, "discriminator": b * p // 2 if train.adversarial_loss else 0,
-             "ema": 4 * p if train.ema is not None else 0,
+             "ema": 4 * trained if train.ema is not None else 0,
              "activations": activations, "gradients beyond activations": max(gradients - activations, 0)}
-    return Estimate(parts)
+    return Estimate(parts, trained)
 
 
 def fitting_settings(train, sizes: ModelSizes, side: int) -> dict[int, str]:

@@ -11,6 +11,7 @@ from .. import console
 from ..data.prompts import prompt_digest
 from ..data.sources import open_images, resolve_data
 from ..errors import BadInput, ModelError, RecipeError
+from ..files.hashing import component_sha256
 from ..files.safetensors_header import component_shapes
 from ..generate.sampling import SYNTHESIS_SEEDS
 from ..models import lora, references
@@ -54,6 +55,7 @@ class RunPlan:
         args = (self.recipe.train, model_sizes(self.base, self.teachers, self.previous), side)
         found = estimate(*args)
         return {"estimate_bytes": found.total, "parts_bytes": found.parts, "summary": found.describe(),
+                "trainable_parameters": found.trainable,
                 "fits": {f"{card} GB": answer for card, answer in fitting_settings(*args).items()}}
 
     def describe(self) -> dict:
@@ -152,6 +154,37 @@ def _check_teachers(recipe: Recipe, base: Path, teachers: list[Path | None]) -> 
                              "base's prediction at the zero-SNR last timestep of its schedule")
 
 
+def _check_student(recipe: Recipe, base: Path, previous: Path | None) -> None:
+    """A LoRA student's targets each name some layer of the base; an incremental run keeps the student's kind, and
+    a LoRA student's adapter and base."""
+    from ..models import lora_student
+
+    spec = recipe.train.student
+    if spec.type == "lora":
+        layers = lora_student.layer_names(component_shapes(base / "unet"))
+        for target in spec.targets:
+            if not any(lora_student.matches(layer, target) for layer in layers):
+                raise RecipeError(f"train.student.targets: {target!r} matches no Linear or Conv layer of the base's "
+                                  "UNet (names such as to_q, ff.net.2 or down_blocks.0.resnets.0.conv1)")
+    if previous is None:
+        return
+    was_lora = lora_student.is_lora_student(previous)
+    if was_lora != (spec.type == "lora"):
+        kind = "a LoRA student" if was_lora else "a full student"
+        raise RecipeError(f"train.student.type {spec.type}: init_from {recipe.init_from} is {kind}, and a student "
+                          f"grows as the kind it is; set train.student.type to {'lora' if was_lora else 'full'}")
+    if was_lora:
+        config, _ = lora_student.read_adapter(previous)
+        if config["dmm"]["base_unet_sha256"] != component_sha256(base / "unet"):
+            raise RecipeError(f"base {recipe.base}: is not the base init_from {recipe.init_from}'s adapter was "
+                              "trained on")
+        theirs = (int(config["r"]), float(config["lora_alpha"]), sorted(config["target_modules"]))
+        ours = (spec.rank, float(spec.alpha or spec.rank), sorted(spec.targets))
+        if theirs != ours:
+            raise RecipeError(f"train.student: rank, alpha and targets must be init_from's adapter's "
+                              f"(rank {theirs[0]}, alpha {theirs[1]:g}, targets {', '.join(theirs[2])})")
+
+
 def plan_run(recipe_path: Path, overrides: list[str] = (), *, output: Path | None = None,
              max_steps: int | None = None, resume: bool = False, overwrite: bool = False) -> RunPlan:
     """Validate the recipe, the output folder, every model and the data; write nothing."""
@@ -166,6 +199,7 @@ def plan_run(recipe_path: Path, overrides: list[str] = (), *, output: Path | Non
     old = len(table.names) if table else 0
     teachers = [None if i < old else references.resolve(t.model) for i, t in enumerate(recipe.teachers)]
     _check_teachers(recipe, base, teachers)  # before any LoRA is fetched
+    _check_student(recipe, base, previous)
     teacher_loras = [lora.load_loras([lora.LoraSpec(x.model, x.scale) for x in t.loras], folder, t.model)
                      if folder is not None else [] for t, folder in zip(recipe.teachers, teachers)]
     for part in parts_besides_unet(base):  # the student folder gets copies of these: no link may lead out of the base

@@ -46,7 +46,8 @@ def _train(plan: RunPlan, accelerator) -> Path:
 
     from ..models.attention import choose_attention
     from .text import load_tokenizers, tokenize
-    from .trainer import Trainer, load_models
+    from .models import load_models
+    from .trainer import Trainer
 
     recipe, out, cfg = plan.recipe, plan.output, plan.recipe.train
     main = accelerator.is_main_process
@@ -149,7 +150,8 @@ def data_sources(plan: RunPlan, tokenizers, device) -> list:
     from ..models.pipeline import load_pipeline
     from ..models.styles import one_hot
     from .text import tokenize
-    from .trainer import DataSource, load_vae
+    from .models import load_vae
+    from .trainer import DataSource
 
     recipe = plan.recipe
     vae = load_vae(plan.base, device)

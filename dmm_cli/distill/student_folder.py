@@ -11,7 +11,7 @@ from ..data.prompts import prompt_digest
 from ..errors import DMMError
 from ..files.atomic import atomic_file, atomic_folder
 from ..files.hashing import component_sha256
-from ..models import lora, references
+from ..models import lora, lora_student, references
 from ..models.folders import copy_part, derived_model_index, model_family, model_root, parts_besides_unet
 from ..models.schedule import read_schedule
 from ..models.styles import STYLES_FILE, Style, StyleTable
@@ -26,6 +26,10 @@ def write_student(plan: RunPlan, student, last: dict) -> None:
     """
     out, recipe = plan.output, plan.recipe
     dtype = torch.float32 if recipe.train.precision == "no" else torch.float16
+    if recipe.train.student.type == "lora":  # the adapter as trained, and folded into the base for every tool
+        with atomic_folder(out / lora_student.ADAPTER_FOLDER) as tmp:
+            lora_student.save_adapter(student, tmp, component_sha256(plan.base / "unet"), dtype)
+        student = lora_student.merged(student)
     with atomic_folder(out / "unet") as tmp:
         student.to(dtype).save_pretrained(tmp, safe_serialization=True)
         student.to(torch.float32)
@@ -91,6 +95,13 @@ def model_card(plan: RunPlan, last: dict) -> str:
     else:
         loading = ("In Python, load it with `StableDiffusionPipeline.from_pretrained` and pass the style vector as "
                    "the\nUNet's `class_labels` (see `dmm_cli.generate.sampling.style_conditioning`).")
+    spec = recipe.train.student
+    if spec.type == "lora":
+        loading += (f"\n\nA LoRA student: a rank-{spec.rank} adapter and the style MLP trained on the frozen base. "
+                    f"`unet/` is the adapter\nfolded into the base; `{lora_student.ADAPTER_FOLDER}/` holds the adapter "
+                    "itself (PEFT layout) and the style MLP.\nEach style, or a mix, becomes one LoRA file on the "
+                    f"base: `dmm export {plan.output.name} --style all --format lora` (kohya/A1111,\nfor ComfyUI, "
+                    "A1111 and Forge) or `--format lora-diffusers` (for diffusers' `load_lora_weights`).")
     return f"""---
 library_name: diffusers
 tags: [stable-diffusion, dmm, model-merging, distillation]

@@ -13,25 +13,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
 from .. import console
 from ..errors import ModelError
 from ..files.atomic import atomic_folder
-from ..models.pipeline import load_component
-from ..models.schedule import read_schedule
-from ..models.student import FeatureTaps, grow_student, make_student
-from ..models.styles import one_hot
-from ..recipe import Recipe
+from ..models.student import FeatureTaps
 from .adversarial import Discriminator, discriminator_loss, generator_loss
 from .losses import feature_loss, score_loss
 from .prediction import x0_and_eps
 from .step import Stopwatch, TeacherBank, TeacherRunner, compile_blocks, compile_cache, max_share, uncompile_blocks
-from .text import TextContexts, TextEncoders, load_text_encoders
-
-TRAIN_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
+from .models import Models
+from .text import TextContexts
 
 @dataclass
 class StepLosses:
@@ -64,23 +58,6 @@ class DataSource:
     stage: int = 0  # sources of one stage (aspect-ratio buckets of one folder) share its steps by their sizes
 
 
-@dataclass
-class Models:
-    """Everything a distillation step runs: built from folders by `load_models`, or in memory by benchmarks."""
-
-    student: UNet2DConditionModel  # fp32 master weights, already style-promptable
-    teachers: list[UNet2DConditionModel]
-    teacher_text_keys: list[str]  # which text encoder each teacher reads
-    text_encoders: dict[str, TextEncoders]
-    student_text_key: str
-    alphas_cumprod: torch.Tensor
-    teacher_dtype: torch.dtype
-    teacher_styles: list[torch.Tensor | None] | None = None  # per teacher, for old-student slots
-    discriminator_base: UNet2DConditionModel | None = None  # frozen encoder of the adversarial loss
-    prediction: str = "epsilon"  # what the student predicts: its base's prediction type
-    teacher_predictions: list[str] | None = None  # each teacher's (default: the student's)
-
-
 def lr_factor(step: int, *, warmup: int, total: int, shape: str) -> float:
     """train.lr's multiplier at `step`: a linear warm-up, then constant, or a cosine or straight decay to 0 at
     `total` steps."""
@@ -95,42 +72,6 @@ def _seed_for(*parts: int) -> int:
     for p in parts:
         value = (value * 6364136223846793005 + p + 1442695040888963407) % (1 << 63)
     return value
-
-
-def load_models(recipe: Recipe, base: Path, teachers: list[Path | None], device: torch.device,
-                previous: Path | None = None) -> Models:
-    """Models of a run. With `previous` (incremental merging), teachers given as None are the previous
-    student's styles, in order, answered by a frozen copy of that student."""
-    dtype = TRAIN_DTYPES[recipe.train.precision]
-    new = {f"teacher{i}": f for i, f in enumerate(teachers) if f is not None}
-    key_of, encoders = load_text_encoders({"base": base, **new}, device, dtype)
-    teacher_device = "cpu" if recipe.train.teacher_offload == "cpu" else device
-    old_count = sum(f is None for f in teachers)
-    unets, keys, styles = [], [], []
-    if previous is not None:
-        earlier = load_component(UNet2DConditionModel, previous, "unet", torch.float32)
-        student = grow_student(earlier, len(teachers), recipe.train.new_style_init, recipe.train.seed)
-        frozen = earlier.to(dtype).to(teacher_device)
-    else:
-        base_unet = load_component(UNet2DConditionModel, base, "unet", torch.float32)
-        student = make_student(base_unet, len(teachers), recipe.train.seed, recipe.train.style_init == "zero")
-    for i, folder in enumerate(teachers):
-        if folder is None:
-            unets.append(frozen)
-            keys.append(key_of["base"])
-            styles.append(one_hot(i, old_count))
-        else:
-            unets.append(load_component(UNet2DConditionModel, folder, "unet", dtype).to(teacher_device))
-            keys.append(key_of[f"teacher{i}"])
-            styles.append(None)
-    schedule = DDPMScheduler.from_pretrained(base / "scheduler")
-    discriminator_base = None
-    if recipe.train.adversarial_loss is not None:
-        discriminator_base = load_component(UNet2DConditionModel, base, "unet", dtype)
-    prediction = read_schedule(base).prediction_type
-    predictions = [read_schedule(folder or previous).prediction_type for folder in teachers]
-    return Models(student, unets, keys, encoders, key_of["base"], schedule.alphas_cumprod.clone(), dtype, styles,
-                  discriminator_base, prediction, predictions)
 
 
 @dataclass
@@ -220,7 +161,7 @@ class Trainer:
         self.step_done = 0
         state = None
         if checkpoint is not None:
-            student.load_state_dict(load_file(checkpoint / "student.safetensors"))
+            _load_trainable(student, load_file(checkpoint / "student.safetensors"), checkpoint)
             state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
             self.step_done = state["step"]
         student.train().to(device, memory_format=fast_layout)
@@ -232,12 +173,13 @@ class Trainer:
             self.compiled = [student, *{id(r.unet): r.unet for r in self.runners}.values()]
             compile_blocks(self.compiled)
         fused = {"fused": True} if cuda else {}
+        trainable = [p for p in student.parameters() if p.requires_grad]
         if cfg.optimizer == "adamw-8bit":
             import bitsandbytes  # checked while planning
 
-            optimizer = bitsandbytes.optim.AdamW8bit(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            optimizer = bitsandbytes.optim.AdamW8bit(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:
-            optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+            optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
             lr_factor, warmup=cfg.warmup_steps, total=cfg.max_steps, shape=cfg.lr_schedule))
         self.ema = None  # parameter name -> its running average, which becomes the saved student
@@ -245,7 +187,7 @@ class Trainer:
             saved = checkpoint / "ema.safetensors" if checkpoint is not None else None
             loaded = load_file(saved) if saved is not None and saved.is_file() else {}
             self.ema = {name: loaded[name].to(device) if name in loaded else p.detach().clone()
-                        for name, p in student.named_parameters()}
+                        for name, p in student.named_parameters() if p.requires_grad}
         self.adversarial = cfg.adversarial_loss
         discriminator = d_optimizer = None
         if self.adversarial is not None:
@@ -319,10 +261,17 @@ class Trainer:
             sizes = torch.tensor([len(by_style[i]) for i in range(self.num_styles)])
             idx = torch.stack([by_style[int(l)][int(p % sizes[l])] for l, p in zip(labels, picks)])
         drop = torch.rand(b, generator=g, device="cpu") < cfg.caption_dropout
-        t = torch.randint(0, self.num_train_timesteps, (b,), generator=g, device="cpu")
+        t = self._timesteps(b, g)
         t2 = torch.randint(0, self.num_train_timesteps, (b,), generator=g, device="cpu")
         seed = int(torch.randint(0, 1 << 62, (), generator=g))
         return MicroBatch(idx, labels, drop, t, t2, source, seed)
+
+    def _timesteps(self, b: int, g: torch.Generator) -> torch.Tensor:
+        spec, steps = self.train_cfg.timesteps, self.num_train_timesteps
+        if spec.sampling == "uniform":
+            return torch.randint(0, steps, (b,), generator=g, device="cpu")
+        u = torch.sigmoid(spec.mean + spec.std * torch.randn(b, generator=g, device="cpu"))
+        return (u * steps).long().clamp_(max=steps - 1)
 
     def noise(self, mb: MicroBatch, shape: tuple, renoise: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The micro-batch's noise, and the adversarial loss's re-noise only when it is used, drawn where they
@@ -419,7 +368,7 @@ class Trainer:
     def _update_ema(self, step: int) -> None:
         """Copy the weights before ema.start_step, average them from it on: one fused op over all tensors."""
         averages = list(self.ema.values())
-        weights = [p.detach() for p in self.unwrapped_student().parameters()]
+        weights = [p.detach() for p in self.unwrapped_student().parameters() if p.requires_grad]
         with torch.no_grad():
             if step < self.train_cfg.ema.start_step:
                 torch._foreach_copy_(averages, weights)
@@ -433,7 +382,8 @@ class Trainer:
         if self.ema is not None:
             with torch.no_grad():
                 for name, p in student.named_parameters():
-                    p.copy_(self.ema[name])
+                    if name in self.ema:
+                        p.copy_(self.ema[name])
         return student
 
     def all_finite(self) -> bool:
@@ -507,8 +457,10 @@ class Trainer:
     def save_checkpoint(self, folder: Path, step: int) -> None:
         """Models, optimizers, LR schedule, EMA and RNG state, written atomically (main process only)."""
         with atomic_folder(folder) as tmp:
-            state = {k: v.detach().cpu().contiguous() for k, v in self.unwrapped_student().state_dict().items()}
-            save_file(state, tmp / "student.safetensors")
+            student = self.unwrapped_student()
+            trained = {name for name, p in student.named_parameters() if p.requires_grad}
+            save_file({k: v.detach().cpu().contiguous() for k, v in student.state_dict().items() if k in trained},
+                      tmp / "student.safetensors")
             extra = {}
             if self.ema is not None:
                 save_file({k: v.detach().cpu().contiguous() for k, v in self.ema.items()}, tmp / "ema.safetensors")
@@ -522,5 +474,10 @@ class Trainer:
                        tmp / "state.pt")
 
 
-def load_vae(base: Path, device) -> AutoencoderKL:
-    return load_component(AutoencoderKL, base, "vae", torch.float32).to(device).eval()
+def _load_trainable(student, weights: dict, checkpoint: Path) -> None:
+    """A checkpoint's weights (what trains: the whole UNet, or a LoRA student's adapter and style MLP)."""
+    trained = {name for name, p in student.named_parameters() if p.requires_grad}
+    if set(weights) != trained:
+        raise ModelError(f"{checkpoint}: its student weights are not this recipe's student "
+                         f"({len(weights)} tensors saved, {len(trained)} train)")
+    student.load_state_dict(weights, strict=False)

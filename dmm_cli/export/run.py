@@ -10,17 +10,21 @@ from safetensors.torch import save_file
 
 from .. import console
 from ..errors import BadInput
-from ..files.atomic import atomic_folder, check_replaceable, output_lock, remove_leftovers
+from ..files.atomic import atomic_file, atomic_folder, check_replaceable, output_lock, remove_leftovers
 from ..files.images import slug
 from ..files.safetensors_io import read_component
 from ..models import lora, references
 from ..models.folders import copy_part, derived_model_index, model_family, model_root, parts_besides_unet
+from ..models.lora_student import is_lora_student
 from ..models.official import OFFICIAL_PIPELINE_CLASS, OFFICIAL_UNET_CLASS, official_unet
 from ..models.single_file import export_single_file
 from ..models.styles import STYLES_FILE, Style, StyleTable, parse_style
 from .bake import bake
+from .lora_file import DIFFUSERS_FILE as LORA_DIFFUSERS_FILE
+from .lora_file import FORMATS as LORA_FORMATS
+from .lora_file import style_lora
 
-FORMATS = ("diffusers", "dmm-official")
+FORMATS = ("diffusers", "dmm-official", *LORA_FORMATS)
 OFFICIAL_ROWS = 8  # the style table of the released checkpoint and of the ComfyUI-DMM nodes' UNet
 UNET_FILE = "diffusion_pytorch_model.safetensors"
 
@@ -72,6 +76,9 @@ def export(ref: str, *, style: str | None = None, output: Path | None = None, si
         raise BadInput(f"--format: unknown format {fmt!r} (use {', '.join(FORMATS)})")
     if fmt == "dmm-official" and style is not None:
         raise BadInput("--format dmm-official writes the whole student, every style: leave out --style")
+    if fmt in LORA_FORMATS and (style is None or single_file):
+        raise BadInput(f"--format {fmt} writes one LoRA file per style: give --style (a name, an index, a mix "
+                       "a:0.5,b:0.5, or all), without --single-file")
     if fmt == "diffusers" and style is None and not single_file:
         raise BadInput("nothing to export: give --style (bake a style), --single-file, or --format dmm-official")
     folder = references.resolve(ref)
@@ -95,8 +102,12 @@ def export(ref: str, *, style: str | None = None, output: Path | None = None, si
     if fmt == "dmm-official" and single_file and len(table.names) > OFFICIAL_ROWS:
         raise BadInput(f"{ref}: has {len(table.names)} styles, and the ComfyUI-DMM nodes' file holds {OFFICIAL_ROWS}; "
                        "export it as a --format dmm-official folder, or bake styles with --style")
+    if fmt in LORA_FORMATS and not is_lora_student(folder):
+        raise BadInput(f"{ref}: --format {fmt} exports a LoRA student's adapter (train.student.type lora), and "
+                       f"{'this is a full student' if table else 'this is not a dmm student'}; bake a full "
+                       "student's style with --style instead")
     stem = slug(folder.name)
-    suffix = ".safetensors" if single_file else ""
+    suffix = ".safetensors" if single_file or fmt == "lora" else ""
     if fmt == "dmm-official":
         targets = [(Path(output or f"{stem}-dmm-official{suffix}"), None, None)]
     elif style is None:
@@ -104,17 +115,19 @@ def export(ref: str, *, style: str | None = None, output: Path | None = None, si
     else:
         styles = parse_style(style, table.names)
         if style.strip() == "all":
-            base = Path(output or f"{stem}-styles")
+            base = Path(output or f"{stem}-{'loras' if fmt in LORA_FORMATS else 'styles'}")
             targets = [(base / f"{slug(label)}{suffix}", label, vector) for label, vector in styles]
         else:
             (label, vector), = styles
-            targets = [(Path(output or f"{stem}-{slug(label)}{suffix}"), label, vector)]
-    if single_file and any(path.suffix != ".safetensors" for path, _, _ in targets):
-        raise BadInput(f"--output {targets[0][0]}: a single file must end in .safetensors")
+            targets = [(Path(output or f"{stem}-{slug(label)}{'-lora' * (fmt in LORA_FORMATS)}{suffix}"), label,
+                        vector)]
+    if (single_file or fmt == "lora") and any(path.suffix != ".safetensors" for path, _, _ in targets):
+        raise BadInput(f"--output {targets[0][0]}: a single file{' (--format lora)' * (fmt == 'lora')} must end in "
+                       ".safetensors")
     for path, _, _ in targets:
         check_replaceable(path, overwrite, "export", "dmm.source")
     unet_config = json.loads((folder / "unet" / "config.json").read_text())
-    weights = read_component(folder / "unet")
+    weights = read_component(folder / "unet") if fmt not in LORA_FORMATS else {}
     if dtype is not None:
         weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
     written = []
@@ -127,6 +140,10 @@ def export(ref: str, *, style: str | None = None, output: Path | None = None, si
             elif fmt == "dmm-official":
                 _write_folder(folder, path, *official_unet(weights, unet_config), metadata={"dmm.source": source},
                               table=table)
+            elif fmt in LORA_FORMATS:
+                _write_lora(folder, path, fmt, style_lora(folder, vector, fmt, dtype), {
+                    "dmm.source": source, "dmm.style": label, "dmm.base": table.lineage[0].get("base", ""),
+                    "dmm.style_vector": json.dumps(dict(zip(table.names, vector.tolist())))})
             elif vector is None:
                 export_single_file(folder, path, dtype, metadata={"dmm.source": source})
             else:
@@ -143,6 +160,16 @@ def export(ref: str, *, style: str | None = None, output: Path | None = None, si
         console.say(f"export: wrote {path}")
         written.append(path)
     return written
+
+
+def _write_lora(student: Path, target: Path, fmt: str, tensors: dict, metadata: dict) -> None:
+    """One style's LoRA: a kohya file, or a folder holding diffusers' pytorch_lora_weights.safetensors."""
+    if fmt == "lora":
+        with atomic_file(target) as tmp:
+            save_file(tensors, tmp, metadata=metadata)
+        return
+    with atomic_folder(target) as tmp:
+        save_file(tensors, tmp / LORA_DIFFUSERS_FILE, metadata=metadata)
 
 
 def _write_official_file(source: Path, target: Path, unet: tuple[dict, dict], table: StyleTable,

@@ -174,12 +174,14 @@ def output_lock(path: Path):
 
 def check_replaceable(path: Path, overwrite: bool, command: str, key: str) -> None:
     """An existing output is replaced only with --overwrite, and only if `dmm {command}` wrote it: its weights (the
-    file itself, or a pipeline folder's UNet) carry the metadata `key`. Never an arbitrary file or folder."""
+    file itself, a pipeline folder's UNet, or a LoRA folder's file) carry the metadata `key`. Never an arbitrary
+    file or folder."""
     if not path.exists():
         return
     if not overwrite:
         raise BadInput(f"--output {path}: already exists; pass --overwrite to replace it")
-    files = [path] if path.is_file() else sorted((path / "unet").glob("*.safetensors"))
+    files = [path] if path.is_file() else sorted([*(path / "unet").glob("*.safetensors"),
+                                                  *path.glob("*.safetensors")])
     try:
         ours = any(key in read_metadata(f) for f in files)
     except BadInput:

@@ -233,6 +233,27 @@ def _layer_table(raw: dict[str, torch.Tensor], path: Path, pipeline_cls, unet_co
     return table
 
 
+def _bias_updates(raw: dict[str, torch.Tensor], path: Path, unet_shapes: dict) -> tuple[dict, dict]:
+    """The UNet bias differences a LoRA carries (kohya's `<layer>.diff_b`, PEFT's `<layer>.lora_B.bias`), taken out
+    of `raw` by the UNet weight they add to; all-zero ones are dropped. diffusers' converters skip the first."""
+    kohya = {name[:-len(".bias")].replace(".", "_"): name for name in unet_shapes if name.endswith(".bias")}
+    rest, biases = {}, {}
+    for key, tensor in raw.items():
+        if key.endswith(".diff_b") and key.startswith("lora_unet_"):
+            name = kohya.get(key[len("lora_unet_"):-len(".diff_b")])
+        elif key.endswith(".lora_B.bias"):
+            name = key.removeprefix("unet.").removesuffix(".lora_B.bias") + ".bias"
+        else:
+            rest[key] = tensor
+            continue
+        if not tensor.any():
+            continue
+        if name is None or list(unet_shapes.get(name, [])) != [tensor.numel()]:
+            raise ModelError(f"{path}: its bias difference {key} fits no bias of the model's UNet")
+        biases[name] = tensor.float()
+    return rest, biases
+
+
 def _lora_family(table: dict) -> str | None:
     """SDXL if it has a second text encoder's layers, else by the width its cross-attention reads (None: unknown)."""
     if "text_encoder_2" in table:
@@ -274,6 +295,7 @@ def load_lora(spec: LoraSpec, model: Path, model_ref: str, allow_pickle: bool = 
     else:
         raw = _tensors(path)
     unet_config = json.loads((model / "unet" / "config.json").read_text())
+    raw, biases = _bias_updates(raw, path, component_shapes(model / "unet"))
     table = _layer_table(raw, path, pipeline_class(model), unet_config)
     theirs, ours = _lora_family(table), model_family(model)
     if theirs is not None and theirs != ours:
@@ -297,6 +319,8 @@ def load_lora(spec: LoraSpec, model: Path, model_ref: str, allow_pickle: bool = 
     if unmatched:
         raise BadInput(f"{spec.ref}: {total - len(unmatched)} of its {total} LoRA layers match a layer of "
                        f"{model_ref} (the first that does not: {unmatched[0]})")
+    for name, bias in biases.items():  # a bias difference as a rank-1 pair, so every user of the table adds it alike
+        updates.setdefault("unet", {})[name] = (torch.ones(1, 1), bias.reshape(-1, 1))
     return Lora(spec, _digest(path), updates)
 
 

@@ -27,7 +27,7 @@ def make_student(base: UNet2DConditionModel, num_styles: int, seed: int = 0,
     otherwise it starts at nn.Linear's random range too, as the released code's does."""
     if base.config.class_embed_type is not None:
         raise ModelError(f"the base UNet already has a class embedding ({base.config.class_embed_type!r})")
-    student = _styled(base.config, num_styles).to(base.dtype)
+    student = styled_unet(base.config, num_styles).to(base.dtype)
     missing, unexpected = student.load_state_dict(base.state_dict(), strict=False)
     assert not unexpected and all(k.startswith("class_embedding.") for k in missing), (missing, unexpected)
     first, last = student.class_embedding.linear_1, student.class_embedding.linear_2
@@ -50,7 +50,7 @@ def grow_student(student: UNet2DConditionModel, total: int, init: str, seed: int
     """The same student with `total` style inputs: old columns kept, new ones `mean` of the old, `zero`, or
     `random` (nn.Linear's range). Everything else, the rest of the style MLP included, is copied."""
     old = num_styles(student)
-    grown = _styled(student.config, total).to(student.dtype)
+    grown = styled_unet(student.config, total).to(student.dtype)
     weights = dict(student.state_dict())
     w = weights["class_embedding.linear_1.weight"]
     if init == "mean":
@@ -66,7 +66,7 @@ def grow_student(student: UNet2DConditionModel, total: int, init: str, seed: int
     return grown
 
 
-def _styled(config, styles: int) -> UNet2DConditionModel:
+def styled_unet(config, styles: int) -> UNet2DConditionModel:
     """A fresh UNet of `config` whose class embedding is the style MLP of `styles` inputs."""
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     if config.get("addition_embed_type") != "text_time":

@@ -1,0 +1,88 @@
+"""The LoRA student against the full one on the toy zoo: ranks 4, 16 and 64; writes docs/lora_student.md and .json.
+
+Each row trains through the real CLI (recipes/toy_styles_lora.yaml's settings at its rank; the full student is
+the demo recipe) and is measured as the convergence study measures (benchmarks/convergence.py): FID_t over the
+held-out colour/shape pairs and held-out style accuracy, with the trainable parameters, the size of one
+exported style LoRA (kohya layout) and of the adapter folder, and the training speed on this machine.
+
+  python benchmarks/lora_ranks.py --work /tmp/convergence      # shares the convergence study's runs and samples
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from ablation import dmm  # noqa: E402
+from convergence import ROWS as CONVERGENCE  # noqa: E402
+from convergence import measure_row  # noqa: E402
+
+LORA = yaml.safe_load((ROOT / "recipes" / "toy_styles_lora.yaml").read_text())["train"]
+ROWS = {"base-1k2": ("full student (the demo recipe)", *CONVERGENCE["base-1k2"][1:])}
+for rank in (4, 16, 64):
+    ROWS[f"lora-r{rank}"] = (f"LoRA student, rank {rank}", LORA["max_steps"],
+                             {"lr": LORA["lr"], "student": {**LORA["student"], "rank": rank}})
+
+
+def sizes(folder: Path, env: dict) -> dict:
+    """Trainable parameters, the bytes of one style's LoRA file and of the adapter, and samples a second."""
+    from safetensors.torch import load_file
+
+    rows = [json.loads(line) for line in (folder / "logs" / "metrics.jsonl").read_text().splitlines()]
+    speed = statistics.median(r["samples_per_s"] for r in rows[1:])  # the first log row includes the start
+    adapter = folder / "student_lora" / "adapter_model.safetensors"
+    if not adapter.is_file():
+        unet = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+        return {"trainable_parameters": sum(t.numel() for t in unet.values()), "samples_per_s": speed,
+                "file_bytes": sum(p.stat().st_size for p in (folder / "unet").iterdir())}
+    file = folder.parent / f"{folder.name}-night.safetensors"
+    dmm("export", folder, "--style", "night", "--format", "lora", "-o", file, "--overwrite", env=env)
+    return {"trainable_parameters": sum(t.numel() for t in load_file(adapter).values()), "samples_per_s": speed,
+            "file_bytes": file.stat().st_size, "adapter_bytes": adapter.stat().st_size}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--docs", type=Path, default=ROOT / "docs")
+    a = p.parse_args()
+    a.work.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, DMM_HOME=str(a.work / "home"))
+    os.environ["DMM_HOME"] = env["DMM_HOME"]
+    results = a.docs / "lora_student.json"
+    done = {r["key"]: r for r in json.loads(results.read_text())} if results.is_file() else {}
+    for key in ROWS:
+        if key not in done:
+            print(f"lora_ranks: {key}", file=sys.stderr, flush=True)
+            done[key] = {**measure_row(a.work, key, env, rows=ROWS), **sizes(a.work / key, env)}
+            results.write_text(json.dumps([done[k] for k in ROWS if k in done], indent=2) + "\n")
+    lines = ["# The LoRA student against the full student", "",
+             "`python benchmarks/lora_ranks.py --work DIR`: the toy zoo's four styles; the full student is the demo "
+             f"recipe, the LoRA students `recipes/toy_styles_lora.yaml` ({LORA['max_steps']} steps, lr {LORA['lr']}) "
+             "at each rank. FID_t and style accuracy as in [faithfulness.md](faithfulness.md) (held-out pairs, eval "
+             "seed 0). File: one style's kohya LoRA for a LoRA student, the UNet for the full one. Speed: median "
+             "training samples a second on this machine's CPU (2 cores, shared with other runs: compare rows, not "
+             "machines).", "",
+             "| student | steps | trainable parameters | file | FID_t | FID_t / reference | style accuracy | samples/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key in ROWS:
+        if key in done:
+            r = done[key]
+            lines.append(f"| {r['setting']} | {r['steps']} | {r['trainable_parameters']:,} | "
+                         f"{r['file_bytes'] / 1e6:.2f} MB | {r['fid_t']:.2f} | {r['fid_t_over_reference']:.2f} | "
+                         f"{r['style_accuracy_held_out']:.1%} | {r['samples_per_s']:.0f} |")
+    old = (a.docs / "lora_student.md").read_text() if (a.docs / "lora_student.md").is_file() else ""
+    analysis = old[old.index("\n## What it shows"):] if "\n## What it shows" in old else ""
+    (a.docs / "lora_student.md").write_text("\n".join(lines) + "\n" + analysis)
+
+
+if __name__ == "__main__":
+    main()
