@@ -204,6 +204,23 @@ def test_lr_schedules_warm_up_then_decay_to_zero():
     assert abs(factors["cosine"][6] - 0.5) < 1e-12 and factors["linear"][6] == 0.5
 
 
+def test_logit_normal_timesteps_favour_the_middle_of_the_schedule(dmm, tmp_path):
+    from dmm_cli.distill.trainer import Trainer
+    from dmm_cli.recipe import Train
+
+    trainer = Trainer.__new__(Trainer)  # only the draw: no models
+    trainer.num_train_timesteps = 1000
+    draws = {}
+    for sampling in ("uniform", "logit_normal"):
+        trainer.train_cfg = Train(timesteps={"sampling": sampling})
+        draws[sampling] = trainer._timesteps(20000, torch.Generator().manual_seed(0))
+        assert 0 <= int(draws[sampling].min()) and int(draws[sampling].max()) <= 999
+    middle = {k: float(((v >= 250) & (v < 750)).float().mean()) for k, v in draws.items()}
+    assert abs(middle["uniform"] - 0.5) < 0.02 and middle["logit_normal"] > 0.7
+    r = dmm("distill", tiny_recipe(tmp_path, **{"train.timesteps": {"sampling": "logit_normal", "std": 0}}))
+    assert r.code == 2 and "train.timesteps.std" in r.err
+
+
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     recipe = tiny_recipe(tmp_path, **{"train.max_steps": 400, "train.checkpoint_every": 1000})
     p = cli("distill", str(recipe))
@@ -216,9 +233,11 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert len(saved) == 1 and (saved[0] / "student.safetensors").is_file()
 
 
-def test_two_cpu_processes_with_torchrun(tmp_path):
+@pytest.mark.parametrize("student", ["full", "lora"])
+def test_two_cpu_processes_with_torchrun(tmp_path, student):
     recipe = tiny_recipe(tmp_path, **{"train.max_steps": 4, "train.log_every": 1, "train.lr_schedule": "linear",
-                                      "train.ema": {"decay": 0.9}})  # both ranks keep the same average
+                                      "train.ema": {"decay": 0.9},  # both ranks keep the same average
+                                      "train.student": {"type": student, "rank": 4}})
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         "-m", "dmm_cli", "distill", str(recipe)], capture_output=True, text=True,
                        env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
@@ -229,3 +248,4 @@ def test_two_cpu_processes_with_torchrun(tmp_path):
     assert all(r["processes"] == 2 for r in rows)
     assert rows[-1]["lr"] < rows[0]["lr"]  # the linear schedule decays
     assert StableDiffusionPipeline.from_pretrained(tmp_path / "run").unet.config.class_embed_type == "projection"
+    assert (tmp_path / "run" / "student_lora").is_dir() == (student == "lora")

@@ -182,3 +182,16 @@ def test_an_sdxl_lora_student_exports_a_lora_stock_diffusers_loads(dmm, tmp_path
                     "-o", tmp_path / "checker").out.strip())
     (theirs,) = stock_pictures(resolve("toy:xl-base"), [lora], "StableDiffusionXLPipeline")
     assert np.abs(pixels(out) - theirs).max() <= 1
+
+
+def test_the_shipped_lora_recipe_shows_every_style_on_held_out_prompts(dmm, tmp_path):
+    """recipes/toy_styles_lora.yaml as shipped; eval's toy prompts are the colour/shape pairs no training picture
+    shows, and its style accuracy is the toy classifier's."""
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "toy_styles_lora.yaml"
+    r = dmm("distill", recipe, "-o", tmp_path / "run")
+    assert r.code == 0, r
+    r = dmm("eval", tmp_path / "run", "--recipe", recipe, "-k", "48", "--steps", "20", "--guidance", "4",
+            "--batch-size", "96", "--json", "-o", tmp_path / "eval")
+    assert r.code == 0, r
+    student = next(m for m in json.loads(r.out)["models"] if m["kind"] == "student")
+    assert student["style_accuracy"] >= 0.9, student

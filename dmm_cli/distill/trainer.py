@@ -27,6 +27,7 @@ from .step import Stopwatch, TeacherBank, TeacherRunner, compile_blocks, compile
 from .models import Models
 from .text import TextContexts
 
+
 @dataclass
 class StepLosses:
     loss: torch.Tensor
@@ -267,6 +268,7 @@ class Trainer:
         return MicroBatch(idx, labels, drop, t, t2, source, seed)
 
     def _timesteps(self, b: int, g: torch.Generator) -> torch.Tensor:
+        """`b` training timesteps as train.timesteps draws them."""
         spec, steps = self.train_cfg.timesteps, self.num_train_timesteps
         if spec.sampling == "uniform":
             return torch.randint(0, steps, (b,), generator=g, device="cpu")

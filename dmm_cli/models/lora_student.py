@@ -69,14 +69,6 @@ def adapter_layers(unet: torch.nn.Module) -> dict:
     return {name: m for name, m in unet.named_modules() if isinstance(m, LoraLayer)}
 
 
-def adapter_settings(unet: torch.nn.Module) -> dict:
-    """rank, alpha and targets of a LoRA student's adapter."""
-    layer = next(iter(adapter_layers(unet).values()))
-    config = unet.peft_config["default"]
-    return {"rank": layer.r["default"], "alpha": float(layer.lora_alpha["default"]),
-            "targets": sorted(config.target_modules)}
-
-
 def lora_factors(unet: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Layer name -> (down, up·α/r) in fp32: each layer's update is up @ down."""
     out = {}
@@ -129,9 +121,11 @@ def read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     sub = Path(folder) / ADAPTER_FOLDER
     try:
         config = json.loads((sub / CONFIG_FILE).read_text())
-        config["r"], config["lora_alpha"], config["dmm"]["base_unet_sha256"]  # noqa: B018 (present)
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ModelError(f"{sub / CONFIG_FILE}: not a dmm LoRA student's adapter config") from None
+        complete = {"r", "lora_alpha", "target_modules"} <= config.keys() and "base_unet_sha256" in config["dmm"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        complete = False
+    if not complete:
+        raise ModelError(f"{sub / CONFIG_FILE}: not a dmm LoRA student's adapter config")
     read_header(sub / WEIGHTS_FILE)
     from safetensors.torch import load_file
 
