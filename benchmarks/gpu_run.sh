@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the distillation step in one go, sized for a short turn on a bare H200 (<= 8 min,
+# Every GPU measurement of the distillation step in one go, sized for a short turn on a bare H200 (<= 9 min,
 # installs and compiles included): the released step against dmm's at 1, 4 and 8 teachers (b16, b32), compile
 # off and on (cold, then warm from the same $DMM_HOME), generation parity, the CLI's peak memory against the
-# dry run's plan (run twice into one work folder), and the SDXL step with and without checkpointing.
+# dry run's plan (run twice into one work folder, then as a LoRA student), and the SDXL step with and without
+# checkpointing.
 # Each step has its own time limit and the script goes on past a failure. Results land in $OUT (or ./gpu-out):
 # one JSON-lines file per step, stderr of all steps in errors.log, and summary.json (benchmarks/gpu_summary.py).
 # Usage: benchmarks/gpu_run.sh [path/to/official_step.py]
@@ -41,6 +42,7 @@ step compile_teachers 60 python3 benchmarks/distill_throughput.py --batch 16 --t
 step generate 40 python3 benchmarks/generate_throughput.py --repeats 3
 step sd15_cli 45 python3 benchmarks/sd15_distill_smoke.py --work "$work/sd15" --teachers 2 --steps 10
 step sd15_cli_again 35 python3 benchmarks/sd15_distill_smoke.py --work "$work/sd15" --teachers 2 --steps 10
+step sd15_lora_cli 35 python3 benchmarks/sd15_distill_smoke.py --work "$work/sd15" --teachers 2 --steps 10 --student lora
 step sdxl_step 60 python3 benchmarks/sdxl_memory.py --measure --teachers 2 --batch 4 --checkpointing on off --steps 2
 step merge_bench 300 python3 benchmarks/merge_bench.py --work "$work/merge-bench" --devices cpu cuda
 python3 benchmarks/gpu_summary.py "$out" | tee "$out/summary.json"

@@ -63,7 +63,7 @@ def summarize(folder: Path) -> dict:
             memory.append({k: r.get(k) for k in ("teachers", "batch", "compile", "gradient_checkpointing",
                                                   "checkpointing", "peak_gib", "estimate_gib")}
                           | {"estimate_over_peak": ratio(r["estimate_gib"], r["peak_gib"])})
-    for name in ("sd15_cli", "sd15_cli_again"):
+    for name in ("sd15_cli", "sd15_cli_again", "sd15_lora_cli"):
         for r in rows(folder, name):
             memory.append({"cli": name, "rc": r.get("distill", {}).get("rc"),
                            "peak_gb": r.get("memory_measured_gb"), "estimate_gb": r.get("memory_estimate_gb"),

@@ -35,6 +35,7 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--precision", default="bf16")
     p.add_argument("--compile", default="auto", choices=["auto", "true", "false"])
+    p.add_argument("--student", default="full", choices=["full", "lora"], help="lora: a rank-16 LoRA student")
     a = p.parse_args()
     started = time.perf_counter()
     folders = sd15.write_model_folders(a.work / "models", a.teachers, a.tiny)
@@ -46,7 +47,8 @@ def main() -> None:
         "data": {"folder": str(data), "resolution": size},
         "train": {"max_steps": a.steps, "batch_size": a.batch, "lr": 1e-5, "precision": a.precision,
                   "log_every": 5, "checkpoint_every": 1000,
-                  "compile": {"auto": "auto", "true": True, "false": False}[a.compile]},
+                  "compile": {"auto": "auto", "true": True, "false": False}[a.compile],
+                  "student": {"type": a.student, "rank": 16}},
         "output": str(a.work / "run"),
     }
     recipe_path = a.work / "recipe.yaml"
