@@ -46,7 +46,8 @@ def test_anime_realism_recipe_fetches_synthesizes_trains_then_generates_and_eval
     with FakeHub() as hub:
         for repo, folder in repos.items():
             hub.add(repo, folder)
-        settings = ["--set", "train.max_steps=3", "--set", "train.batch_size=4", "--set", "data.resolution=64",
+        settings = ["--set", "train.max_steps=3", "--set", "train.warmup_steps=1", "--set", "train.ema.start_step=0",
+                    "--set", "train.batch_size=4", "--set", "data.resolution=64",
                     "--set", "data.synthesize.steps=2", "--set", "train.checkpoint_every=2", "-o", "run"]
         dry = cli(tmp_path, hub, "distill", str(RECIPE), "--dry-run", *settings)
         assert dry.returncode == 0, dry.stderr
