@@ -141,7 +141,7 @@ def export(ref: str, *, style: str | None = None, output: Path | None = None, si
                 _write_folder(folder, path, *official_unet(weights, unet_config), metadata={"dmm.source": source},
                               table=table)
             elif fmt in LORA_FORMATS:
-                _write_lora(folder, path, fmt, style_lora(folder, vector, fmt, dtype), {
+                _write_lora(path, fmt, style_lora(folder, vector, fmt, dtype), {
                     "dmm.source": source, "dmm.style": label, "dmm.base": table.lineage[0].get("base", ""),
                     "dmm.style_vector": json.dumps(dict(zip(table.names, vector.tolist())))})
             elif vector is None:
@@ -162,7 +162,7 @@ def export(ref: str, *, style: str | None = None, output: Path | None = None, si
     return written
 
 
-def _write_lora(student: Path, target: Path, fmt: str, tensors: dict, metadata: dict) -> None:
+def _write_lora(target: Path, fmt: str, tensors: dict, metadata: dict) -> None:
     """One style's LoRA: a kohya file, or a folder holding diffusers' pytorch_lora_weights.safetensors."""
     if fmt == "lora":
         with atomic_file(target) as tmp:
