@@ -39,6 +39,19 @@ def dmm(*args: str, env: dict) -> str:
     return p.stdout.strip()
 
 
+def study_env(work: Path) -> dict:
+    """The work folder made, and an environment whose $DMM_HOME (also this process's) is inside it."""
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ["DMM_HOME"] = str(work / "home")
+    return dict(os.environ)
+
+
+def kept_section(doc: Path, heading: str) -> str:
+    """The hand-written part of a generated doc, from `heading` on, so regenerating its tables keeps it."""
+    text = doc.read_text() if doc.is_file() else ""
+    return text[text.index(heading):] if heading in text else ""
+
+
 def recipe(work: Path, name: str, teachers: list[str], steps: int, train: dict | None = None,
            data: dict | None = None, init_from: Path | None = None) -> Path:
     spec = {"name": name, "base": "toy:base", "teachers": [{"name": t, "model": f"toy:{t}"} for t in teachers],
@@ -172,12 +185,9 @@ def main() -> None:
                    help="1: Table 1; 2: Table 2; 3: the probes")
     p.add_argument("--docs", type=Path, default=ROOT / "docs")
     a = p.parse_args()
-    a.work.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, DMM_HOME=str(a.work / "home"))
-    os.environ["DMM_HOME"] = env["DMM_HOME"]
+    env = study_env(a.work)
     a.docs.mkdir(parents=True, exist_ok=True)
-    previous = (a.docs / "ablation.md").read_text() if (a.docs / "ablation.md").is_file() else ""
-    analysis = previous[previous.index("\n## Analysis"):] if "\n## Analysis" in previous else ""
+    analysis = kept_section(a.docs / "ablation.md", "\n## Analysis")
     result = {"steps": a.steps}
     lines = ["# Ablations on the toy zoo", "",
              f"`python benchmarks/ablation.py --work DIR` ({a.steps} steps per 4-teacher run, batch 32; FID_t over the "

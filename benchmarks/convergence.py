@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from ablation import TEACHERS, SAMPLE, anatomy, dmm, recipe, run, sample_features  # noqa: E402
+from ablation import (TEACHERS, SAMPLE, anatomy, dmm, kept_section, recipe, run, sample_features,  # noqa: E402
+                      study_env)
 from toy_acceptance import measure  # noqa: E402
 
 FEATURE = {"weight": 0.001, "reduce": "mean", "type": "l2"}
@@ -93,9 +93,7 @@ def main() -> None:
     p.add_argument("--only", nargs="+", choices=list(ROWS), help="Rows to run (default: all, in order).")
     p.add_argument("--docs", type=Path, default=ROOT / "docs")
     a = p.parse_args()
-    a.work.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, DMM_HOME=str(a.work / "home"))
-    os.environ["DMM_HOME"] = env["DMM_HOME"]
+    env = study_env(a.work)
     results = a.docs / "faithfulness.json"
     done = {(r["key"], r["eval_seed"]): r for r in json.loads(results.read_text())} if results.is_file() else {}
     todo = []
@@ -108,10 +106,8 @@ def main() -> None:
         done[(key, seed)] = measure_row(a.work, key, env, seed)
         rows = [done[k] for k in sorted(done, key=lambda k: (list(ROWS).index(k[0]), k[1]))]
         results.write_text(json.dumps(rows, indent=2) + "\n")
-        text = markdown(rows)
-        old = (a.docs / "faithfulness.md").read_text() if (a.docs / "faithfulness.md").is_file() else ""
-        analysis = old[old.index("\n## What it shows"):] if "\n## What it shows" in old else ""
-        (a.docs / "faithfulness.md").write_text(text + analysis)
+        doc = a.docs / "faithfulness.md"
+        doc.write_text(markdown(rows) + kept_section(doc, "\n## What it shows"))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from ablation import dmm  # noqa: E402
+from ablation import dmm, kept_section, study_env  # noqa: E402
 from convergence import ROWS as CONVERGENCE  # noqa: E402
 from convergence import measure_row  # noqa: E402
 
@@ -63,9 +62,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--docs", type=Path, default=ROOT / "docs")
     a = p.parse_args()
-    a.work.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, DMM_HOME=str(a.work / "home"))
-    os.environ["DMM_HOME"] = env["DMM_HOME"]
+    env = study_env(a.work)
     results = a.docs / "lora_student.json"
     done = {r["key"]: r for r in json.loads(results.read_text())} if results.is_file() else {}
     for key in ROWS:
@@ -73,8 +70,9 @@ def main() -> None:
             print(f"lora_ranks: {key}", file=sys.stderr, flush=True)
             done[key] = {**measure_row(a.work, key, env, rows=ROWS), **sizes(a.work / key, env)}
             results.write_text(json.dumps([done[k] for k in ROWS if k in done], indent=2) + "\n")
-    for key in ROWS:  # back to back, so the machine is as loaded for every row
-        done[key]["samples_per_s"] = speed(a.work, key, env)
+    if any("samples_per_s" not in done[key] for key in ROWS):  # every row, back to back: one load on the machine
+        for key in ROWS:
+            done[key]["samples_per_s"] = speed(a.work, key, env)
     results.write_text(json.dumps([done[k] for k in ROWS], indent=2) + "\n")
     lines = ["# The LoRA student against the full student", "",
              "`python benchmarks/lora_ranks.py --work DIR`: the toy zoo's four styles; the full student is the demo "
@@ -91,9 +89,8 @@ def main() -> None:
             lines.append(f"| {r['setting']} | {r['steps']} | {r['trainable_parameters']:,} | "
                          f"{r['file_bytes'] / 1e6:.2f} MB | {r['fid_t']:.2f} | {r['fid_t_over_reference']:.2f} | "
                          f"{r['style_accuracy_held_out']:.1%} | {r['samples_per_s']:.0f} |")
-    old = (a.docs / "lora_student.md").read_text() if (a.docs / "lora_student.md").is_file() else ""
-    analysis = old[old.index("\n## What it shows"):] if "\n## What it shows" in old else ""
-    (a.docs / "lora_student.md").write_text("\n".join(lines) + "\n" + analysis)
+    doc = a.docs / "lora_student.md"
+    doc.write_text("\n".join(lines) + "\n" + kept_section(doc, "\n## What it shows"))
 
 
 if __name__ == "__main__":
