@@ -21,7 +21,7 @@ _ABORT = (click.exceptions.Abort, typer.Abort)
 _USAGE = (click.ClickException, _TyperClickException)
 
 from . import __version__, console, interrupts
-from .errors import BadInput, DMMError
+from .errors import BadInput, DMMError, ProcessLost
 
 app = typer.Typer(
     name="dmm",
@@ -195,6 +195,9 @@ def distill(
     overrides: list[str] = typer.Option([], "--set", help="Override a recipe field: --set train.lr=2e-5 (repeatable)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate recipe, models and data; print the plan; train nothing."),
     as_json: bool = typer.Option(False, "--json", help="With --dry-run: print the plan as JSON."),
+    num_processes: Optional[int] = typer.Option(None, "--num-processes", min=1,
+                                                help="With --dry-run: plan for this many GPUs (default: the "
+                                                     "launcher's, or 1)."),
 ) -> None:
     """Distill the recipe's teachers into one style-promptable student; print the run folder.
 
@@ -206,14 +209,18 @@ def distill(
       dmm distill recipes/toy_styles.yaml
       dmm distill recipes/anime_realism.yaml --dry-run
       dmm distill recipes/toy_styles.yaml --max-steps 200 --set train.lr=5e-4 -o runs/quick
-      accelerate launch -m dmm_cli distill recipes/anime_realism.yaml   # several GPUs
+      dmm distill recipes/xl_styles_8.yaml --dry-run --num-processes 8   # memory per GPU on 8 GPUs
+      accelerate launch --num_processes 4 -m dmm_cli distill recipes/anime_realism.yaml   # several GPUs
     """
     import json
 
     from . import distill as distill_mod
 
+    if num_processes is not None and not dry_run:
+        raise BadInput("--num-processes plans a run (--dry-run); to run on several GPUs, launch dmm with "
+                       "accelerate launch --num_processes N or torchrun")
     plan = distill_mod.plan_run(recipe, overrides, output=output, max_steps=max_steps, resume=resume,
-                                overwrite=overwrite)
+                                overwrite=overwrite, processes=num_processes)
     if dry_run:
         description = plan.describe()
         if as_json:
@@ -248,8 +255,17 @@ def _describe_plan(d: dict) -> str:
     lines.append(f"student {student['type']}" + (f": rank {student['rank']} on {', '.join(student['targets'])}"
                                                   if student["type"] == "lora" else "")
                  + f", {d['memory']['trainable_parameters']:,} UNet parameters train besides the style MLP")
-    lines.append(f"memory {d['memory']['summary']}")
-    lines += [f"       on {card}: {answer}" for card, answer in d["memory"]["fits"].items()]
+    memory = d["memory"]
+    n = memory["processes"]
+    if n > 1:
+        teachers = "sharded" if memory["teacher_placement"] == "shard" else "replicated"
+        lines.append(f"layout {n} processes: teachers {teachers}, student "
+                     + ("sharded (fsdp)" if memory["student_sharding"] == "fsdp" else "replicated"))
+    lines.append(f"memory {memory['summary']}")
+    lines += [f"       on {card}: {answer}" for card, answer in memory["fits"].items()]
+    lines.append("fits   by GPU count (placement, sharding, then thriftier settings):")
+    for count, answers in memory["fits_by_processes"].items():
+        lines += [f"       {count} x {card}: {answer}" for card, answer in answers.items()]
     if d["resume_from"]:
         lines.append(f"resume {d['resume_from']}")
     return "\n".join(lines)
@@ -545,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     except DMMError as e:
         if debug:
             traceback.print_exc()
-        if e.exit_code != 130 and interrupts.arrived():
+        if e.exit_code != 130 and interrupts.arrived() and not isinstance(e, ProcessLost):
             return _interrupted()
         print(f"dmm: {e}" if e.exit_code == 130 else f"dmm: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -23,3 +23,8 @@ class RecipeError(BadInput):
 
 class NetworkError(DMMError):
     """The Hub could not be reached or refused a download."""
+
+
+class ProcessLost(DMMError):
+    """Another process of a multi-process run died or stopped answering. The launcher then stops this one too:
+    that stop signal is a consequence, so this error, not an interrupt, is what the user is told."""

@@ -167,6 +167,13 @@ class Train(Strict):
                                                       "teachers; auto: on CUDA.")
     teacher_offload: Literal["none", "cpu"] = Field("none", description="cpu: keep teachers in pinned host memory "
                                                                         "and stream each in when used.")
+    teacher_placement: Literal["auto", "replicate", "shard"] = Field(
+        "auto", description="With several processes: replicate every teacher on each, or shard them (each holds "
+                            "its share and trains on their samples; same training either way); auto: shard when "
+                            "they split evenly or replicating does not fit the card.")
+    student_sharding: Literal["none", "fsdp"] = Field("none", description="fsdp: shard the student's weights, "
+                                                      "gradients and optimizer state over the processes (FSDP2); "
+                                                      "on one process it trains unsharded.")
     gradient_checkpointing: bool = Field(False, description="Recompute the student's activations in the backward "
                                                             "pass: far less memory, about a third more time.")
     optimizer: Literal["adamw", "adamw-8bit"] = Field("adamw", description="adamw-8bit: bitsandbytes' 8-bit AdamW "

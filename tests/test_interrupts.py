@@ -167,7 +167,7 @@ def test_second_ctrl_c_during_the_interrupt_checkpoint_keeps_it(dmm, tmp_path, m
     assert "checkpoint saved" in r.err
     (checkpoint,) = (tmp_path / "run" / "checkpoints").iterdir()
     assert checkpoint.name == "step-0000004"
-    assert {p.name for p in checkpoint.iterdir()} == {"student.safetensors", "state.pt"}
+    assert {p.name for p in checkpoint.iterdir()} == {"student.safetensors", "state.pt", "layout.json"}
     assert not litter(tmp_path / "run")
 
 

@@ -15,6 +15,12 @@
     gradients          4 B x P, where they outgrow the activations (the peak is at the end of the forward)
     + 10 % for the allocator and workspaces.
 
+Per process, on W processes (distill/placement.py): with train.teacher_placement shard a process holds only its
+teachers (the busiest: the most distinct UNets) and trains on their samples (the most any process gets); with
+train.student_sharding fsdp the student's weights, gradients, optimizer state and EMA are split W ways, and
+the unsharded parts are gathered whole in the training dtype: the UNet outside its repeated blocks for the
+whole step, and two blocks at a time (one computing, one prefetched).
+
 P is the UNet's parameter count, read from its weights files' headers. The estimate leaves out the
 latent and text-context caches (at most 2 GB and 1 GB, kept on the GPU only when they fit).
 """
@@ -24,6 +30,8 @@ import contextlib
 import functools
 import json
 import math
+import re
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from unittest import mock
@@ -36,6 +44,8 @@ from ..files.safetensors_header import component_shapes
 from ..models.lora_student import adapter_parameters
 
 CARDS_GB = (24, 48, 80)
+PROCESS_COUNTS = (1, 2, 4, 8)
+_BLOCK = re.compile(r"^(.*\.(?:attentions|resnets)\.\d+)\.")  # a repeated block's weights: its FSDP unit
 ENCODER_PARTS = ("text_encoder", "text_encoder_2")  # an SDXL model has both
 
 
@@ -91,33 +101,47 @@ def _saved(unet_config: Path, side: int, precision: str, checkpointing: bool, ba
     kept, regions = {}, [0]
     weights = {p.untyped_storage()._cdata for p in unet.parameters()}  # counted as weights already
 
-    def keeper(into: dict):
+    def keeper(into: dict, hold: bool):
+        """Notes each storage by address, with its tensor: held (what the run itself holds), or weakly, so that
+        a save whose graph node is dropped at once (its output unused) is not counted."""
         def pack(tensor):
             storage = tensor.untyped_storage()
             if storage._cdata not in weights:
-                into[storage._cdata] = storage.nbytes()
+                into.setdefault(storage._cdata, []).append(
+                    (tensor if hold else weakref.ref(tensor), storage.nbytes()))
             return tensor
         return pack
+
+    def alive(notes: dict) -> dict[int, int]:
+        """Address -> bytes of the storages still alive (an address freed and reused counts once)."""
+        found = {}
+        for address, entries in notes.items():
+            sizes = [n for ref, n in entries if isinstance(ref, torch.Tensor) or ref() is not None]
+            if sizes:
+                found[address] = max(sizes)
+        return found
 
     def checkpoint(module, *args):
         """What non-reentrant checkpointing keeps of a region: its inputs; its own saves come back, one region
         at a time, while the backward recomputes it."""
         for a in args:
             if isinstance(a, torch.Tensor):
-                keeper(kept)(a)
+                keeper(kept, hold=True)(a)
         inside = {}
-        with torch.autograd.graph.saved_tensors_hooks(keeper(inside), lambda tensor: tensor):
+        with torch.autograd.graph.saved_tensors_hooks(keeper(inside, hold=True), lambda tensor: tensor):
             out = module(*args)
-        regions.append(sum(v for k, v in inside.items() if k not in kept))
+        regions.append(sum(n for k, n in alive(inside).items() if k not in kept))
         return out
 
     if checkpointing:
         unet.enable_gradient_checkpointing(checkpoint)
     fused = mock.patch.object(F, "scaled_dot_product_attention", lambda q, k, v, *a, **kw: _FusedAttention.apply(q, k, v))
-    with torch.autograd.graph.saved_tensors_hooks(keeper(kept), lambda tensor: tensor), fused, \
-            _CudaAutocast(low, keeper(kept)) if low else contextlib.nullcontext():
-        unet(*args, **kwargs)
-    return sum(kept.values()), max(regions)
+    with torch.autograd.graph.saved_tensors_hooks(keeper(kept, hold=False), lambda tensor: tensor), fused, \
+            _CudaAutocast(low, keeper(kept, hold=True)) if low else contextlib.nullcontext():
+        output = unet(*args, **kwargs)  # alive: its graph holds what the backward needs
+        total = sum(alive(kept).values())
+    del output
+    return total, max(regions)
 
 
 class _CudaAutocast(torch.overrides.TorchFunctionMode):
@@ -187,11 +211,33 @@ class ModelSizes:
     teachers: int  # distinct teacher UNets on the device (a previous student counts once)
     unet_config: Path  # the UNet's config.json, for its activations
     unet_shapes: dict = field(default_factory=dict)  # weight name -> shape, for a LoRA student's adapter
+    teacher_ids: list[str] = field(default_factory=list)  # per teacher: its UNet's identity (shared = one UNet)
+
+    def held_teachers(self, placement: str, processes: int) -> int:
+        """Distinct teacher UNets on the process that holds the most."""
+        from .placement import teacher_ranges
+
+        if placement != "shard" or not self.teacher_ids:
+            return self.teachers
+        return max(len({self.teacher_ids[i] for i in held}) for held in teacher_ranges(len(self.teacher_ids),
+                                                                                          processes))
+
+    def fsdp_units(self) -> tuple[int, int]:
+        """(parameters outside every repeated block, parameters of the largest block)."""
+        blocks: dict[str, int] = {}
+        rest = 0
+        for name, shape in self.unet_shapes.items():
+            found = _BLOCK.match(name)
+            if found:
+                blocks[found.group(1)] = blocks.get(found.group(1), 0) + math.prod(shape)
+            else:
+                rest += math.prod(shape)
+        return rest, max(blocks.values(), default=0)
 
 
 def model_sizes(base: Path, teachers: list[Path | None], previous: Path | None = None) -> ModelSizes:
     """Sizes read from the weights files' headers: nothing is loaded."""
-    distinct = {component_sha256(f / "unet") for f in teachers if f is not None} | ({"previous"} if previous else set())
+    ids = [component_sha256(f / "unet") if f is not None else "previous" for f in teachers]
     encoders = {}  # one of each distinct text encoder (SDXL has two per model)
     for folder in [base, *(t for t in teachers if t is not None)]:
         for part in ENCODER_PARTS:
@@ -199,11 +245,22 @@ def model_sizes(base: Path, teachers: list[Path | None], previous: Path | None =
                 encoders.setdefault(component_sha256(folder / part), folder / part)
     shapes = component_shapes(base / "unet")
     return ModelSizes(sum(math.prod(s) for s in shapes.values()), sum(parameters(c) for c in encoders.values()),
-                      len(distinct), base / "unet" / "config.json", shapes)
+                      len(set(ids)), base / "unet" / "config.json", shapes, ids)
 
 
-def estimate(train, sizes: ModelSizes, side: int) -> Estimate:
-    """The peak GPU memory of one process of a run with these `train` settings.
+def rows_per_process(train, teachers: int, processes: int) -> int:
+    """The most samples a process trains on in one micro-batch: batch_size, or with shard its teachers' share of
+    the step batch (balanced over the styles, the remainder rotating)."""
+    from .placement import teacher_ranges
+
+    if train.teacher_placement != "shard" or processes == 1:
+        return train.batch_size
+    each = -(-train.batch_size * processes // teachers)
+    return min(train.batch_size * processes, max(len(r) for r in teacher_ranges(teachers, processes)) * each)
+
+
+def estimate(train, sizes: ModelSizes, side: int, processes: int = 1) -> Estimate:
+    """The peak GPU memory of one process of a run with these `train` settings, on `processes` processes.
 
     The peak comes at the end of the student's forward, when every saved activation is alive and the
     gradients are not yet (they are set to None after each update); the backward frees activations as it
@@ -216,27 +273,62 @@ def estimate(train, sizes: ModelSizes, side: int) -> Estimate:
     if student.type == "lora":
         lora = (student.rank, tuple(student.targets))
         trained, frozen = adapter_parameters(sizes.unet_shapes, student.rank, student.targets), p
+    teachers = len(sizes.teacher_ids) or sizes.teachers
     activations = activation_bytes(sizes.unet_config, side, train.precision, train.gradient_checkpointing,
-                                   lora).at(train.batch_size)
-    gradients = 4 * trained
-    parts = {"weights": 4 * trained + b * frozen, "optimizer": (2 if train.optimizer == "adamw-8bit" else 8) * trained,
-             "teachers": b * p * (1 if train.teacher_offload == "cpu" else sizes.teachers),
+                                   lora).at(rows_per_process(train, teachers, processes))
+    split, gathered = 1, 0
+    if train.student_sharding == "fsdp" and processes > 1:
+        rest, block = sizes.fsdp_units()
+        split, gathered = processes, b * (rest + 2 * block)
+    gradients = 4 * trained // split
+    held = sizes.held_teachers(train.teacher_placement, processes)
+    parts = {"weights": 4 * trained // split + b * frozen, "gathered weights": gathered,
+             "optimizer": (2 if train.optimizer == "adamw-8bit" else 8) * trained // split,
+             "teachers": b * p * (1 if train.teacher_offload == "cpu" else held),
              "text encoders": b * sizes.text, "discriminator": b * p // 2 if train.adversarial_loss else 0,
-             "ema": 4 * trained if train.ema is not None else 0,
+             "ema": 4 * trained // split if train.ema is not None else 0,
              "activations": activations, "gradients beyond activations": max(gradients - activations, 0)}
     return Estimate(parts, trained)
 
 
-def fitting_settings(train, sizes: ModelSizes, side: int) -> dict[int, str]:
-    """For each card size, the first of ever thriftier settings whose estimate fits, or a note that none does."""
-    ladder = [{}, {"gradient_checkpointing": True}, {"gradient_checkpointing": True, "optimizer": "adamw-8bit"},
-              {"gradient_checkpointing": True, "optimizer": "adamw-8bit", "teacher_offload": "cpu"}]
+_THRIFT = [{}, {"gradient_checkpointing": True}, {"gradient_checkpointing": True, "optimizer": "adamw-8bit"},
+           {"gradient_checkpointing": True, "optimizer": "adamw-8bit", "teacher_offload": "cpu"}]
+
+
+def _first_fit(train, sizes: ModelSizes, side: int, processes: int, ladder: list[dict],
+               none_fits: str) -> dict[int, str]:
     answers = {}
     for card in CARDS_GB:
-        answers[card] = "does not fit even with gradient checkpointing, 8-bit AdamW and teacher offload"
+        answers[card] = none_fits
         for changes in ladder:
             trial = train.model_copy(update=changes)
-            if estimate(trial, sizes, side).total <= card * 1e9:
-                answers[card] = ", ".join(f"train.{k}={v}" for k, v in changes.items()) or "as it is"
+            if estimate(trial, sizes, side, processes).total <= card * 1e9:
+                # replicate and none are what one process does: not worth saying
+                said = {k: v for k, v in changes.items() if v not in ("replicate", "none")}
+                answers[card] = ", ".join(f"train.{k}={v}" for k, v in said.items()) or "as it is"
                 break
     return answers
+
+
+def fitting_settings(train, sizes: ModelSizes, side: int, processes: int = 1) -> dict[int, str]:
+    """For each card size, the first of ever thriftier settings whose estimate fits, or a note that none does."""
+    return _first_fit(train, sizes, side, processes, _THRIFT,
+                      "does not fit even with gradient checkpointing, 8-bit AdamW and teacher offload")
+
+
+def fitting_layouts(train, sizes: ModelSizes, side: int, processes: int) -> dict[int, str]:
+    """For each card size on `processes` GPUs, the first placement and sharding (then thriftier settings) whose
+    estimate fits: teachers sharded before the student, as sharding teachers costs no communication."""
+    teachers = len(sizes.teacher_ids) or sizes.teachers
+    layouts = [{"teacher_placement": "replicate", "student_sharding": "none"}]
+    if processes > 1:
+        if train.student.type == "full" and train.precision != "fp16" and train.optimizer == "adamw":
+            layouts.append({"teacher_placement": "replicate", "student_sharding": "fsdp"})
+        if processes <= teachers:
+            layouts.insert(1, {"teacher_placement": "shard", "student_sharding": "none"})
+            if len(layouts) == 3:
+                layouts.append({"teacher_placement": "shard", "student_sharding": "fsdp"})
+    ladder = [{**layout, **thrift} for thrift in _THRIFT for layout in layouts
+              if layout["student_sharding"] == "none" or thrift.get("optimizer") != "adamw-8bit"]
+    return _first_fit(train, sizes, side, processes, ladder, "does not fit with any placement or sharding, even with "
+                      "gradient checkpointing, 8-bit AdamW and teacher offload")

@@ -25,7 +25,7 @@ class Models:
     """Everything a distillation step runs: built from folders by `load_models`, or in memory by benchmarks."""
 
     student: UNet2DConditionModel  # fp32 master weights, already style-promptable
-    teachers: list[UNet2DConditionModel]
+    teachers: list[UNet2DConditionModel | None]  # None: held by another process (distill/placement.py)
     teacher_text_keys: list[str]  # which text encoder each teacher reads
     text_encoders: dict[str, TextEncoders]
     student_text_key: str
@@ -38,9 +38,11 @@ class Models:
 
 
 def load_models(recipe: Recipe, base: Path, teachers: list[Path | None], device: torch.device,
-                previous: Path | None = None) -> Models:
+                previous: Path | None = None, held: range | None = None) -> Models:
     """Models of a run. With `previous` (incremental merging), teachers given as None are the previous
-    student's styles, in order, answered by a frozen copy of that student."""
+    student's styles, in order, answered by a frozen copy of that student. Only the `held` teachers are loaded
+    (default: all)."""
+    held = range(len(teachers)) if held is None else held
     dtype = TRAIN_DTYPES[recipe.train.precision]
     new = {f"teacher{i}": f for i, f in enumerate(teachers) if f is not None}
     key_of, encoders = load_text_encoders({"base": base, **new}, device, dtype)
@@ -51,7 +53,7 @@ def load_models(recipe: Recipe, base: Path, teachers: list[Path | None], device:
     if previous is not None:
         earlier = load_component(UNet2DConditionModel, previous, "unet", torch.float32)
         student = grow_student(earlier, len(teachers), recipe.train.new_style_init, recipe.train.seed)
-        frozen = earlier.to(dtype).to(teacher_device)
+        frozen = earlier.to(dtype).to(teacher_device) if any(i in held for i in range(old_count)) else None
     else:
         base_unet = load_component(UNet2DConditionModel, base, "unet", torch.float32)
         student = make_student(base_unet, len(teachers), recipe.train.seed, recipe.train.style_init == "zero")
@@ -64,7 +66,11 @@ def load_models(recipe: Recipe, base: Path, teachers: list[Path | None], device:
         if previous is not None:
             load_adapter(student, previous)
     for i, folder in enumerate(teachers):
-        if folder is None:
+        if i not in held:
+            unets.append(None)
+            keys.append(key_of["base" if folder is None else f"teacher{i}"])
+            styles.append(one_hot(i, old_count) if folder is None else None)
+        elif folder is None:
             unets.append(frozen)
             keys.append(key_of["base"])
             styles.append(one_hot(i, old_count))

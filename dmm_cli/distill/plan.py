@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -39,6 +40,12 @@ class RunPlan:
     previous_styles: StyleTable | None = None
     synthesis_prompts: list[str] | None = None  # data.synthesize's prompts, read once while planning
     teacher_loras: list[list] = field(default_factory=list)  # each teacher's checked LoRAs (models.lora)
+    processes: int = 1  # that the run is launched on (or, for a dry run, planned for)
+    placement: str = "replicate"  # train.teacher_placement, auto resolved
+
+    @property
+    def sharded(self) -> bool:
+        return self.recipe.train.student_sharding == "fsdp" and self.processes > 1
 
     def with_loras_fused(self) -> RunPlan:
         """The plan with each LoRA teacher's folder its fused copy, written once (not for a dry run)."""
@@ -48,15 +55,23 @@ class RunPlan:
                                        for t, own in zip(self.teachers, self.teacher_loras)], teacher_loras=[])
 
     def memory(self) -> dict:
-        """The peak GPU memory estimate (distill/memory.py) and the settings that fit common cards."""
-        from .memory import estimate, fitting_settings, model_sizes
+        """The peak GPU memory estimate of one process (distill/memory.py), the settings that fit common cards on
+        this many processes, and the placement and sharding that fit them on 1, 2, 4 and 8."""
+        from .memory import PROCESS_COUNTS, estimate, fitting_layouts, fitting_settings, model_sizes
 
         side = latent_side(self.recipe, self.base)
-        args = (self.recipe.train, model_sizes(self.base, self.teachers, self.previous), side)
-        found = estimate(*args)
+        train = self.recipe.train.model_copy(update={"teacher_placement": self.placement,
+                                                     "student_sharding": "fsdp" if self.sharded else "none"})
+        sizes = model_sizes(self.base, self.teachers, self.previous)
+        found = estimate(train, sizes, side, self.processes)
         return {"estimate_bytes": found.total, "parts_bytes": found.parts, "summary": found.describe(),
-                "trainable_parameters": found.trainable,
-                "fits": {f"{card} GB": answer for card, answer in fitting_settings(*args).items()}}
+                "trainable_parameters": found.trainable, "processes": self.processes,
+                "teacher_placement": self.placement, "student_sharding": train.student_sharding,
+                "fits": {f"{card} GB": answer for card, answer in
+                         fitting_settings(train, sizes, side, self.processes).items()},
+                "fits_by_processes": {str(n): {f"{card} GB": answer for card, answer in
+                                               fitting_layouts(self.recipe.train, sizes, side, n).items()}
+                                      for n in PROCESS_COUNTS}}
 
     def describe(self) -> dict:
         t = self.recipe.train
@@ -186,8 +201,10 @@ def _check_student(recipe: Recipe, base: Path, previous: Path | None) -> None:
 
 
 def plan_run(recipe_path: Path, overrides: list[str] = (), *, output: Path | None = None,
-             max_steps: int | None = None, resume: bool = False, overwrite: bool = False) -> RunPlan:
-    """Validate the recipe, the output folder, every model and the data; write nothing."""
+             max_steps: int | None = None, resume: bool = False, overwrite: bool = False,
+             processes: int | None = None) -> RunPlan:
+    """Validate the recipe, the output folder, every model and the data; write nothing. `processes`: those the
+    run will have (default: the launcher's WORLD_SIZE, or 1)."""
     overrides = list(overrides) + ([f"train.max_steps={max_steps}"] if max_steps is not None else [])
     recipe = load_recipe(recipe_path, overrides)
     if resume and overwrite:
@@ -209,8 +226,55 @@ def plan_run(recipe_path: Path, overrides: list[str] = (), *, output: Path | Non
     synth, prompts = recipe.data.synthesize, None
     if synth is not None:
         prompts = _synthesis_prompts(recipe, old)
-    return RunPlan(recipe, Path(recipe_path), out, base, teachers, data, resume_from, overwrite, previous, table,
-                   prompts, teacher_loras)
+    processes = processes or int(os.environ.get("WORLD_SIZE", "1"))
+    plan = RunPlan(recipe, Path(recipe_path), out, base, teachers, data, resume_from, overwrite, previous, table,
+                   prompts, teacher_loras, processes)
+    return replace(plan, placement=_check_layout(plan))
+
+
+def _check_layout(plan: RunPlan) -> str:
+    """train.teacher_placement (auto resolved: returned) and train.student_sharding, checked against the number
+    of processes, the student, and the checkpoint a resume continues."""
+    from .placement import LAYOUT_FILE, resolve
+
+    t, n, teachers = plan.recipe.train, plan.processes, len(plan.teachers)
+    replicate_fits = True
+    if t.teacher_placement == "auto" and n > 1 and torch.cuda.is_available():
+        from .memory import estimate, model_sizes
+
+        trial = t.model_copy(update={"teacher_placement": "replicate"})
+        sizes = model_sizes(plan.base, plan.teachers, plan.previous)
+        found = estimate(trial, sizes, latent_side(plan.recipe, plan.base), n)
+        replicate_fits = found.total <= torch.cuda.get_device_properties(0).total_memory
+    placement = resolve(t.teacher_placement, teachers, n, replicate_fits)
+    if placement == "shard":
+        if n > teachers:
+            raise RecipeError(f"train.teacher_placement shard: {n} processes but {teachers} teachers, and each "
+                              "process must hold at least one; use replicate, or at most as many processes")
+        if t.batch_size * n < teachers:
+            raise RecipeError(f"train.teacher_placement shard: a step's batch (batch_size {t.batch_size} x {n} "
+                              f"processes) must hold a sample of each of the {teachers} teachers")
+        if plan.previous is not None and t.old_style_fraction == 0:
+            raise RecipeError("train.teacher_placement shard: with old_style_fraction 0 the old styles get no "
+                              "samples, so their process would have none; use replicate")
+    if t.student_sharding == "fsdp":
+        if t.student.type == "lora":
+            raise RecipeError("train.student_sharding fsdp: a LoRA student's trained weights are small and its "
+                              "base is frozen; use none")
+        if t.precision == "fp16" or t.optimizer == "adamw-8bit":
+            raise RecipeError(f"train.student_sharding fsdp: trains in bf16 or fp32 with adamw, not with "
+                              f"{'precision fp16' if t.precision == 'fp16' else 'optimizer adamw-8bit'}")
+        if n == 1:
+            console.say("distill: train.student_sharding fsdp on one process: the student trains unsharded")
+    if plan.resume_from is not None and (plan.resume_from / LAYOUT_FILE).is_file():
+        was = json.loads((plan.resume_from / LAYOUT_FILE).read_text())
+        now = {"teacher_placement": placement, "student_sharding": "fsdp" if plan.sharded else "none"}
+        for key, value in now.items():
+            if was[key] != value:
+                raise BadInput(f"--resume: {plan.resume_from} was trained with train.{key} {was[key]}, and this run "
+                               f"would train with {value} on {n} process{'es' * (n > 1)}; resume it as it was "
+                               "trained")
+    return placement
 
 
 def _synthesis_prompts(recipe: Recipe, old_styles: int) -> list[str]:

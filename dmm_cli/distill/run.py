@@ -11,13 +11,14 @@ import torch
 
 from .. import console
 from ..data.sources import FolderImages, open_images, resolve_data
-from ..errors import DMMError
+from ..errors import DMMError, ProcessLost
 from ..files import state
 from ..files.atomic import atomic_file, clear_temporaries, output_lock
 from ..files.hashing import component_sha256
 from ..interrupts import deferred
 from ..recipe import Recipe
 from .latents import encode_items
+from .placement import Placement, teacher_ranges
 from .plan import CHECKPOINTS, RUN_FILE, RunPlan, bucket_multiple, checkpoints, synthesis_settings
 from .student_folder import shared_recipe, write_student
 
@@ -66,16 +67,20 @@ def _train(plan: RunPlan, accelerator) -> Path:
         with atomic_file(out / RUN_FILE) as tmp:
             tmp.write_text(json.dumps({"name": recipe.name, "fingerprint": recipe.fingerprint(),
                                        "recipe": shared_recipe(recipe)}, indent=2))
-    models = load_models(recipe, plan.base, plan.teachers, accelerator.device, plan.previous)
+    placement = Placement(plan.placement, accelerator.process_index, accelerator.num_processes, len(plan.teachers),
+                          cfg.batch_size)
+    if main and accelerator.num_processes > 1:
+        console.say(describe_layout(plan, placement))
+    models = load_models(recipe, plan.base, plan.teachers, accelerator.device, plan.previous, placement.held)
     side = max((tuple(s.latents.shape[2:]) for s in sources), key=lambda hw: hw[0] * hw[1])  # costs the most
     if choose_attention(cfg.attention, accelerator.device, models.teacher_dtype, unet=models.student,
                         latent_size=side, batch=cfg.batch_size, backward=True) == "xformers":
         for unet in {id(u): u for u in [models.student, *models.teachers]}.values():
             unet.enable_xformers_memory_efficient_attention()
-    trainer = Trainer(cfg, models, sources, tokenize(tokenizers, [""])[0], accelerator, plan.resume_from)
+    trainer = Trainer(cfg, models, sources, tokenize(tokenizers, [""])[0], accelerator, plan.resume_from, placement)
     start = trainer.step_done
     log = MetricsLog(out / "logs", start) if main else None
-    if start:
+    if start and main:
         console.say(f"distill: resuming from {plan.resume_from} (step {start})")
     trainer.warm_up()
     samples_per_step = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
@@ -104,11 +109,7 @@ def _train(plan: RunPlan, accelerator) -> Path:
                 check_finite()
                 now = time.perf_counter()
                 done = step - (last["step"] if last else start)
-                last = {"step": step, "loss": losses.loss.item(), "score_loss": losses.score.item(),
-                        "feature_loss": losses.feature.item(), "lr": trainer.lr_schedule.get_last_lr()[0],
-                        **({"adversarial_loss": losses.adversarial.item(),
-                            "discriminator_loss": losses.discriminator.item()} if losses.adversarial is not None
-                           else {}),
+                last = {"step": step, **trainer.mean_losses(losses), "lr": trainer.lr_schedule.get_last_lr()[0],
                         "samples_per_s": round(done * samples_per_step / max(now - tick, 1e-9), 2),
                         "processes": accelerator.num_processes}
                 if accelerator.device.type == "cuda":
@@ -124,23 +125,62 @@ def _train(plan: RunPlan, accelerator) -> Path:
                 accelerator.wait_for_everyone()
     except KeyboardInterrupt:
         bar.close()
-        with deferred(reraise=False):  # a second Ctrl-C must not cost the first one's checkpoint
-            check_finite()
-            _checkpoint(trainer, out, step, cfg.keep_checkpoints, main)
+        try:
+            with deferred(reraise=False):  # a second Ctrl-C must not cost the first one's checkpoint
+                check_finite()
+                _checkpoint(trainer, out, step, cfg.keep_checkpoints, main)
+        except Exception as e:  # a launcher stops every process when one dies: the others cannot checkpoint
+            if not lost_process(e, accelerator.num_processes):
+                raise
+            raise _lost(e, step, out) from None
         raise Interrupted(f"interrupted at step {step}; checkpoint saved in {out / CHECKPOINTS}; continue with "
                           "--resume") from None
+    except Exception as e:
+        if not lost_process(e, accelerator.num_processes):
+            raise
+        raise _lost(e, step, out) from None
     finally:
         bar.close()
         if log is not None:
             log.close()
     accelerator.wait_for_everyone()
     check_finite()
+    _checkpoint(trainer, out, step, cfg.keep_checkpoints, main)
+    student = trainer.final_student()  # every process: a sharded student is gathered
     if main:
-        _checkpoint(trainer, out, step, cfg.keep_checkpoints, main)
-        write_student(plan, trainer.final_student(), last or {"step": step})
+        write_student(plan, student, last or {"step": step})
         state.remember_last_model(out)
     accelerator.wait_for_everyone()
     return out
+
+
+def lost_process(error: Exception, processes: int) -> bool:
+    """Whether `error` is a collective failing because another process of the run died or hung."""
+    if processes == 1:
+        return False
+    text = str(error)
+    return isinstance(error, torch.distributed.DistError) or any(w in text for w in ("gloo", "NCCL", "Connection"))
+
+
+def _lost(error: Exception, step: int, out: Path) -> ProcessLost:
+    kept = checkpoints(out)
+    where = f"its last checkpoint is {kept[-1]}" if kept else "no checkpoint was saved yet"
+    reason = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)[:160]
+    return ProcessLost(f"distill: another process of this run stopped or stopped answering near step {step}, so this "
+                    f"one stopped too ({where}; continue with --resume); the collective said: {reason}")
+
+
+def describe_layout(plan: RunPlan, placement: Placement) -> str:
+    """One stderr line: how the run spreads over its processes."""
+    n = placement.processes
+    if placement.kind == "shard":
+        teachers = "teachers sharded (" + ", ".join(
+            f"{r.start}" if len(r) == 1 else f"{r.start}-{r.stop - 1}" for r in teacher_ranges(placement.teachers, n)
+        ) + " by process)"
+    else:
+        teachers = "every teacher on every process"
+    student = "student sharded (FSDP2)" if plan.sharded else "student replicated (DDP)"
+    return f"distill: {n} processes, {teachers}, {student}, {placement.step_batch} samples a step (per micro-batch)"
 
 
 def data_sources(plan: RunPlan, tokenizers, device) -> list:
@@ -188,11 +228,11 @@ def data_sources(plan: RunPlan, tokenizers, device) -> list:
 
 
 def _checkpoint(trainer, out: Path, step: int, keep: int, main: bool) -> None:
-    if not main:
-        return
-    trainer.save_checkpoint(out / CHECKPOINTS / f"step-{step:07d}", step)
-    for old in checkpoints(out)[:-keep]:
-        shutil.rmtree(old)
+    """Every process takes part (a sharded student is gathered); the main one writes."""
+    trainer.save_checkpoint(out / CHECKPOINTS / f"step-{step:07d}", step, write=main)
+    if main:
+        for old in checkpoints(out)[:-keep]:
+            shutil.rmtree(old)
 
 
 class MetricsLog:

@@ -6,8 +6,10 @@ uninterrupted one would have done.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ from .losses import feature_loss, score_loss
 from .prediction import x0_and_eps
 from .step import Stopwatch, TeacherBank, TeacherRunner, compile_blocks, compile_cache, max_share, uncompile_blocks
 from .models import Models
+from .placement import LAYOUT_FILE, Placement
 from .text import TextContexts
 
 
@@ -39,7 +42,7 @@ class StepLosses:
 
 @dataclass
 class Teacher:
-    unet: UNet2DConditionModel
+    unet: UNet2DConditionModel | None  # None: held by another process (train.teacher_placement: shard)
     text_encoder_key: str
     style: torch.Tensor | None = None  # a frozen previous student answers for an old style with this vector
     prediction: str = "epsilon"  # what it predicts; converted to what the student predicts
@@ -77,8 +80,9 @@ def _seed_for(*parts: int) -> int:
 
 @dataclass
 class MicroBatch:
-    """What is random about one micro-batch and small: drawn on the CPU, sent to the device in one copy.
-    Its noise is drawn on the device (`Trainer.noise`), from a generator seeded the same way."""
+    """What is random about this process's part of one micro-batch and small: drawn on the CPU for the whole
+    step's batch (distill/placement.py), sent to the device in one copy. Its noise is drawn on the device
+    (`Trainer.noise`), from a generator seeded the same way."""
 
     idx: torch.Tensor
     labels: torch.Tensor
@@ -87,6 +91,8 @@ class MicroBatch:
     t2: torch.Tensor  # for the adversarial loss: x̂0 is re-noised to timestep t2
     source: int
     seed: int  # of the device generator that draws the noise (and the re-noise)
+    rows: torch.Tensor | None = None  # this process's samples among the step batch's; None: all of them
+    weight: float = 1.0  # what this process's mean loss counts for (Placement.weight)
 
 
 @dataclass
@@ -114,8 +120,10 @@ class Trainer:
     """
 
     def __init__(self, cfg, models: Models, sources: list[DataSource], empty_ids: torch.Tensor, accelerator,
-                 checkpoint: Path | None = None):
+                 checkpoint: Path | None = None, placement: Placement | None = None):
         self.train_cfg, self.accelerator = cfg, accelerator
+        self.placement = placement or Placement("replicate", accelerator.process_index, accelerator.num_processes,
+                                                len(models.teachers), cfg.batch_size)
         device = accelerator.device
         cuda = device.type == "cuda"
         self.teacher_dtype = models.teacher_dtype
@@ -135,7 +143,7 @@ class Trainer:
         self.teachers = []
         prepared = set()
         for unet, key, style, prediction in zip(models.teachers, models.teacher_text_keys, styles, predictions):
-            if id(unet) not in prepared:  # old-style slots share one frozen previous student
+            if unet is not None and id(unet) not in prepared:  # old-style slots share one frozen previous student
                 prepared.add(id(unet))
                 unet.eval().requires_grad_(False)
                 if self.offload:
@@ -148,12 +156,12 @@ class Trainer:
         runners, self.runners = {}, []  # one per UNet on the device; with offload, one slot per architecture
         for t in self.teachers:
             key = (t.style is not None) if self.offload else id(t.unet)
-            if key not in runners:
+            if t.unet is not None and key not in runners:
                 unet = copy.deepcopy(t.unet).to(device) if self.offload else t.unet
                 runners[key] = TeacherRunner(unet, FeatureTaps(unet))
-            self.runners.append(runners[key])
-        self.teacher_bank = TeacherBank(self.teachers, self.runners, max_share(self._labels(cfg.batch_size, 0),
-                                        len(self.teachers)), prediction=self.prediction,
+            self.runners.append(runners.get(key))
+        rows = max(max_share(self._own_labels(rotate), len(self.teachers)) for rotate in range(len(self.teachers)))
+        self.teacher_bank = TeacherBank(self.teachers, self.runners, rows, prediction=self.prediction,
                                         alphas_cumprod=self.alphas_cumprod, dtype=self.teacher_dtype,
                                         memory_format=fast_layout, offload=self.offload,
                                         graphs=cuda and cfg.cuda_graphs in (True, "auto"))
@@ -165,9 +173,15 @@ class Trainer:
             _load_trainable(student, load_file(checkpoint / "student.safetensors"), checkpoint)
             state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
             self.step_done = state["step"]
-        student.train().to(device, memory_format=fast_layout)
         if cfg.gradient_checkpointing:
             student.enable_gradient_checkpointing()
+        self.skeleton = None  # with train.student_sharding fsdp: the student's weightless twin, for saving it
+        if cfg.student_sharding == "fsdp" and accelerator.num_processes > 1:
+            from . import sharding
+
+            half = models.teacher_dtype if models.teacher_dtype != torch.float32 else None
+            self.skeleton = sharding.shard(student.train(), device, half)
+        student.train().to(device, memory_format=fast_layout)
         self.student_taps = FeatureTaps(student)
         self.compiled = []
         if cfg.compile is True or cfg.compile == "auto" and cuda:
@@ -187,7 +201,7 @@ class Trainer:
         if cfg.ema is not None:
             saved = checkpoint / "ema.safetensors" if checkpoint is not None else None
             loaded = load_file(saved) if saved is not None and saved.is_file() else {}
-            self.ema = {name: loaded[name].to(device) if name in loaded else p.detach().clone()
+            self.ema = {name: self._like(loaded[name], p) if name in loaded else p.detach().clone()
                         for name, p in student.named_parameters() if p.requires_grad}
         self.adversarial = cfg.adversarial_loss
         discriminator = d_optimizer = None
@@ -199,12 +213,20 @@ class Trainer:
                 discriminator.head.load_state_dict(load_file(checkpoint / "discriminator.safetensors"))
             d_optimizer = torch.optim.AdamW(discriminator.head.parameters(), lr=self.adversarial.lr, **fused)
         if state is not None:
-            optimizer.load_state_dict(state["optimizer"])
+            if self.skeleton is not None:
+                from .sharding import load_optimizer_state
+
+                load_optimizer_state(student, optimizer, state["optimizer"])
+            else:
+                optimizer.load_state_dict(state["optimizer"])
             self.lr_schedule.load_state_dict(state["lr_schedule"])
             torch.set_rng_state(state["rng"])
             if d_optimizer is not None:
                 d_optimizer.load_state_dict(state["discriminator_optimizer"])
-        self.student, self.optimizer = accelerator.prepare(student, optimizer)
+        if self.skeleton is not None:  # FSDP reduces the gradients itself: no DDP wrapper
+            self.student, self.optimizer = student, accelerator.prepare(optimizer)
+        else:
+            self.student, self.optimizer = accelerator.prepare(student, optimizer)
         self.discriminator = self.d_optimizer = None
         if discriminator is not None:
             self.discriminator, self.d_optimizer = accelerator.prepare(discriminator, d_optimizer)
@@ -223,6 +245,18 @@ class Trainer:
     @property
     def num_styles(self) -> int:
         return len(self.teachers)
+
+    def _like(self, whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        if self.skeleton is None:
+            return whole.to(param.device)
+        from .sharding import like
+
+        return like(whole, param)
+
+    def _own_labels(self, rotate: int) -> torch.Tensor:
+        """The styles of this process's samples in a step batch split with this rotation."""
+        labels = self._labels(self.placement.step_batch, rotate)
+        return labels[self.placement.rows(labels)]
 
     def _labels(self, b: int, rotate: int) -> torch.Tensor:
         """A balanced split of the batch across styles, rotating the remainder; sorted so groups are contiguous.
@@ -243,10 +277,11 @@ class Trainer:
         return labels.sort().values
 
     def micro_batch(self, step: int, micro: int) -> MicroBatch:
-        """Everything random about one micro-batch but its noise, drawn on the CPU from its own seeded generator."""
+        """Everything random about this process's part of one micro-batch but its noise, drawn on the CPU from the
+        step's own seeded generator: every process draws the whole step batch and takes its rows."""
         cfg = self.train_cfg
-        b = cfg.batch_size
-        g = torch.Generator().manual_seed(_seed_for(cfg.seed, step, micro, self.accelerator.process_index))
+        b = self.placement.step_batch
+        g = torch.Generator().manual_seed(_seed_for(cfg.seed, step, micro, 0))
         stage = max(s.stage for s, *_ in self.sources if s.from_step <= step)
         candidates = [k for k, (s, *_) in enumerate(self.sources) if s.stage == stage]
         source = candidates[0]
@@ -265,7 +300,11 @@ class Trainer:
         t = self._timesteps(b, g)
         t2 = torch.randint(0, self.num_train_timesteps, (b,), generator=g, device="cpu")
         seed = int(torch.randint(0, 1 << 62, (), generator=g))
-        return MicroBatch(idx, labels, drop, t, t2, source, seed)
+        if self.placement.processes == 1:
+            return MicroBatch(idx, labels, drop, t, t2, source, seed)
+        rows = self.placement.rows(labels)
+        return MicroBatch(idx[rows], labels[rows], drop[rows], t[rows], t2[rows], source, seed, rows,
+                          self.placement.weight(len(rows)))
 
     def _timesteps(self, b: int, g: torch.Generator) -> torch.Tensor:
         """`b` training timesteps as train.timesteps draws them."""
@@ -277,11 +316,17 @@ class Trainer:
 
     def noise(self, mb: MicroBatch, shape: tuple, renoise: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The micro-batch's noise, and the adversarial loss's re-noise only when it is used, drawn where they
-        are used: no host-side draw, no copy from pageable memory."""
+        are used: no host-side draw, no copy from pageable memory. Drawn for the whole step batch, so a sample's
+        noise does not depend on which process trains it."""
         g = self.device_rng.manual_seed(mb.seed)
         dev = self.accelerator.device
-        noise = torch.randn(shape, generator=g, device=dev)
-        return noise, torch.randn(shape, generator=g, device=dev) if renoise else None
+        whole = (self.placement.step_batch, *shape[1:])
+        noise = torch.randn(whole, generator=g, device=dev)
+        renoised = torch.randn(whole, generator=g, device=dev) if renoise else None
+        if mb.rows is None:
+            return noise, renoised
+        rows = mb.rows.to(dev)
+        return noise.index_select(0, rows), None if renoised is None else renoised.index_select(0, rows)
 
     def teacher_targets(self, xt, t, contexts, counts: list[int], time_ids=None):
         """Each teacher's prediction (as the student's prediction type) and block features on its share of the
@@ -308,8 +353,10 @@ class Trainer:
     def _student_loss(self, batch: DeviceBatch, target, teacher_feats):
         cfg = self.train_cfg
         style = torch.nn.functional.one_hot(batch.labels, self.num_styles).float()
-        prediction = self.student(batch.xt.contiguous(memory_format=self.memory_format), batch.t, class_labels=style,
-                                  **batch.cond.unet_kwargs(batch.time_ids)).sample
+        # a prepared (DDP) student autocasts inside its forward; a sharded one is not prepared
+        with self.accelerator.autocast() if self.skeleton is not None else contextlib.nullcontext():
+            prediction = self.student(batch.xt.contiguous(memory_format=self.memory_format), batch.t,
+                                      class_labels=style, **batch.cond.unet_kwargs(batch.time_ids)).sample
         s_loss = score_loss(prediction, target)
         f_loss = feature_loss(self.student_taps.take(), teacher_feats, cfg.feature_loss.type, cfg.feature_loss.reduce)
         return prediction, s_loss, f_loss
@@ -322,7 +369,8 @@ class Trainer:
         adversarial = self.adversarial is not None and step >= self.adversarial.start_step
         sums = {"loss": 0.0, "score": 0.0, "feature": 0.0, "adversarial": 0.0, "discriminator": 0.0}
         for micro in range(cfg.grad_accum):
-            batch = self._on_device(self.micro_batch(step, micro), adversarial)
+            mb = self.micro_batch(step, micro)
+            batch = self._on_device(mb, adversarial)
             xt, t, t2, labels, cond, time_ids, renoise = (batch.xt, batch.t, batch.t2, batch.labels, batch.cond,
                                                           batch.time_ids, batch.renoise)
             target, teacher_feats = self.teacher_targets(xt, t, batch.contexts, batch.counts, time_ids)
@@ -338,10 +386,10 @@ class Trainer:
                     real = a2.sqrt() * real_x0 + (1 - a2).sqrt() * renoise
                     g_loss = generator_loss(self.discriminator(fake, t2, cond, time_ids), labels)
                     loss = loss + self.adversarial.weight * g_loss
-                self.accelerator.backward(loss)  # accelerate divides by the accumulation steps
+                self.accelerator.backward(loss * mb.weight if mb.weight != 1 else loss)  # and / accumulation steps
                 if self.accelerator.sync_gradients:
                     norm = self.accelerator.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
-                    self.nonfinite |= ~torch.isfinite(norm)
+                    self.nonfinite |= ~torch.isfinite(_whole(norm))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             if adversarial:  # the discriminator's own step, after the generator's
@@ -350,14 +398,15 @@ class Trainer:
                 logits = self.discriminator(torch.cat([fake.detach(), real]), t2.repeat(2), cond.repeat(2),
                                             None if time_ids is None else time_ids.repeat(2, 1))
                 d_loss = discriminator_loss(*logits.chunk(2), labels, self.num_styles)
-                self.accelerator.backward(d_loss)
+                self.accelerator.backward(d_loss * mb.weight if mb.weight != 1 else d_loss)
                 self.d_optimizer.step()
                 self.d_optimizer.zero_grad(set_to_none=True)
-                sums["adversarial"] = sums["adversarial"] + g_loss.detach()
-                sums["discriminator"] = sums["discriminator"] + d_loss.detach()
-            sums["loss"] = sums["loss"] + loss.detach()
-            sums["score"] = sums["score"] + s_loss.detach()
-            sums["feature"] = sums["feature"] + f_loss.detach()
+                sums["adversarial"] = sums["adversarial"] + g_loss.detach() * mb.weight
+                sums["discriminator"] = sums["discriminator"] + d_loss.detach() * mb.weight
+            # weighted as the gradients are: the processes' mean is the step's
+            sums["loss"] = sums["loss"] + loss.detach() * mb.weight
+            sums["score"] = sums["score"] + s_loss.detach() * mb.weight
+            sums["feature"] = sums["feature"] + f_loss.detach() * mb.weight
             self.nonfinite |= ~torch.isfinite(loss.detach())
         self.lr_schedule.step()
         if self.ema is not None:
@@ -369,24 +418,40 @@ class Trainer:
 
     def _update_ema(self, step: int) -> None:
         """Copy the weights before ema.start_step, average them from it on: one fused op over all tensors."""
-        averages = list(self.ema.values())
-        weights = [p.detach() for p in self.unwrapped_student().parameters() if p.requires_grad]
+        averages = [_local(a) for a in self.ema.values()]
+        weights = [_local(p.detach()) for p in self.unwrapped_student().parameters() if p.requires_grad]
         with torch.no_grad():
             if step < self.train_cfg.ema.start_step:
                 torch._foreach_copy_(averages, weights)
             else:
                 torch._foreach_lerp_(averages, weights, 1 - self.train_cfg.ema.decay)
 
-    def final_student(self) -> UNet2DConditionModel:
+    def final_student(self) -> UNet2DConditionModel | None:
         """The student to save: its EMA weights where the run keeps an average (the run is over: they replace the
-        trained ones in place)."""
+        trained ones in place). Every process calls it; a sharded student comes back whole on the main process
+        only (None elsewhere)."""
         student = self.unwrapped_student()
         if self.ema is not None:
             with torch.no_grad():
                 for name, p in student.named_parameters():
                     if name in self.ema:
-                        p.copy_(self.ema[name])
-        return student
+                        _local(p).copy_(_local(self.ema[name]))
+        if self.skeleton is None:
+            return student
+        from .sharding import model_state, plain_copy
+
+        weights = model_state(student)
+        return plain_copy(self.skeleton, weights) if self.accelerator.is_main_process else None
+
+    def mean_losses(self, losses: StepLosses) -> dict[str, float]:
+        """A step's losses as logged: the mean over every process's samples (a device sync)."""
+        values = {"loss": losses.loss, "score_loss": losses.score, "feature_loss": losses.feature}
+        if losses.adversarial is not None:
+            values.update(adversarial_loss=losses.adversarial, discriminator_loss=losses.discriminator)
+        stacked = torch.stack(list(values.values()))
+        if self.accelerator.num_processes > 1:
+            stacked = self.accelerator.reduce(stacked, "mean")
+        return dict(zip(values, stacked.tolist()))
 
     def all_finite(self) -> bool:
         """Whether every loss and gradient norm since the last call was finite, on every process (a device sync)."""
@@ -421,7 +486,11 @@ class Trainer:
                 if clock.overrun():
                     raise TimeoutError(f"past train.compile_budget_s ({self.train_cfg.compile_budget_s:g} s)")
                 done.add(shape)
-                self._rehearse(k)
+                sizes = set()  # with shard, this process's share of the batch may differ from step to step
+                for rotate in range(self.num_styles):
+                    if len(self._own_labels(rotate)) not in sizes:
+                        sizes.add(len(self._own_labels(rotate)))
+                        self._rehearse(k, rotate)
             if self.accelerator.device.type == "cuda":
                 torch.cuda.synchronize()
         except Exception as e:  # a compiler bug or a budget overrun must not cost the run
@@ -439,12 +508,13 @@ class Trainer:
             return
         console.say(f"compile: done in {clock.elapsed:.1f} s")
 
-    def _rehearse(self, source_index: int) -> None:
+    def _rehearse(self, source_index: int, rotate: int) -> None:
         """One micro-batch's forwards and backward on source `source_index`, through the step's own path, with no
-        optimizer update."""
-        b = self.train_cfg.batch_size
+        optimizer update; `rotate` picks the split of the step batch, so this process's share of it."""
+        labels = self._own_labels(rotate)
+        b = len(labels)
         idx = torch.arange(b) % len(self.sources[source_index][0].latents)
-        mb = MicroBatch(idx, self._labels(b, 0), torch.zeros(b, dtype=torch.bool),
+        mb = MicroBatch(idx, labels, torch.zeros(b, dtype=torch.bool),
                         torch.full((b,), self.num_train_timesteps // 2), torch.zeros(b, dtype=torch.long),
                         source_index, seed=0)
         batch = self._on_device(mb, renoise=False)
@@ -453,27 +523,63 @@ class Trainer:
         self.accelerator.backward(s_loss + f_loss)
         self.optimizer.zero_grad(set_to_none=True)
 
+    def layout(self) -> dict:
+        """How the run was spread over processes: a checkpoint records it, and a resume must keep it."""
+        return {"processes": self.placement.processes, "teacher_placement": self.placement.kind,
+                "student_sharding": "fsdp" if self.skeleton is not None else "none"}
+
     def unwrapped_student(self) -> UNet2DConditionModel:
         return self.accelerator.unwrap_model(self.student)
 
-    def save_checkpoint(self, folder: Path, step: int) -> None:
-        """Models, optimizers, LR schedule, EMA and RNG state, written atomically (main process only)."""
+    def save_checkpoint(self, folder: Path, step: int, write: bool) -> None:
+        """Models, optimizers, LR schedule, EMA and RNG state, written atomically by the process told to `write`.
+        Every process calls it: a sharded student's tensors are gathered, one at a time, to the main process."""
+        student = self.unwrapped_student()
+        trained = {name for name, p in student.named_parameters() if p.requires_grad}
+        if self.skeleton is not None:
+            from .sharding import full, model_state, optimizer_state
+
+            weights = {k: v for k, v in model_state(student).items() if k in trained}
+            optimizer = optimizer_state(student, self.optimizer.optimizer)
+            ema = {}
+            for k, v in (self.ema or {}).items():
+                whole = full(v.detach())
+                if write:
+                    ema[k] = whole.cpu()
+        elif not write:
+            return
+        else:
+            weights = {k: v.detach().cpu() for k, v in student.state_dict().items() if k in trained}
+            ema = {k: v.detach().cpu() for k, v in (self.ema or {}).items()}
+            optimizer = self.optimizer.state_dict()
+        if not write:
+            return
         with atomic_folder(folder) as tmp:
-            student = self.unwrapped_student()
-            trained = {name for name, p in student.named_parameters() if p.requires_grad}
-            save_file({k: v.detach().cpu().contiguous() for k, v in student.state_dict().items() if k in trained},
-                      tmp / "student.safetensors")
+            save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "student.safetensors")
             extra = {}
             if self.ema is not None:
-                save_file({k: v.detach().cpu().contiguous() for k, v in self.ema.items()}, tmp / "ema.safetensors")
+                save_file({k: v.contiguous() for k, v in ema.items()}, tmp / "ema.safetensors")
             if self.discriminator is not None:
                 head = self.accelerator.unwrap_model(self.discriminator).head
                 save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
                           tmp / "discriminator.safetensors")
                 extra["discriminator_optimizer"] = self.d_optimizer.state_dict()
-            torch.save({"step": step, "optimizer": self.optimizer.state_dict(),
+            (tmp / LAYOUT_FILE).write_text(json.dumps(self.layout()))
+            torch.save({"step": step, "optimizer": optimizer,
                         "lr_schedule": self.lr_schedule.state_dict(), "rng": torch.get_rng_state(), **extra},
                        tmp / "state.pt")
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def _load_trainable(student, weights: dict, checkpoint: Path) -> None:
