@@ -9,6 +9,8 @@
 # Usage: benchmarks/gpu_run.sh [path/to/official_step.py]
 #        ONLY="compile_cold compile_warm" benchmarks/gpu_run.sh   # just these steps
 #        ONLY=merge_bench benchmarks/gpu_run.sh                   # the weight-space merges (not in the default set)
+#        ONLY=scale benchmarks/gpu_run.sh     # 1, 2, 4 processes x placement x sharding, on as many GPUs as there
+#                                             # are (not in the default set: one GPU gives only the 1-process row)
 set -u
 out=${OUT:-gpu-out}
 mkdir -p "$out"
@@ -25,7 +27,7 @@ git rev-parse --short HEAD > "$out/commit.txt" 2>/dev/null
 step() {
   local name=$1 limit=$2; shift 2
   if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
-  if [ -z "${ONLY:-}" ] && [ "$name" = merge_bench ]; then return; fi
+  if [ -z "${ONLY:-}" ] && { [ "$name" = merge_bench ] || [ "$name" = scale ]; }; then return; fi
   echo "== $name" | tee -a "$out/errors.log"
   local t0=$SECONDS
   timeout "$limit" "$@" 2>>"$out/errors.log" | tee "$out/$name.jsonl"
@@ -44,5 +46,6 @@ step sd15_cli 45 python3 benchmarks/sd15_distill_smoke.py --work "$work/sd15" --
 step sd15_cli_again 35 python3 benchmarks/sd15_distill_smoke.py --work "$work/sd15" --teachers 2 --steps 10
 step sd15_lora_cli 35 python3 benchmarks/sd15_distill_smoke.py --work "$work/sd15" --teachers 2 --steps 10 --student lora
 step sdxl_step 60 python3 benchmarks/sdxl_memory.py --measure --teachers 2 --batch 4 --checkpointing on off --steps 2
+step scale 500 python3 benchmarks/scale.py --work "$work/scale" --processes 1 2 4 --teachers 4 --steps 20 --timeout 150
 step merge_bench 300 python3 benchmarks/merge_bench.py --work "$work/merge-bench" --devices cpu cuda
 python3 benchmarks/gpu_summary.py "$out" | tee "$out/summary.json"

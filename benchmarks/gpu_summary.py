@@ -79,6 +79,9 @@ def summarize(folder: Path) -> dict:
         "generate_dmm_over_diffusers_time": generate.get("dmm_over_diffusers_time"),
         "memory": memory,
         "sdxl": [r for r in rows(folder, "sdxl_step")],
+        "scale": [{k: r.get(k) for k in ("processes", "teacher_placement", "student_sharding", "rc", "samples_per_s",
+                                         "peak_gib_busiest_process", "estimate_gib", "estimate_over_peak")}
+                  for r in rows(folder, "scale")],
         "goals": {"b16_4t_vs_official": ">= 2.0", "eight_over_one_teacher_b16": ">= 0.95",
                   "compile_cold_s": "<= 90", "compile_warm_s": "<= 15", "generate_time_ratio": "<= 1.02",
                   "estimate_over_peak": "0.85 - 1.15"},

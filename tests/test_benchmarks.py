@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 OFFICIAL = ROOT.parent / "shared" / "bench" / "official_step.py"
@@ -106,3 +109,16 @@ def test_gpu_summary_turns_a_run_folder_into_ratios_and_goals(tmp_path):
     assert summary["memory"] == [{"teachers": 4, "batch": 16, "compile": "off", "gradient_checkpointing": None,
                                   "checkpointing": None, "peak_gib": 30.0, "estimate_gib": 33.0,
                                   "estimate_over_peak": 1.1}]
+
+
+@pytest.mark.slow
+def test_scale_tiny_runs_every_layout_on_cpu_processes(tmp_path):
+    p = subprocess.run([sys.executable, "benchmarks/scale.py", "--work", str(tmp_path), "--tiny", "--processes", "1",
+                        "2", "--teachers", "2", "--steps", "2", "--batch", "2", "--images", "8", "--precision", "no"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    assert [(r["processes"], r["teacher_placement"], r["student_sharding"]) for r in rows] == [
+        (1, "replicate", "none"), (2, "replicate", "none"), (2, "shard", "none"), (2, "replicate", "fsdp"),
+        (2, "shard", "fsdp")]
+    assert all(r["rc"] == 0 and r["samples_per_s"] > 0 and r["estimate_gib"] > 0 for r in rows), rows

@@ -29,8 +29,9 @@ def torchrun(processes: int, *args, timeout: int = 300) -> subprocess.CompletedP
 
 
 def recipe(folder: Path, batch_size: int, **changes) -> Path:
+    """10 steps, checkpoints at 5 and 10, and an EMA: its average is the student saved."""
     return tiny_recipe(folder, **{"train.max_steps": 10, "train.batch_size": batch_size, "train.log_every": 5,
-                                  "train.checkpoint_every": 5, **changes})
+                                  "train.checkpoint_every": 5, "train.ema": {"decay": 0.9}, **changes})
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
@@ -73,9 +74,7 @@ def test_one_seed_trains_one_student_whatever_the_placement_the_sharding_and_the
 
     # a sharded student resumes bit-exactly, its EMA included
     run = tmp_path / "fsdp" / "run"
-    sharded = recipe(tmp_path / "fsdp", 4, teachers=FIVE_TEACHERS, **runs["fsdp"][1], **{"train.ema": {"decay": 0.9}})
-    shutil.rmtree(run)
-    assert torchrun(2, "distill", sharded).returncode == 0
+    sharded = tmp_path / "fsdp" / "recipe.yaml"
     whole, ema = weights(run), load_file(run / "checkpoints" / "step-0000010" / "ema.safetensors")
     shutil.rmtree(run / "checkpoints" / "step-0000010")
     p = torchrun(2, "distill", sharded, "--resume")
@@ -87,8 +86,9 @@ def test_one_seed_trains_one_student_whatever_the_placement_the_sharding_and_the
                load_file(run / "checkpoints" / "step-0000010" / "ema.safetensors").items())
 
     # a checkpoint from one placement does not continue under another
-    r = dmm("distill", recipe(tmp_path / "shard", 4, teachers=FIVE_TEACHERS,
-                              **{"train.teacher_placement": "replicate", "train.max_steps": 12}), "--resume", "--dry-run")
+    other = recipe(tmp_path / "shard", 4, teachers=FIVE_TEACHERS,
+                   **{"train.teacher_placement": "replicate", "train.max_steps": 12})
+    r = dmm("distill", other, "--resume", "--dry-run")
     assert_one_sentence_error(r, 2, "--resume", "train.teacher_placement shard", "replicate")
 
 

@@ -88,7 +88,7 @@ class RunPlan:
                      "latent_cache_bytes": self.data.latent_bytes,
                      "synthesize": self.recipe.data.synthesize.model_dump() if self.recipe.data.synthesize else None},
             "train": t.model_dump(),
-            "samples_per_teacher_per_step": t.batch_size * t.grad_accum / len(self.teachers),
+            "samples_per_teacher_per_step": t.batch_size * t.grad_accum * self.processes / len(self.teachers),
             "memory": self.memory(),
             "resume_from": str(self.resume_from) if self.resume_from else None,
         }

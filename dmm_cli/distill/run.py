@@ -112,8 +112,9 @@ def _train(plan: RunPlan, accelerator) -> Path:
                 last = {"step": step, **trainer.mean_losses(losses), "lr": trainer.lr_schedule.get_last_lr()[0],
                         "samples_per_s": round(done * samples_per_step / max(now - tick, 1e-9), 2),
                         "processes": accelerator.num_processes}
-                if accelerator.device.type == "cuda":
-                    last["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                if accelerator.device.type == "cuda":  # the busiest process's
+                    peak = torch.tensor([torch.cuda.max_memory_allocated()], device=accelerator.device)
+                    last["gpu_peak_gib"] = round(int(accelerator.gather(peak).max()) / 2**30, 2)
                 tick = now
                 bar.set_postfix(loss=f"{last['loss']:.4f}", sps=last["samples_per_s"])
                 if main:

@@ -15,8 +15,7 @@ import copy
 
 import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -60,11 +59,6 @@ def like(whole: torch.Tensor, sharded: torch.Tensor) -> torch.Tensor:
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The full state dict on the main process, on the CPU (empty elsewhere); a collective."""
     return get_model_state_dict(model, options=_FULL)
-
-
-def load_model_state(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Full weights (some of them: what trains) into the sharded model."""
-    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def optimizer_state(model: torch.nn.Module, optimizer) -> dict:

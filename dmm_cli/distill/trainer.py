@@ -180,8 +180,9 @@ class Trainer:
             from . import sharding
 
             half = models.teacher_dtype if models.teacher_dtype != torch.float32 else None
-            self.skeleton = sharding.shard(student.train(), device, half)
-        student.train().to(device, memory_format=fast_layout)
+            self.skeleton = sharding.shard(student.train(), device, half)  # its shards now on the device
+        else:
+            student.train().to(device, memory_format=fast_layout)
         self.student_taps = FeatureTaps(student)
         self.compiled = []
         if cfg.compile is True or cfg.compile == "auto" and cuda:
@@ -320,7 +321,7 @@ class Trainer:
         noise does not depend on which process trains it."""
         g = self.device_rng.manual_seed(mb.seed)
         dev = self.accelerator.device
-        whole = (self.placement.step_batch, *shape[1:])
+        whole = shape if mb.rows is None else (self.placement.step_batch, *shape[1:])
         noise = torch.randn(whole, generator=g, device=dev)
         renoised = torch.randn(whole, generator=g, device=dev) if renoise else None
         if mb.rows is None:
