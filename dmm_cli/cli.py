@@ -253,6 +253,7 @@ def _describe_plan(d: dict) -> str:
                  f"caption dropout {t['caption_dropout']}")
     student = t["student"]
     lines.append(f"student {student['type']}" + (f": rank {student['rank']} on {', '.join(student['targets'])}"
+                                                  + "".join(f", {extra} whole" for extra in student["extras"])
                                                   if student["type"] == "lora" else "")
                  + f", {d['memory']['trainable_parameters']:,} UNet parameters train besides the style MLP")
     memory = d["memory"]

@@ -110,6 +110,14 @@ class Student(Strict):
     alpha: Optional[float] = Field(None, gt=0, description="lora: its scale is alpha/rank; default: the rank.")
     targets: list[str] = Field(list(LORA_TARGETS), min_length=1, description="lora: the layers it adapts, by "
                                "name or last dotted parts of the name (resnets' conv1/conv2 add conv layers).")
+    extras: list[Literal["norms", "biases"]] = Field([], description="lora: also train these whole, in fp32: the "
+                                                     "norm layers' scales and shifts, every bias. Exported as kohya "
+                                                     "diff and diff_b keys (--format lora only).")
+
+    @field_validator("extras")
+    @classmethod
+    def _once_each(cls, v):
+        return sorted(set(v))
 
 
 class Timesteps(Strict):

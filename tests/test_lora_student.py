@@ -195,3 +195,34 @@ def test_the_shipped_lora_recipe_shows_every_style_on_held_out_prompts(dmm, tmp_
     assert r.code == 0, r
     student = next(m for m in json.loads(r.out)["models"] if m["kind"] == "student")
     assert student["style_accuracy"] >= 0.9, student
+
+
+def test_a_lora_student_trains_norms_and_biases_whole_and_exports_them_as_kohya_differences(dmm, tmp_path):
+    recipe = lora_recipe(tmp_path, **{"train.student": {**LORA, "extras": ["norms", "biases"]}})
+    planned = dmm("distill", recipe, "--dry-run", "--json")
+    bare = dmm("distill", lora_recipe(tmp_path / "bare"), "--dry-run", "--json")
+    assert json.loads(planned.out)["memory"]["trainable_parameters"] > \
+        json.loads(bare.out)["memory"]["trainable_parameters"]
+    assert "biases whole, norms whole" in dmm("distill", recipe, "--dry-run").out
+    assert dmm("distill", recipe).code == 0
+    run, base = tmp_path / "run", resolve("toy:base")
+    student, plain = load_file(run / UNET), load_file(base / UNET)
+    for name in ("down_blocks.0.resnets.0.norm1.weight", "mid_block.attentions.0.transformer_blocks.0.norm1.bias",
+                 "conv_in.bias", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.bias"):
+        assert not torch.equal(student[name], plain[name]), name
+    saved = load_file(run / "checkpoints" / "step-0000006" / "student.safetensors")
+    assert "conv_in.bias" in saved and "conv_in.weight" not in saved  # what trains, and only that
+
+    mine = tmp_path / "dmm.png"
+    assert dmm("generate", "--model", run, "--style", "stripes", PROMPT, *SAMPLE, "-o", mine).code == 0
+    exported = dmm("-q", "export", run, "--style", "stripes", "--format", "lora", "-o", tmp_path / "s.safetensors")
+    assert exported.code == 0, exported
+    tensors = load_file(Path(exported.out.strip()))
+    assert {"lora_unet_down_blocks_0_resnets_0_norm1.diff", "lora_unet_conv_in.diff_b",
+            "lora_unet_time_embedding_linear_2.diff_b"} <= tensors.keys()
+    own = tmp_path / "own.png"
+    assert dmm("generate", "--model", f"toy:base+{exported.out.strip()}", PROMPT, *SAMPLE, "-o", own).code == 0
+    assert np.abs(pixels(own) - pixels(mine)).max() <= 1
+    refused = dmm("export", run, "--style", "stripes", "--format", "lora-diffusers", "-o", tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
+    assert_one_sentence_error(refused, 2, "--format lora-diffusers", "biases and norms", "--format lora")

@@ -272,7 +272,8 @@ def estimate(train, sizes: ModelSizes, side: int, processes: int = 1) -> Estimat
     trained, frozen = p, 0  # a LoRA student trains its adapter; its base stays in the training dtype
     if student.type == "lora":
         lora = (student.rank, tuple(student.targets))
-        trained, frozen = adapter_parameters(sizes.unet_shapes, student.rank, student.targets), p
+        trained, frozen = adapter_parameters(sizes.unet_shapes, student.rank, student.targets,
+                                            student.extras), p
     teachers = len(sizes.teacher_ids) or sizes.teachers
     activations = activation_bytes(sizes.unet_config, side, train.precision, train.gradient_checkpointing,
                                    lora).at(rows_per_process(train, teachers, processes))

@@ -62,7 +62,8 @@ def load_models(recipe: Recipe, base: Path, teachers: list[Path | None], device:
         if previous is not None:
             student = make_student(load_component(UNet2DConditionModel, base, "unet", torch.float32), len(teachers))
             student.class_embedding.load_state_dict(grown_mlp)
-        student = add_adapter(student, spec.rank, spec.alpha or spec.rank, spec.targets, recipe.train.seed, dtype)
+        student = add_adapter(student, spec.rank, spec.alpha or spec.rank, spec.targets, recipe.train.seed, dtype,
+                              spec.extras)
         if previous is not None:
             load_adapter(student, previous)
     for i, folder in enumerate(teachers):

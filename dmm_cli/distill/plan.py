@@ -193,11 +193,13 @@ def _check_student(recipe: Recipe, base: Path, previous: Path | None) -> None:
         if config["dmm"]["base_unet_sha256"] != component_sha256(base / "unet"):
             raise RecipeError(f"base {recipe.base}: is not the base init_from {recipe.init_from}'s adapter was "
                               "trained on")
-        theirs = (int(config["r"]), float(config["lora_alpha"]), sorted(config["target_modules"]))
-        ours = (spec.rank, float(spec.alpha or spec.rank), sorted(spec.targets))
+        theirs = (int(config["r"]), float(config["lora_alpha"]), sorted(config["target_modules"]),
+                  sorted(config["dmm"].get("extras", [])))
+        ours = (spec.rank, float(spec.alpha or spec.rank), sorted(spec.targets), spec.extras)
         if theirs != ours:
-            raise RecipeError(f"train.student: rank, alpha and targets must be init_from's adapter's "
-                              f"(rank {theirs[0]}, alpha {theirs[1]:g}, targets {', '.join(theirs[2])})")
+            raise RecipeError(f"train.student: rank, alpha, targets and extras must be init_from's adapter's "
+                              f"(rank {theirs[0]}, alpha {theirs[1]:g}, targets {', '.join(theirs[2])}, extras "
+                              f"{', '.join(theirs[3]) or 'none'})")
 
 
 def plan_run(recipe_path: Path, overrides: list[str] = (), *, output: Path | None = None,

@@ -7,13 +7,16 @@ Two layouts carry it:
   the key ComfyUI and the A1111 family apply as a bias difference. diffusers' kohya converter drops `diff_b`.
 - diffusers/PEFT (`--format lora-diffusers`): `unet.<layer>.lora_A/lora_B`, α/r folded into lora_B, and c as
   `unet.time_embedding.linear_2.lora_B.bias` (PEFT's lora_bias) on a zero update, which `load_lora_weights` applies.
+A student that trained norms or biases whole (train.student.extras) adds their changes as kohya `diff` (a whole
+weight's difference) and `diff_b` keys, which ComfyUI's loader applies; the PEFT layout has no place for them.
 """
 from __future__ import annotations
 
 import torch
 
+from ..errors import BadInput
 from ..files.safetensors_header import component_shapes
-from ..models.lora_student import read_adapter
+from ..models.lora_student import EXTRAS_PREFIX, read_adapter
 from .bake import TIME_BIAS, style_constant
 
 FORMATS = ("lora", "lora-diffusers")
@@ -31,6 +34,11 @@ def style_lora(student, vector: torch.Tensor, fmt: str, dtype: torch.dtype | Non
     """The tensors of the LoRA file of style `vector` of the LoRA student folder `student`."""
     config, weights = read_adapter(student)
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
+    extras = {k.removeprefix(EXTRAS_PREFIX).replace(".base_layer.", "."): v.float() for k, v in weights.items()
+              if k.startswith(EXTRAS_PREFIX)}
+    if extras and fmt != "lora":
+        raise BadInput(f"--format {fmt}: {student} trained its {' and '.join(config['dmm']['extras'])} whole, "
+                       "which the diffusers/PEFT layout cannot carry; use --format lora (kohya diff and diff_b)")
     constant = style_constant(weights, vector)
     pairs = _pairs(weights)
     dtype = dtype or next(iter(weights.values())).dtype
@@ -40,7 +48,11 @@ def style_lora(student, vector: torch.Tensor, fmt: str, dtype: torch.dtype | Non
             key = "lora_unet_" + layer.replace(".", "_")
             out.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
                         f"{key}.alpha": torch.tensor(alpha)})
+        constant = constant + extras.pop(TIME_BIAS, 0)  # the style's constant and a trained change of that bias
         out[f"lora_unet_{TIME_LAYER.replace('.', '_')}.diff_b"] = constant
+        for name, change in extras.items():
+            layer, kind = name.rsplit(".", 1)
+            out[f"lora_unet_{layer.replace('.', '_')}.{'diff_b' if kind == 'bias' else 'diff'}"] = change
     else:
         for layer, (down, up) in pairs.items():  # PEFT's lora_bias is all layers or none: the others' are zero
             out.update({f"unet.{layer}.lora_A.weight": down, f"unet.{layer}.lora_B.weight": up * (alpha / rank),

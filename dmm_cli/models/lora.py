@@ -234,13 +234,15 @@ def _layer_table(raw: dict[str, torch.Tensor], path: Path, pipeline_cls, unet_co
 
 
 def _bias_updates(raw: dict[str, torch.Tensor], path: Path, unet_shapes: dict) -> tuple[dict, dict]:
-    """The UNet bias differences a LoRA carries (kohya's `<layer>.diff_b`, PEFT's `<layer>.lora_B.bias`), taken out
-    of `raw` by the UNet weight they add to; all-zero ones are dropped. diffusers' converters skip the first."""
-    kohya = {name[:-len(".bias")].replace(".", "_"): name for name in unet_shapes if name.endswith(".bias")}
+    """The UNet bias and whole-weight differences a LoRA carries (kohya's `<layer>.diff_b` and `<layer>.diff`,
+    PEFT's `<layer>.lora_B.bias`), taken out of `raw` by the UNet weight they add to; all-zero ones are dropped.
+    diffusers' converters skip the kohya ones."""
+    kohya = {name.rsplit(".", 1)[0].replace(".", "_") + (".diff_b" if name.endswith(".bias") else ".diff"): name
+             for name in unet_shapes if name.endswith((".bias", ".weight"))}
     rest, biases = {}, {}
     for key, tensor in raw.items():
-        if key.endswith(".diff_b") and key.startswith("lora_unet_"):
-            name = kohya.get(key[len("lora_unet_"):-len(".diff_b")])
+        if key.endswith((".diff_b", ".diff")) and key.startswith("lora_unet_"):
+            name = kohya.get(key[len("lora_unet_"):])
         elif key.endswith(".lora_B.bias"):
             name = key.removeprefix("unet.").removesuffix(".lora_B.bias") + ".bias"
         else:
@@ -248,8 +250,8 @@ def _bias_updates(raw: dict[str, torch.Tensor], path: Path, unet_shapes: dict) -
             continue
         if not tensor.any():
             continue
-        if name is None or list(unet_shapes.get(name, [])) != [tensor.numel()]:
-            raise ModelError(f"{path}: its bias difference {key} fits no bias of the model's UNet")
+        if name is None or list(unet_shapes.get(name, [])) != list(tensor.shape):
+            raise ModelError(f"{path}: its difference {key} fits no weight or bias of the model's UNet")
         biases[name] = tensor.float()
     return rest, biases
 
@@ -319,7 +321,7 @@ def load_lora(spec: LoraSpec, model: Path, model_ref: str, allow_pickle: bool = 
     if unmatched:
         raise BadInput(f"{spec.ref}: {total - len(unmatched)} of its {total} LoRA layers match a layer of "
                        f"{model_ref} (the first that does not: {unmatched[0]})")
-    for name, bias in biases.items():  # a bias difference as a rank-1 pair, so every user of the table adds it alike
+    for name, bias in biases.items():  # a whole difference as a rank-1 pair, so every user of the table adds it alike
         updates.setdefault("unet", {})[name] = (torch.ones(1, 1), bias.reshape(-1, 1))
     return Lora(spec, _digest(path), updates)
 

@@ -22,6 +22,24 @@ ADAPTER_FOLDER = "student_lora"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 STYLE_MLP = ("class_embedding.linear_1", "class_embedding.linear_2")
+EXTRAS_PREFIX = "extras."  # in the adapter file: an extra's change from the base, by its name in the student
+
+
+def is_norm_layer(layer: str) -> bool:
+    """A UNet's norm layers (GroupNorm, LayerNorm) by name: norm, norm1..3, conv_norm_out."""
+    return "norm" in layer.rsplit(".", 1)[-1]
+
+
+def extra_weights(weight_shapes: dict, extras: list[str]) -> list[str]:
+    """The base weights `train.student.extras` trains whole: the norm layers' weights and biases, every bias."""
+    found = []
+    for name in weight_shapes:
+        layer, kind = name.rsplit(".", 1)
+        if name.startswith("class_embedding.") or ".lora_" in name:
+            continue
+        if "norms" in extras and is_norm_layer(layer) or "biases" in extras and kind == "bias":
+            found.append(name)
+    return found
 
 
 def layer_names(weight_shapes: dict) -> list[str]:
@@ -35,9 +53,10 @@ def matches(layer: str, target: str) -> bool:
     return layer == target or layer.endswith("." + target)
 
 
-def adapter_parameters(weight_shapes: dict, rank: int, targets: list[str]) -> int:
-    """How many weights a LoRA of `rank` on `targets` has: rank x (inputs x kernel + outputs) per layer."""
-    total = 0
+def adapter_parameters(weight_shapes: dict, rank: int, targets: list[str], extras: list[str] = ()) -> int:
+    """How many weights a LoRA of `rank` on `targets` has: rank x (inputs x kernel + outputs) per layer, and the
+    extras it trains whole."""
+    total = sum(math.prod(weight_shapes[n]) for n in extra_weights(weight_shapes, extras))
     for layer in layer_names(weight_shapes):
         if any(matches(layer, t) for t in targets):
             out, inputs, *kernel = weight_shapes[f"{layer}.weight"]
@@ -46,9 +65,10 @@ def adapter_parameters(weight_shapes: dict, rank: int, targets: list[str]) -> in
 
 
 def add_adapter(student: UNet2DConditionModel, rank: int, alpha: float, targets: list[str], seed: int,
-                frozen_dtype: torch.dtype) -> UNet2DConditionModel:
-    """Freeze `student` (kept in `frozen_dtype`) and give it a LoRA on `targets`; its adapter and style MLP are
-    what train. The adapter's up weights start at zero, so the student starts as it was."""
+                frozen_dtype: torch.dtype, extras: list[str] = ()) -> UNet2DConditionModel:
+    """Freeze `student` (kept in `frozen_dtype`) and give it a LoRA on `targets`; its adapter, style MLP and
+    `extras` (trained whole, in fp32) are what train. The adapter's up weights start at zero, so the student
+    starts as it was. `student.extras_base` keeps the extras' starting values: the adapter stores changes."""
     from peft import LoraConfig, inject_adapter_in_model
 
     student.requires_grad_(False)
@@ -56,10 +76,16 @@ def add_adapter(student: UNet2DConditionModel, rank: int, alpha: float, targets:
     with torch.random.fork_rng(devices=[]):  # the down weights' initial draw follows the run's seed
         torch.manual_seed(seed)
         inject_adapter_in_model(config, student)
-    for name, p in student.named_parameters():
+    params = dict(student.named_parameters())
+    chosen = extra_weights({n: p.shape for n, p in params.items()}, list(extras))
+    for name in chosen:
+        params[name].requires_grad_(True)
+    for name, p in params.items():
         if not p.requires_grad and not name.startswith("class_embedding."):
             p.data = p.data.to(frozen_dtype)
     student.class_embedding.requires_grad_(True)
+    student.extras_base = {name: params[name].detach().clone() for name in chosen}
+    student.extras_kinds = sorted(extras)
     return student
 
 
@@ -105,9 +131,13 @@ def save_adapter(student: torch.nn.Module, folder: Path, base_sha256: str, dtype
                for k, v in get_peft_model_state_dict(student, adapter_name="default").items()}
     weights.update({k: v.detach().to(dtype).cpu().contiguous() for k, v in student.state_dict().items()
                     if k.startswith("class_embedding.")})
+    params = dict(student.named_parameters())
+    weights.update({EXTRAS_PREFIX + name: (params[name].detach().float() - start.float()).to(dtype).cpu().contiguous()
+                    for name, start in getattr(student, "extras_base", {}).items()})
     config = student.peft_config["default"].to_dict()
     config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
-    config["dmm"] = {"base_unet_sha256": base_sha256, "styles": student.class_embedding.linear_1.in_features}
+    config["dmm"] = {"base_unet_sha256": base_sha256, "styles": student.class_embedding.linear_1.in_features,
+                     "extras": sorted(getattr(student, "extras_kinds", []))}
     save_file(weights, folder / WEIGHTS_FILE)
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
@@ -137,9 +167,15 @@ def load_adapter(student: UNet2DConditionModel, folder: Path) -> None:
     from peft import set_peft_model_state_dict
 
     _, weights = read_adapter(folder)
-    lora = {k: v for k, v in weights.items() if not k.startswith("class_embedding.")}
+    lora = {k: v for k, v in weights.items() if not k.startswith(("class_embedding.", EXTRAS_PREFIX))}
     result = set_peft_model_state_dict(student, lora, adapter_name="default")
     missing = [k for k in result.missing_keys if ".lora_" in k]
-    if result.unexpected_keys or missing:
-        raise ModelError(f"{folder / ADAPTER_FOLDER}: its adapter does not fit the student "
-                         f"({(result.unexpected_keys or missing)[0]})")
+    changes = {k.removeprefix(EXTRAS_PREFIX): v for k, v in weights.items() if k.startswith(EXTRAS_PREFIX)}
+    start = getattr(student, "extras_base", {})
+    if result.unexpected_keys or missing or changes.keys() != start.keys():
+        first = (result.unexpected_keys or missing or sorted(changes.keys() ^ start.keys()))[0]
+        raise ModelError(f"{folder / ADAPTER_FOLDER}: its adapter does not fit the student ({first})")
+    params = dict(student.named_parameters())
+    with torch.no_grad():
+        for name, change in changes.items():
+            params[name].copy_(start[name] + change.to(start[name].dtype))
