@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -184,6 +185,7 @@ def test_an_sdxl_lora_student_exports_a_lora_stock_diffusers_loads(dmm, tmp_path
     assert np.abs(pixels(out) - theirs).max() <= 1
 
 
+@pytest.mark.slow  # 400 steps at batch 32: two minutes on 2 cores
 def test_the_shipped_lora_recipe_shows_every_style_on_held_out_prompts(dmm, tmp_path):
     """recipes/toy_styles_lora.yaml as shipped; eval's toy prompts are the colour/shape pairs no training picture
     shows, and its style accuracy is the toy classifier's."""

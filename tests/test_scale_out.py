@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,10 @@ def test_the_shipped_8_teacher_sdxl_recipe_fits_8_gpus_of_48_gb_without_offload(
     assert estimate(replicated, sizes, SIDE, 8).total > 80e9
     assert fitting_layouts(shipped.train, sizes, SIDE, 8)[48] == "train.teacher_placement=shard, " \
                                                                  "train.student_sharding=fsdp"
+    # teachers with text encoders of their own: a sharded process loads the student's and its teacher's only
+    text = sizes.text
+    own = replace(sizes, encoder_sizes={name: text for name in ["base", *sizes.teacher_ids]},
+                  encoders_read=[["base"], *([t] for t in sizes.teacher_ids)])
+    parts = estimate(shipped.train, own, SIDE, 8).parts
+    assert parts["text encoders"] == 2 * 2 * text  # bf16, two models' encoders
+    assert estimate(replicated, own, SIDE, 8).parts["text encoders"] == 9 * 2 * text

@@ -212,6 +212,22 @@ class ModelSizes:
     unet_config: Path  # the UNet's config.json, for its activations
     unet_shapes: dict = field(default_factory=dict)  # weight name -> shape, for a LoRA student's adapter
     teacher_ids: list[str] = field(default_factory=list)  # per teacher: its UNet's identity (shared = one UNet)
+    # text encoder identity -> parameters, and the ones the base and each teacher read: a sharded process loads
+    # only its teachers' (and the student's)
+    encoder_sizes: dict[str, int] = field(default_factory=dict)
+    encoders_read: list[list[str]] = field(default_factory=list)  # [base, teacher 0, teacher 1, ...]
+
+    def text_held(self, placement: str, processes: int) -> int:
+        """Text-encoder parameters on the process that holds the most."""
+        from .placement import teacher_ranges
+
+        if not self.encoders_read:
+            return self.text
+        if placement != "shard":
+            return sum(self.encoder_sizes.values())
+        base, *teachers = self.encoders_read
+        return max(sum(self.encoder_sizes[e] for e in set(base).union(*(teachers[i] for i in held)))
+                   for held in teacher_ranges(len(teachers), processes))
 
     def held_teachers(self, placement: str, processes: int) -> int:
         """Distinct teacher UNets on the process that holds the most."""
@@ -238,14 +254,16 @@ class ModelSizes:
 def model_sizes(base: Path, teachers: list[Path | None], previous: Path | None = None) -> ModelSizes:
     """Sizes read from the weights files' headers: nothing is loaded."""
     ids = [component_sha256(f / "unet") if f is not None else "previous" for f in teachers]
-    encoders = {}  # one of each distinct text encoder (SDXL has two per model)
-    for folder in [base, *(t for t in teachers if t is not None)]:
+    encoders, read = {}, []  # one of each distinct text encoder (SDXL has two per model)
+    for folder in [base, *(t or base for t in teachers)]:  # old styles read the base's encoders
+        read.append([component_sha256(folder / part) for part in ENCODER_PARTS if (folder / part).is_dir()])
         for part in ENCODER_PARTS:
             if (folder / part).is_dir():
                 encoders.setdefault(component_sha256(folder / part), folder / part)
     shapes = component_shapes(base / "unet")
-    return ModelSizes(sum(math.prod(s) for s in shapes.values()), sum(parameters(c) for c in encoders.values()),
-                      len(set(ids)), base / "unet" / "config.json", shapes, ids)
+    sizes = {key: parameters(folder) for key, folder in encoders.items()}
+    return ModelSizes(sum(math.prod(s) for s in shapes.values()), sum(sizes.values()), len(set(ids)),
+                      base / "unet" / "config.json", shapes, ids, sizes, read)
 
 
 def rows_per_process(train, teachers: int, processes: int) -> int:
@@ -286,7 +304,7 @@ def estimate(train, sizes: ModelSizes, side: int, processes: int = 1) -> Estimat
     parts = {"weights": 4 * trained // split + b * frozen, "gathered weights": gathered,
              "optimizer": (2 if train.optimizer == "adamw-8bit" else 8) * trained // split,
              "teachers": b * p * (1 if train.teacher_offload == "cpu" else held),
-             "text encoders": b * sizes.text, "discriminator": b * p // 2 if train.adversarial_loss else 0,
+             "text encoders": b * sizes.text_held(train.teacher_placement, processes), "discriminator": b * p // 2 if train.adversarial_loss else 0,
              "ema": 4 * trained // split if train.ema is not None else 0,
              "activations": activations, "gradients beyond activations": max(gradients - activations, 0)}
     return Estimate(parts, trained)

@@ -44,7 +44,7 @@ def load_models(recipe: Recipe, base: Path, teachers: list[Path | None], device:
     (default: all)."""
     held = range(len(teachers)) if held is None else held
     dtype = TRAIN_DTYPES[recipe.train.precision]
-    new = {f"teacher{i}": f for i, f in enumerate(teachers) if f is not None}
+    new = {f"teacher{i}": f for i, f in enumerate(teachers) if f is not None and i in held}
     key_of, encoders = load_text_encoders({"base": base, **new}, device, dtype)
     teacher_device = "cpu" if recipe.train.teacher_offload == "cpu" else device
     old_count = sum(f is None for f in teachers)
@@ -69,7 +69,7 @@ def load_models(recipe: Recipe, base: Path, teachers: list[Path | None], device:
     for i, folder in enumerate(teachers):
         if i not in held:
             unets.append(None)
-            keys.append(key_of["base" if folder is None else f"teacher{i}"])
+            keys.append(key_of["base"])  # (never read: another process runs this teacher)
             styles.append(one_hot(i, old_count) if folder is None else None)
         elif folder is None:
             unets.append(frozen)

@@ -18,6 +18,7 @@ from ..files.hashing import component_sha256
 from ..interrupts import deferred
 from ..recipe import Recipe
 from .latents import encode_items
+from . import checkpoint
 from .placement import Placement, teacher_ranges
 from .plan import CHECKPOINTS, RUN_FILE, RunPlan, bucket_multiple, checkpoints, synthesis_settings
 from .student_folder import shared_recipe, write_student
@@ -230,7 +231,7 @@ def data_sources(plan: RunPlan, tokenizers, device) -> list:
 
 def _checkpoint(trainer, out: Path, step: int, keep: int, main: bool) -> None:
     """Every process takes part (a sharded student is gathered); the main one writes."""
-    trainer.save_checkpoint(out / CHECKPOINTS / f"step-{step:07d}", step, write=main)
+    checkpoint.save(trainer, out / CHECKPOINTS / f"step-{step:07d}", step, write=main)
     if main:
         for old in checkpoints(out)[:-keep]:
             shutil.rmtree(old)

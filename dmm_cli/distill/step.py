@@ -178,7 +178,8 @@ def _call(unet, inputs: dict) -> torch.Tensor:
 # --- compilation -------------------------------------------------------------------------------------------
 
 def repeated_blocks(unet: torch.nn.Module) -> list[torch.nn.Module]:
-    return [m for m in unet.modules() if type(m).__name__ in REPEATED_BLOCKS]
+    """By class, or a class's subclass (FSDP2 gives each module it shards a class of its own)."""
+    return [m for m in unet.modules() if any(c.__name__ in REPEATED_BLOCKS for c in type(m).__mro__)]
 
 
 def compile_blocks(unets: list[torch.nn.Module], backend: str | None = None) -> None:

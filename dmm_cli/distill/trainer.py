@@ -9,25 +9,25 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .. import console
 from ..errors import ModelError
-from ..files.atomic import atomic_folder
 from ..models.student import FeatureTaps
+from . import sharding
 from .adversarial import Discriminator, discriminator_loss, generator_loss
 from .losses import feature_loss, score_loss
 from .prediction import x0_and_eps
 from .step import Stopwatch, TeacherBank, TeacherRunner, compile_blocks, compile_cache, max_share, uncompile_blocks
 from .models import Models
-from .placement import LAYOUT_FILE, Placement
+from .checkpoint import load_trainable
+from .placement import Placement
 from .text import TextContexts
 
 
@@ -170,15 +170,13 @@ class Trainer:
         self.step_done = 0
         state = None
         if checkpoint is not None:
-            _load_trainable(student, load_file(checkpoint / "student.safetensors"), checkpoint)
+            load_trainable(student, checkpoint)
             state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
             self.step_done = state["step"]
         if cfg.gradient_checkpointing:
             student.enable_gradient_checkpointing()
         self.skeleton = None  # with train.student_sharding fsdp: the student's weightless twin, for saving it
         if cfg.student_sharding == "fsdp" and accelerator.num_processes > 1:
-            from . import sharding
-
             half = models.teacher_dtype if models.teacher_dtype != torch.float32 else None
             self.skeleton = sharding.shard(student.train(), device, half)  # its shards now on the device
         else:
@@ -202,7 +200,7 @@ class Trainer:
         if cfg.ema is not None:
             saved = checkpoint / "ema.safetensors" if checkpoint is not None else None
             loaded = load_file(saved) if saved is not None and saved.is_file() else {}
-            self.ema = {name: self._like(loaded[name], p) if name in loaded else p.detach().clone()
+            self.ema = {name: sharding.like(loaded[name], p) if name in loaded else p.detach().clone()
                         for name, p in student.named_parameters() if p.requires_grad}
         self.adversarial = cfg.adversarial_loss
         discriminator = d_optimizer = None
@@ -215,9 +213,7 @@ class Trainer:
             d_optimizer = torch.optim.AdamW(discriminator.head.parameters(), lr=self.adversarial.lr, **fused)
         if state is not None:
             if self.skeleton is not None:
-                from .sharding import load_optimizer_state
-
-                load_optimizer_state(student, optimizer, state["optimizer"])
+                sharding.load_optimizer_state(student, optimizer, state["optimizer"])
             else:
                 optimizer.load_state_dict(state["optimizer"])
             self.lr_schedule.load_state_dict(state["lr_schedule"])
@@ -246,13 +242,6 @@ class Trainer:
     @property
     def num_styles(self) -> int:
         return len(self.teachers)
-
-    def _like(self, whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-        if self.skeleton is None:
-            return whole.to(param.device)
-        from .sharding import like
-
-        return like(whole, param)
 
     def _own_labels(self, rotate: int) -> torch.Tensor:
         """The styles of this process's samples in a step batch split with this rotation."""
@@ -390,7 +379,7 @@ class Trainer:
                 self.accelerator.backward(loss * mb.weight if mb.weight != 1 else loss)  # and / accumulation steps
                 if self.accelerator.sync_gradients:
                     norm = self.accelerator.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
-                    self.nonfinite |= ~torch.isfinite(_whole(norm))
+                    self.nonfinite |= ~torch.isfinite(sharding.full(norm))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             if adversarial:  # the discriminator's own step, after the generator's
@@ -419,8 +408,8 @@ class Trainer:
 
     def _update_ema(self, step: int) -> None:
         """Copy the weights before ema.start_step, average them from it on: one fused op over all tensors."""
-        averages = [_local(a) for a in self.ema.values()]
-        weights = [_local(p.detach()) for p in self.unwrapped_student().parameters() if p.requires_grad]
+        averages = [sharding.local(a) for a in self.ema.values()]
+        weights = [sharding.local(p.detach()) for p in self.unwrapped_student().parameters() if p.requires_grad]
         with torch.no_grad():
             if step < self.train_cfg.ema.start_step:
                 torch._foreach_copy_(averages, weights)
@@ -436,13 +425,11 @@ class Trainer:
             with torch.no_grad():
                 for name, p in student.named_parameters():
                     if name in self.ema:
-                        _local(p).copy_(_local(self.ema[name]))
+                        sharding.local(p).copy_(sharding.local(self.ema[name]))
         if self.skeleton is None:
             return student
-        from .sharding import model_state, plain_copy
-
-        weights = model_state(student)
-        return plain_copy(self.skeleton, weights) if self.accelerator.is_main_process else None
+        weights = sharding.model_state(student)
+        return sharding.plain_copy(self.skeleton, weights) if self.accelerator.is_main_process else None
 
     def mean_losses(self, losses: StepLosses) -> dict[str, float]:
         """A step's losses as logged: the mean over every process's samples (a device sync)."""
@@ -531,62 +518,3 @@ class Trainer:
 
     def unwrapped_student(self) -> UNet2DConditionModel:
         return self.accelerator.unwrap_model(self.student)
-
-    def save_checkpoint(self, folder: Path, step: int, write: bool) -> None:
-        """Models, optimizers, LR schedule, EMA and RNG state, written atomically by the process told to `write`.
-        Every process calls it: a sharded student's tensors are gathered, one at a time, to the main process."""
-        student = self.unwrapped_student()
-        trained = {name for name, p in student.named_parameters() if p.requires_grad}
-        if self.skeleton is not None:
-            from .sharding import full, model_state, optimizer_state
-
-            weights = {k: v for k, v in model_state(student).items() if k in trained}
-            optimizer = optimizer_state(student, self.optimizer.optimizer)
-            ema = {}
-            for k, v in (self.ema or {}).items():
-                whole = full(v.detach())
-                if write:
-                    ema[k] = whole.cpu()
-        elif not write:
-            return
-        else:
-            weights = {k: v.detach().cpu() for k, v in student.state_dict().items() if k in trained}
-            ema = {k: v.detach().cpu() for k, v in (self.ema or {}).items()}
-            optimizer = self.optimizer.state_dict()
-        if not write:
-            return
-        with atomic_folder(folder) as tmp:
-            save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "student.safetensors")
-            extra = {}
-            if self.ema is not None:
-                save_file({k: v.contiguous() for k, v in ema.items()}, tmp / "ema.safetensors")
-            if self.discriminator is not None:
-                head = self.accelerator.unwrap_model(self.discriminator).head
-                save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
-                          tmp / "discriminator.safetensors")
-                extra["discriminator_optimizer"] = self.d_optimizer.state_dict()
-            (tmp / LAYOUT_FILE).write_text(json.dumps(self.layout()))
-            torch.save({"step": step, "optimizer": optimizer,
-                        "lr_schedule": self.lr_schedule.state_dict(), "rng": torch.get_rng_state(), **extra},
-                       tmp / "state.pt")
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def _whole(tensor: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
-def _load_trainable(student, weights: dict, checkpoint: Path) -> None:
-    """A checkpoint's weights (what trains: the whole UNet, or a LoRA student's adapter and style MLP)."""
-    trained = {name for name, p in student.named_parameters() if p.requires_grad}
-    if set(weights) != trained:
-        raise ModelError(f"{checkpoint}: its student weights are not this recipe's student "
-                         f"({len(weights)} tensors saved, {len(trained)} train)")
-    student.load_state_dict(weights, strict=False)
