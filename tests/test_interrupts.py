@@ -157,11 +157,11 @@ def test_distill_setup_interrupted_then_plain_rerun_works(dmm, tmp_path, monkeyp
 
 
 def test_second_ctrl_c_during_the_interrupt_checkpoint_keeps_it(dmm, tmp_path, monkeypatch):
-    from dmm_cli.distill import trainer
+    from dmm_cli.distill import checkpoint, trainer
 
     recipe = tiny_recipe(tmp_path, **{"train.max_steps": 50, "train.checkpoint_every": 100})
     interrupt_on_call(monkeypatch, trainer, "score_loss", call=4)
-    interrupt_on_call(monkeypatch, trainer, "save_file", call=1)  # the interrupt checkpoint's first file
+    interrupt_on_call(monkeypatch, checkpoint, "save_file", call=1)  # the interrupt checkpoint's first file
     r = dmm("distill", recipe)
     interrupted(r)
     assert "checkpoint saved" in r.err
@@ -204,7 +204,7 @@ def _after_optimizer():
 def test_resume_is_exact_whatever_the_instant_of_the_interrupt(dmm, tmp_path, monkeypatch, uninterrupted, phase):
     from accelerate import Accelerator
 
-    from dmm_cli.distill import trainer
+    from dmm_cli.distill import checkpoint, trainer
 
     recipe = tiny_recipe(tmp_path)
     handle = None
@@ -215,7 +215,7 @@ def test_resume_is_exact_whatever_the_instant_of_the_interrupt(dmm, tmp_path, mo
     elif phase == "after the optimizer":
         handle = _after_optimizer()
     else:  # the periodic checkpoint after step 3
-        interrupt_on_call(monkeypatch, trainer, "save_file", call=1, after=True)
+        interrupt_on_call(monkeypatch, checkpoint, "save_file", call=1, after=True)
     try:
         interrupted(dmm("distill", recipe))
     finally:
@@ -232,12 +232,12 @@ def test_resume_is_exact_whatever_the_instant_of_the_interrupt(dmm, tmp_path, mo
 
 KILL_MID_SAVE = """
 import os, signal, sys
-from dmm_cli.distill import trainer
-original = trainer.save_file
+from dmm_cli.distill import checkpoint
+original = checkpoint.save_file
 def save_then_die(*args, **kwargs):
     original(*args, **kwargs)
     os.kill(os.getpid(), signal.SIGKILL)
-trainer.save_file = save_then_die
+checkpoint.save_file = save_then_die
 from dmm_cli.cli import main
 sys.exit(main(["-q", "distill", sys.argv[1]]))
 """

@@ -85,6 +85,7 @@ def test_a_lora_student_trains_only_its_adapter_and_each_style_exports_as_a_lora
     tensors = load_file(files[0])
     assert "lora_unet_time_embedding_linear_2.diff_b" in tensors and float(tensors[next(
         k for k in tensors if k.endswith(".alpha"))]) == 4
+    assert not tensors["lora_unet_time_embedding_linear_2.diff"].any()  # A1111 applies a diff_b only beside it
     for i, lora in ((0, files[0]), (4, loras[4])):  # dmm's own LoRA path reads both layouts, bias included
         out = tmp_path / f"own-{i}.png"
         assert dmm("generate", "--model", f"toy:base+{lora}", PROMPT, *SAMPLE, "-o", out).code == 0
@@ -220,8 +221,8 @@ def test_a_lora_student_trains_norms_and_biases_whole_and_exports_them_as_kohya_
     exported = dmm("-q", "export", run, "--style", "stripes", "--format", "lora", "-o", tmp_path / "s.safetensors")
     assert exported.code == 0, exported
     tensors = load_file(Path(exported.out.strip()))
-    assert {"lora_unet_down_blocks_0_resnets_0_norm1.diff", "lora_unet_conv_in.diff_b",
-            "lora_unet_time_embedding_linear_2.diff_b"} <= tensors.keys()
+    assert {"lora_unet_down_blocks_0_resnets_0_norm1.w_norm", "lora_unet_down_blocks_0_resnets_0_norm1.b_norm",
+            "lora_unet_conv_in.diff_b", "lora_unet_time_embedding_linear_2.diff_b"} <= tensors.keys()
     own = tmp_path / "own.png"
     assert dmm("generate", "--model", f"toy:base+{exported.out.strip()}", PROMPT, *SAMPLE, "-o", own).code == 0
     assert np.abs(pixels(own) - pixels(mine)).max() <= 1

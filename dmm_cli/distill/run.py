@@ -160,8 +160,7 @@ def lost_process(error: Exception, processes: int) -> bool:
     """Whether `error` is a collective failing because another process of the run died or hung."""
     if processes == 1:
         return False
-    text = str(error)
-    return isinstance(error, torch.distributed.DistError) or any(w in text for w in ("gloo", "NCCL", "Connection"))
+    return isinstance(error, torch.distributed.DistError) or any(w in str(error) for w in ("gloo", "NCCL"))
 
 
 def _lost(error: Exception, step: int, out: Path) -> ProcessLost:

@@ -3,12 +3,14 @@
 The student's adapter is the same for every style; what a style adds is its style-MLP output c, a constant
 added to the timestep embedding (export/bake.py), so it is a bias difference on `time_embedding.linear_2`.
 Two layouts carry it:
-- kohya/A1111 (`--format lora`): `lora_unet_<layer>` down/up/alpha, and c as `..._time_embedding_linear_2.diff_b`,
-  the key ComfyUI and the A1111 family apply as a bias difference. diffusers' kohya converter drops `diff_b`.
+- kohya/A1111 (`--format lora`): `lora_unet_<layer>` down/up/alpha, and c as `..._time_embedding_linear_2.diff_b`
+  beside a zero `.diff` of its weight: ComfyUI applies a `diff_b` alone, A1111 only inside such a whole-weight
+  difference (its ModuleTypeFull). diffusers' kohya converter drops both.
 - diffusers/PEFT (`--format lora-diffusers`): `unet.<layer>.lora_A/lora_B`, α/r folded into lora_B, and c as
   `unet.time_embedding.linear_2.lora_B.bias` (PEFT's lora_bias) on a zero update, which `load_lora_weights` applies.
-A student that trained norms or biases whole (train.student.extras) adds their changes as kohya `diff` (a whole
-weight's difference) and `diff_b` keys, which ComfyUI's loader applies; the PEFT layout has no place for them.
+A student that trained norms or biases whole (train.student.extras) adds their changes: a norm layer's as
+`w_norm`/`b_norm` (LyCORIS' keys, which A1111 and ComfyUI apply), any other bias's as `diff_b` (ComfyUI applies it;
+A1111 does not, having no whole-weight difference beside it). The PEFT layout has no place for them.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 
 from ..errors import BadInput
 from ..files.safetensors_header import component_shapes
-from ..models.lora_student import EXTRAS_PREFIX, read_adapter
+from ..models.lora_student import EXTRAS_PREFIX, is_norm_layer, read_adapter
 from .bake import TIME_BIAS, style_constant
 
 FORMATS = ("lora", "lora-diffusers")
@@ -48,11 +50,14 @@ def style_lora(student, vector: torch.Tensor, fmt: str, dtype: torch.dtype | Non
             key = "lora_unet_" + layer.replace(".", "_")
             out.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
                         f"{key}.alpha": torch.tensor(alpha)})
-        constant = constant + extras.pop(TIME_BIAS, 0)  # the style's constant and a trained change of that bias
-        out[f"lora_unet_{TIME_LAYER.replace('.', '_')}.diff_b"] = constant
+        time_key = f"lora_unet_{TIME_LAYER.replace('.', '_')}"
+        out[f"{time_key}.diff_b"] = constant + extras.pop(TIME_BIAS, 0)  # and a trained change of that bias
+        if TIME_LAYER not in pairs:  # (beside a LoRA on the layer, ComfyUI would take the diff for the LoRA)
+            out[f"{time_key}.diff"] = torch.zeros(component_shapes(student / "unet")[f"{TIME_LAYER}.weight"])
         for name, change in extras.items():
             layer, kind = name.rsplit(".", 1)
-            out[f"lora_unet_{layer.replace('.', '_')}.{'diff_b' if kind == 'bias' else 'diff'}"] = change
+            suffix = ("w_norm" if kind == "weight" else "b_norm") if is_norm_layer(layer) else "diff_b"
+            out[f"lora_unet_{layer.replace('.', '_')}.{suffix}"] = change
     else:
         for layer, (down, up) in pairs.items():  # PEFT's lora_bias is all layers or none: the others' are zero
             out.update({f"unet.{layer}.lora_A.weight": down, f"unet.{layer}.lora_B.weight": up * (alpha / rank),

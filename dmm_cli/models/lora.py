@@ -235,13 +235,16 @@ def _layer_table(raw: dict[str, torch.Tensor], path: Path, pipeline_cls, unet_co
 
 def _bias_updates(raw: dict[str, torch.Tensor], path: Path, unet_shapes: dict) -> tuple[dict, dict]:
     """The UNet bias and whole-weight differences a LoRA carries (kohya's `<layer>.diff_b` and `<layer>.diff`,
-    PEFT's `<layer>.lora_B.bias`), taken out of `raw` by the UNet weight they add to; all-zero ones are dropped.
-    diffusers' converters skip the kohya ones."""
-    kohya = {name.rsplit(".", 1)[0].replace(".", "_") + (".diff_b" if name.endswith(".bias") else ".diff"): name
-             for name in unet_shapes if name.endswith((".bias", ".weight"))}
+    LyCORIS' norm `<layer>.w_norm` and `.b_norm`, PEFT's `<layer>.lora_B.bias`), taken out of `raw` by the UNet
+    weight they add to; all-zero ones are dropped. diffusers' converters skip the kohya and LyCORIS ones."""
+    kohya = {}
+    for name in unet_shapes:
+        layer, kind = name.rsplit(".", 1)
+        for suffix in {"bias": ("diff_b", "b_norm"), "weight": ("diff", "w_norm")}.get(kind, ()):
+            kohya[f"{layer.replace('.', '_')}.{suffix}"] = name
     rest, biases = {}, {}
     for key, tensor in raw.items():
-        if key.endswith((".diff_b", ".diff")) and key.startswith("lora_unet_"):
+        if key.endswith((".diff_b", ".diff", ".w_norm", ".b_norm")) and key.startswith("lora_unet_"):
             name = kohya.get(key[len("lora_unet_"):])
         elif key.endswith(".lora_B.bias"):
             name = key.removeprefix("unet.").removesuffix(".lora_B.bias") + ".bias"
