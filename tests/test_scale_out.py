@@ -105,6 +105,26 @@ def test_a_sharded_checkpoint_resumes_on_another_number_of_processes(tmp_path):
     assert [r["processes"] for r in rows] == [4, 4, 2]
 
 
+def test_two_machines_train_the_student_of_one(dmm, tmp_path):
+    """Two launchers on one host standing for two machines (one process each, torchrun's static rendezvous), each
+    with its own $DMM_HOME: the main process makes the latent cache first, the other machine's process its own
+    copy after it, and the run is the one a single process trains."""
+    assert dmm("distill", recipe(tmp_path / "one", 8)).code == 0
+    path = recipe(tmp_path / "two", 4, **{"train.teacher_placement": "shard"})
+    port = str(29400 + os.getpid() % 500)
+    machines = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank",
+                                  str(rank), "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port",
+                                  port, "-m", "dmm_cli", "distill", str(path)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True,
+                                 env=dict(os.environ, OMP_NUM_THREADS="1", DMM_HOME=str(tmp_path / f"home{rank}")))
+                for rank in (0, 1)]
+    results = [m.communicate(timeout=300) for m in machines]
+    assert [m.returncode for m in machines] == [0, 0], results
+    assert results[0][0].strip() == str(tmp_path / "two" / "run") and results[1][0] == ""  # the main one speaks
+    assert all(list((tmp_path / f"home{rank}" / "latents").glob("*.safetensors")) for rank in (0, 1))
+    assert relative_difference(tmp_path / "two" / "run", tmp_path / "one" / "run") < 1e-3
+
+
 def _workers(launcher: subprocess.Popen) -> list[int]:
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
