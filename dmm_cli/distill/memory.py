@@ -19,7 +19,8 @@ Per process, on W processes (distill/placement.py): with train.teacher_placement
 teachers (the busiest: the most distinct UNets) and trains on their samples (the most any process gets); with
 train.student_sharding fsdp the student's weights, gradients, optimizer state and EMA are split W ways, and
 the unsharded parts are gathered whole in the training dtype: the UNet outside its repeated blocks for the
-whole step, and two blocks at a time (one computing, one prefetched).
+whole step, and two blocks at a time (one computing, one prefetched); as they arrive in half precision,
+autocast keeps no half-precision copies of them (the activations' fixed part).
 
 P is the UNet's parameter count, read from its weights files' headers. The estimate leaves out the
 latent and text-context caches (at most 2 GB and 1 GB, kept on the GPU only when they fit).
@@ -293,12 +294,14 @@ def estimate(train, sizes: ModelSizes, side: int, processes: int = 1) -> Estimat
         trained, frozen = adapter_parameters(sizes.unet_shapes, student.rank, student.targets,
                                             student.extras), p
     teachers = len(sizes.teacher_ids) or sizes.teachers
-    activations = activation_bytes(sizes.unet_config, side, train.precision, train.gradient_checkpointing,
-                                   lora).at(rows_per_process(train, teachers, processes))
+    saved = activation_bytes(sizes.unet_config, side, train.precision, train.gradient_checkpointing, lora)
+    activations = saved.at(rows_per_process(train, teachers, processes))
     split, gathered = 1, 0
     if train.student_sharding == "fsdp" and processes > 1:
         rest, block = sizes.fsdp_units()
         split, gathered = processes, b * (rest + 2 * block)
+        if train.precision != "no":  # weights gathered in half precision: autocast keeps no copies of them
+            activations -= saved.fixed
     gradients = 4 * trained // split
     held = sizes.held_teachers(train.teacher_placement, processes)
     parts = {"weights": 4 * trained // split + b * frozen, "gathered weights": gathered,
