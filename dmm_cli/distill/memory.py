@@ -307,7 +307,8 @@ def estimate(train, sizes: ModelSizes, side: int, processes: int = 1) -> Estimat
     parts = {"weights": 4 * trained // split + b * frozen, "gathered weights": gathered,
              "optimizer": (2 if train.optimizer == "adamw-8bit" else 8) * trained // split,
              "teachers": b * p * (1 if train.teacher_offload == "cpu" else held),
-             "text encoders": b * sizes.text_held(train.teacher_placement, processes), "discriminator": b * p // 2 if train.adversarial_loss else 0,
+             "text encoders": b * sizes.text_held(train.teacher_placement, processes),
+             "discriminator": b * p // 2 if train.adversarial_loss else 0,
              "ema": 4 * trained // split if train.ema is not None else 0,
              "activations": activations, "gradients beyond activations": max(gradients - activations, 0)}
     return Estimate(parts, trained)

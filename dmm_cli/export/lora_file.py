@@ -40,7 +40,7 @@ def style_lora(student, vector: torch.Tensor, fmt: str, dtype: torch.dtype | Non
               if k.startswith(EXTRAS_PREFIX)}
     if extras and fmt != "lora":
         raise BadInput(f"--format {fmt}: {student} trained its {' and '.join(config['dmm']['extras'])} whole, "
-                       "which the diffusers/PEFT layout cannot carry; use --format lora (kohya diff and diff_b)")
+                       "which the diffusers/PEFT layout cannot carry; use --format lora (kohya and LyCORIS keys)")
     constant = style_constant(weights, vector)
     pairs = _pairs(weights)
     dtype = dtype or next(iter(weights.values())).dtype
