@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -54,19 +53,9 @@ def main() -> None:
     a = p.parse_args()
     if torch.cuda.is_available():
         a.processes = [n for n in a.processes if n <= torch.cuda.device_count()]
-    folders = sd15.write_model_folders(a.work / "models", a.teachers, a.tiny)
-    size = 64 if a.tiny else 512
-    data = sd15.write_data(a.work / "data", a.images, size)
-    recipe = {
-        "name": "scale", "base": str(folders["base"]),
-        "teachers": [{"name": f"style{i}", "model": str(folders[f"teacher{i}"])} for i in range(a.teachers)],
-        "data": {"folder": str(data), "resolution": size},
-        "train": {"max_steps": a.steps, "batch_size": a.batch, "lr": 1e-5, "precision": a.precision,
-                  "log_every": max(a.steps // 2, 1), "checkpoint_every": 10_000},
-        "output": str(a.work / "run"),
-    }
-    recipe_path = a.work / "recipe.yaml"
-    recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    recipe_path = sd15.write_recipe(a.work, "scale", a.teachers, a.images, a.tiny, {
+        "max_steps": a.steps, "batch_size": a.batch, "precision": a.precision,
+        "log_every": max(a.steps // 2, 1), "checkpoint_every": 10_000})
     env = dict(os.environ, DMM_HOME=str(a.work / "home"), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     for n, placement, sharding in rows_to_run(a.processes, a.teachers):
         settings = ["--set", f"train.teacher_placement={placement}", "--set", f"train.student_sharding={sharding}",

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -89,6 +90,23 @@ def write_model_folders(root: Path, teachers: int, tiny: bool) -> dict[str, Path
                 os.symlink(base / part, folder / part)
         folders[f"teacher{i}"] = folder
     return folders
+
+
+def write_recipe(work: Path, name: str, teachers: int, images: int, tiny: bool, train: dict) -> Path:
+    """work/recipe.yaml: `teachers` random-weight fine-tunes of a random-weight base (work/models), trained on
+    `images` random captioned pictures (work/data) with these `train` settings into work/run."""
+    folders = write_model_folders(work / "models", teachers, tiny)
+    size = 64 if tiny else 512
+    recipe = {
+        "name": name, "base": str(folders["base"]),
+        "teachers": [{"name": f"style{i}", "model": str(folders[f"teacher{i}"])} for i in range(teachers)],
+        "data": {"folder": str(write_data(work / "data", images, size)), "resolution": size},
+        "train": {"lr": 1e-5, **train},
+        "output": str(work / "run"),
+    }
+    path = work / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
 
 
 def write_data(folder: Path, count: int, size: int) -> Path:

@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -38,21 +37,10 @@ def main() -> None:
     p.add_argument("--student", default="full", choices=["full", "lora"], help="lora: a rank-16 LoRA student")
     a = p.parse_args()
     started = time.perf_counter()
-    folders = sd15.write_model_folders(a.work / "models", a.teachers, a.tiny)
-    size = 64 if a.tiny else 512
-    data = sd15.write_data(a.work / "data", a.images, size)
-    recipe = {
-        "name": "sd15_smoke", "base": str(folders["base"]),
-        "teachers": [{"name": f"style{i}", "model": str(folders[f"teacher{i}"])} for i in range(a.teachers)],
-        "data": {"folder": str(data), "resolution": size},
-        "train": {"max_steps": a.steps, "batch_size": a.batch, "lr": 1e-5, "precision": a.precision,
-                  "log_every": 5, "checkpoint_every": 1000,
-                  "compile": {"auto": "auto", "true": True, "false": False}[a.compile],
-                  "student": {"type": a.student, "rank": 16}},
-        "output": str(a.work / "run"),
-    }
-    recipe_path = a.work / "recipe.yaml"
-    recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    recipe_path = sd15.write_recipe(a.work, "sd15_smoke", a.teachers, a.images, a.tiny, {
+        "max_steps": a.steps, "batch_size": a.batch, "precision": a.precision, "log_every": 5,
+        "checkpoint_every": 1000, "compile": {"auto": "auto", "true": True, "false": False}[a.compile],
+        "student": {"type": a.student, "rank": 16}})
     prepared = time.perf_counter() - started
     env = dict(os.environ, DMM_HOME=str(a.work / "home"))
     cmd = [sys.executable, "-m", "dmm_cli", "distill", str(recipe_path)]  # --overwrite: a rerun starts over
