@@ -111,8 +111,8 @@ class Student(Strict):
     targets: list[str] = Field(list(LORA_TARGETS), min_length=1, description="lora: the layers it adapts, by "
                                "name or last dotted parts of the name (resnets' conv1/conv2 add conv layers).")
     extras: list[Literal["norms", "biases"]] = Field([], description="lora: also train these whole, in fp32: the "
-                                                     "norm layers' scales and shifts, every bias. Exported as kohya "
-                                                     "diff and diff_b keys (--format lora only).")
+                                                     "norm layers' scales and shifts, every bias. Exported as LyCORIS "
+                                                     "w_norm/b_norm and kohya diff_b keys (--format lora only).")
 
     @field_validator("extras")
     @classmethod
