@@ -25,6 +25,7 @@ from ablation import (TEACHERS, SAMPLE, anatomy, dmm, kept_section, recipe, run,
 from toy_acceptance import measure  # noqa: E402
 
 FEATURE = {"weight": 0.001, "reduce": "mean", "type": "l2"}
+LOGIT_NORMAL = {"sampling": "logit_normal", "mean": 0.0, "std": 1.0}
 
 
 def ema(steps: int) -> dict:  # an average over the last ~steps/6, starting once the warm-up's weights are gone
@@ -41,10 +42,16 @@ ROWS = {
     "ema-1k2": ("+ EMA", 1200, ema(1200)),
     "cosine-1k2": ("+ cosine LR", 1200, {"lr_schedule": "cosine"}),
     "logit-normal-1k2": ("+ logit-normal timesteps (middle-weighted)", 1200,
-                         {"timesteps": {"sampling": "logit_normal", "mean": 0.0, "std": 1.0}}),
+                         {"timesteps": LOGIT_NORMAL}),
     "feature-0.01-1k2": ("feature loss 0.01 (10×)", 1200, {"feature_loss": {**FEATURE, "weight": 0.01}}),
     "batch64-1k2": ("batch 64", 1200, {"batch_size": 64}),
     "feature-0-1k2": ("feature loss 0 (score only)", 1200, {"feature_loss": {**FEATURE, "weight": 0.0}}),
+    "logit-normal-seed1-1k2": ("+ logit-normal timesteps, training seed 1", 1200,
+                               {"timesteps": LOGIT_NORMAL, "seed": 1}),
+    "logit-normal-ema-cosine-5k": ("+ logit-normal timesteps + EMA + cosine LR, 5k steps", 5000,
+                                   {**ema(5000), "lr_schedule": "cosine", "timesteps": LOGIT_NORMAL}),
+    "ema-cosine-5k-seed1": ("+ EMA + cosine LR, 5k steps, training seed 1", 5000,
+                            {**ema(5000), "lr_schedule": "cosine", "seed": 1}),
 }
 SECOND_EVAL_SEED = ("base-1k2", "ema-cosine-5k")
 

@@ -1,7 +1,7 @@
-"""One summary of a `gpu_run.sh` folder: ratios to the released step, teacher-count flatness, compile times,
+"""One summary of `gpu_run.sh`'s step outputs: ratios to the released step, teacher-count flatness, compile times,
 generation parity and memory plan errors, with the issue's goals beside them. Prints JSON.
 
-  python benchmarks/gpu_summary.py gpu-out > gpu-out/summary.json
+  python benchmarks/gpu_summary.py /tmp/dmm-gpu/steps       # gpu_run.sh's $WORK/steps, or steps.tgz unpacked
 """
 from __future__ import annotations
 
@@ -26,6 +26,11 @@ def rows(folder: Path, name: str) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return [r for r in found if isinstance(r, dict)]
+
+
+def last_line(path: Path) -> str | None:
+    lines = path.read_text().strip().splitlines() if path.is_file() else []
+    return lines[-1] if lines else None
 
 
 def throughput(found: list[dict], **match) -> float | None:
@@ -69,7 +74,7 @@ def summarize(folder: Path) -> dict:
                            "peak_gb": r.get("memory_measured_gb"), "estimate_gb": r.get("memory_estimate_gb"),
                            "estimate_over_peak": ratio(r.get("memory_estimate_gb"), r.get("memory_measured_gb"))})
     return {
-        "gpu": (folder / "gpu.txt").read_text().strip().splitlines()[-1] if (folder / "gpu.txt").is_file() else None,
+        "gpu": last_line(folder / "gpu.txt"),
         "commit": (folder / "commit.txt").read_text().strip() if (folder / "commit.txt").is_file() else None,
         "steps": steps,
         "b16_4t_best_vs_official": max(filter(None, [b16.get("dmm_4t_eager_vs_official"),
@@ -89,4 +94,4 @@ def summarize(folder: Path) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(summarize(Path(sys.argv[1] if len(sys.argv) > 1 else "gpu-out")), indent=1))
+    print(json.dumps(summarize(Path(sys.argv[1] if len(sys.argv) > 1 else "steps")), indent=1))

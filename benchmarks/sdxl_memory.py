@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dmm_cli.console import quiet_loading, set_debug  # noqa: E402
-from dmm_cli.distill.memory import CARDS_GB, ModelSizes, estimate, fitting_settings  # noqa: E402
+from dmm_cli.distill.memory import ModelSizes, estimate, fitting_settings  # noqa: E402
 from dmm_cli.models.single_file import CONFIGS  # noqa: E402
 from dmm_cli.recipe import Train  # noqa: E402
 
