@@ -1,7 +1,7 @@
 """The LoRA student against the full one on the toy zoo: ranks 4, 16 and 64; writes docs/lora_student.md and .json.
 
 Each row trains through the real CLI (recipes/toy_styles_lora.yaml's settings at its rank; the full student is
-the demo recipe) and is measured as the convergence study measures (benchmarks/convergence.py): FID_t over the
+the convergence study's first row: the demo recipe with uniform timesteps) and is measured as the convergence study measures (benchmarks/convergence.py): FID_t over the
 held-out colour/shape pairs and held-out style accuracy, with the trainable parameters, the size of one
 exported style LoRA (kohya layout) and of the adapter folder, and the training speed on this machine.
 
@@ -25,7 +25,7 @@ from convergence import ROWS as CONVERGENCE  # noqa: E402
 from convergence import measure_row  # noqa: E402
 
 LORA = yaml.safe_load((ROOT / "recipes" / "toy_styles_lora.yaml").read_text())["train"]
-ROWS = {"base-1k2": ("full student (the demo recipe)", *CONVERGENCE["base-1k2"][1:])}
+ROWS = {"base-1k2": ("full student (1,200 steps, uniform timesteps)", *CONVERGENCE["base-1k2"][1:])}
 for rank in (4, 16, 64):
     ROWS[f"lora-r{rank}"] = (f"LoRA student, rank {rank}", LORA["max_steps"],
                              {"lr": LORA["lr"], "student": {**LORA["student"], "rank": rank}})
@@ -75,8 +75,9 @@ def main() -> None:
             done[key]["samples_per_s"] = speed(a.work, key, env)
     results.write_text(json.dumps([done[k] for k in ROWS], indent=2) + "\n")
     lines = ["# The LoRA student against the full student", "",
-             "`python benchmarks/lora_ranks.py --work DIR`: the toy zoo's four styles; the full student is the demo "
-             f"recipe, the LoRA students `recipes/toy_styles_lora.yaml` ({LORA['max_steps']} steps, lr {LORA['lr']}) "
+             "`python benchmarks/lora_ranks.py --work DIR`: the toy zoo's four styles; the full student is the "
+             "convergence study's first row (the demo recipe with uniform timesteps), "
+             f"the LoRA students `recipes/toy_styles_lora.yaml` ({LORA['max_steps']} steps, lr {LORA['lr']}) "
              "at each rank. FID_t and style accuracy as in [faithfulness.md](faithfulness.md) (held-out pairs, eval "
              "seed 0). File: one style's kohya LoRA for a LoRA student, the UNet for the full one. Speed: median "
              "training samples a second over 60 steps of each row's recipe, the rows timed back to back on this "
