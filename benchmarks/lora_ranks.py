@@ -1,9 +1,10 @@
 """The LoRA student against the full one on the toy zoo: ranks 4, 16 and 64; writes docs/lora_student.md and .json.
 
-Each row trains through the real CLI (recipes/toy_styles_lora.yaml's settings at its rank; the full student is
-the convergence study's first row: the demo recipe with uniform timesteps) and is measured as the convergence
-study measures (benchmarks/convergence.py): FID_t over the held-out colour/shape pairs and held-out style accuracy, with the trainable parameters, the size of one
-exported style LoRA (kohya layout) and of the adapter folder, and the training speed on this machine.
+Each row trains through the real CLI (recipes/toy_styles_lora.yaml's settings at its rank; the full student is the
+convergence study's first row: the demo recipe with uniform timesteps) and is measured as the convergence study
+measures (benchmarks/convergence.py): FID_t over the held-out colour/shape pairs and held-out style accuracy, with
+the trainable parameters, the size of one exported style LoRA (kohya layout) and of the adapter folder, and the
+training speed on this machine.
 
   python benchmarks/lora_ranks.py --work /tmp/convergence      # shares the convergence study's runs and samples
 """
