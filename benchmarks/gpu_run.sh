@@ -18,12 +18,13 @@
 set -u
 out=${OUT:-gpu-out}
 mkdir -p "$out"
-official=${1:-$( [ -f .gpu/official_step.py ] && echo .gpu/official_step.py || echo ../shared/bench/official_step.py )}
+official=${1:-../shared/bench/official_step.py}
+[ $# -eq 0 ] && [ -f .gpu/official_step.py ] && official=.gpu/official_step.py  # carried by gpu_prepare.sh
 work=${WORK:-/tmp/dmm-gpu}
 export PYTHONUNBUFFERED=1 DMM_HOME=$work/home  # one compile cache for the cold and the warm run
 if [ -d .gpu/wheels ]; then  # packages the GPU image lacks (benchmarks/gpu_prepare.sh)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/wheels/*.whl \
-    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-} || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .gpu/wheels/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-} || exit 1
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 steps=$work/steps  # this run's step outputs only; an earlier run's are dropped
@@ -32,8 +33,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$ste
 git rev-parse --short HEAD > "$steps/commit.txt" 2>/dev/null
 pack() {
   tar -czf "$out/steps.tgz.part" -C "$work" steps && mv "$out/steps.tgz.part" "$out/steps.tgz"
-  python3 benchmarks/gpu_summary.py "$steps" > "$out/summary.json.part" && mv "$out/summary.json.part" "$out/summary.json" \
-    || rm -f "$out/summary.json.part"
+  python3 benchmarks/gpu_summary.py "$steps" > "$out/summary.json.part" \
+    && mv "$out/summary.json.part" "$out/summary.json" || rm -f "$out/summary.json.part"
 }
 step() {
   local name=$1 limit=$2; shift 2
@@ -56,7 +57,8 @@ step compile_teachers 60 python3 benchmarks/distill_throughput.py --batch 16 --t
 step generate 40 python3 benchmarks/generate_throughput.py --repeats 3
 step sd15_cli 45 python3 benchmarks/sd15_distill_smoke.py --work "$work/sd15" --teachers 2 --steps 10
 step sd15_cli_again 35 python3 benchmarks/sd15_distill_smoke.py --work "$work/sd15" --teachers 2 --steps 10
-step sd15_lora_cli 35 python3 benchmarks/sd15_distill_smoke.py --work "$work/sd15" --teachers 2 --steps 10 --student lora
+step sd15_lora_cli 35 python3 benchmarks/sd15_distill_smoke.py --work "$work/sd15" --teachers 2 --steps 10 \
+  --student lora
 step sdxl_step 60 python3 benchmarks/sdxl_memory.py --measure --teachers 2 --batch 4 --checkpointing on off --steps 2
 step scale 500 python3 benchmarks/scale.py --work "$work/scale" --processes 1 2 4 --teachers 4 --steps 20 --timeout 150
 step merge_bench 300 python3 benchmarks/merge_bench.py --work "$work/merge-bench" --devices cpu cuda
