@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import traceback
 from pathlib import Path
@@ -228,7 +227,13 @@ def distill(
         else:
             console.result(_describe_plan(description))
         return
-    folder = distill_mod.run(plan)
+    try:
+        folder = distill_mod.run(plan)
+    except KeyboardInterrupt as stop:  # the launcher's stop signal, landed while a lost process was being told
+        lost = distill_mod.lost_process_behind(stop)
+        if lost is None:
+            raise
+        raise lost from None
     from accelerate.state import PartialState
 
     if PartialState().is_main_process:
@@ -521,8 +526,7 @@ def toy_list(
 def entry() -> int:
     """The `dmm` process: run the CLI, then exit with its code even if a late signal arrives while exiting."""
     code = main()
-    for s in interrupts.SIGNALS:  # the outcome is decided: a stray interrupt must not turn it into
-        signal.signal(s, signal.SIG_IGN)  # an unhandled KeyboardInterrupt during interpreter shutdown
+    interrupts.ignore()  # a stray interrupt must not turn the outcome into one unhandled during shutdown
     # CPython marks an interrupt that escaped an exec() of source text (a dataclass or namedtuple being made
     # during a lazy import) as unhandled, however it was handled after, and then kills the process with SIGINT
     # instead of exiting with `code`. Running source text clears that mark (CPython 3.11 does; where a later one

@@ -29,6 +29,14 @@ def catch() -> None:
         signal.signal(s, _raise)
 
 
+def ignore() -> None:
+    """From now on SIGINT and SIGTERM do nothing: the process's outcome is decided, and a late signal must not
+    replace it. Signal handlers can only change in the main thread; elsewhere this does nothing."""
+    if threading.current_thread() is threading.main_thread():
+        for s in SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+
+
 def arrived() -> bool:
     """Whether an interrupt arrived since `catch`. Torch's C++ code turns a KeyboardInterrupt raised inside it
     into a ValueError with no trace of it (loading safetensors does this), so the error the user then sees is

@@ -218,3 +218,36 @@ def test_the_shipped_8_teacher_sdxl_recipe_fits_8_gpus_of_48_gb_without_offload(
     parts = estimate(shipped.train, own, SIDE, 8).parts
     assert parts["text encoders"] == 2 * 2 * text  # bf16, two models' encoders
     assert estimate(replicated, own, SIDE, 8).parts["text encoders"] == 9 * 2 * text
+
+
+@pytest.mark.parametrize("told", ["during the failure", "after the error"])
+def test_the_launchers_stop_signal_does_not_hide_a_lost_process(tmp_path, monkeypatch, capsys, told):
+    """The launcher stops the other processes when one dies, and its signal may land while a process is already
+    failing for that reason (here, deterministically): the user is told of the lost process, not an interrupt."""
+    import dmm_cli.distill as distill
+    from dmm_cli.cli import main
+    from dmm_cli.distill.run import lost_without_step
+
+    def failing_run(plan):
+        try:
+            raise torch.distributed.DistNetworkError("Connection closed by peer [127.0.0.1]:29500")
+        except torch.distributed.DistNetworkError as e:
+            if told == "after the error":
+                try:
+                    raise lost_without_step(e) from None
+                finally:
+                    os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise AssertionError("the signal did not land")
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(distill, "run", failing_run)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert main(["distill", str(recipe(tmp_path, 4))]) == 1
+    finally:  # the CLI ignores signals once its outcome is decided; this test process must not
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dmm: error: distill: another process of this run stopped"), err
+    assert "--resume" in err[0] and "Connection closed by peer" in err[0]

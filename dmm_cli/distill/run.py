@@ -3,19 +3,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from .. import console
+from .. import console, interrupts
 from ..data.sources import FolderImages, open_images, resolve_data
 from ..errors import DMMError, ProcessLost
 from ..files import state
 from ..files.atomic import atomic_file, clear_temporaries, output_lock
 from ..files.hashing import component_sha256
-from ..interrupts import deferred
 from ..recipe import Recipe
 from .latents import encode_items
 from . import checkpoint
@@ -102,7 +102,7 @@ def _train(plan: RunPlan, accelerator) -> Path:
 
     try:
         while step < cfg.max_steps:
-            with deferred():  # a Ctrl-C lands between steps, so a checkpoint never holds half a step
+            with interrupts.deferred():  # a Ctrl-C lands between steps, so a checkpoint never holds half a step
                 losses = trainer.step(step)
                 step += 1
             bar.update()
@@ -122,13 +122,13 @@ def _train(plan: RunPlan, accelerator) -> Path:
                     log.write(last)
             if step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
                 check_finite()
-                with deferred():
+                with interrupts.deferred():
                     _checkpoint(trainer, out, step, cfg.keep_checkpoints, main)
                 accelerator.wait_for_everyone()
     except KeyboardInterrupt:
         bar.close()
         try:
-            with deferred(reraise=False):  # a second Ctrl-C must not cost the first one's checkpoint
+            with interrupts.deferred(reraise=False):  # a second Ctrl-C must not cost the first one's checkpoint
                 check_finite()
                 _checkpoint(trainer, out, step, cfg.keep_checkpoints, main)
         except Exception as e:  # a launcher stops every process when one dies: the others cannot checkpoint
@@ -164,11 +164,37 @@ def lost_process(error: Exception, processes: int) -> bool:
 
 
 def _lost(error: Exception, step: int, out: Path) -> ProcessLost:
+    interrupts.ignore()  # the launcher stops this process too: its signal must not replace this error
     kept = checkpoints(out)
     where = f"its last checkpoint is {kept[-1]}" if kept else "no checkpoint was saved yet"
-    reason = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)[:160]
     return ProcessLost(f"distill: another process of this run stopped or stopped answering near step {step}, so this "
-                    f"one stopped too ({where}; continue with --resume); the collective said: {reason}")
+                       f"one stopped too ({where}; continue with --resume); the collective said: {_said(error)}")
+
+
+def lost_process_behind(stop: KeyboardInterrupt) -> ProcessLost | None:
+    """The lost process behind a stop signal that landed while this process was failing because of it (the
+    launcher stops every process when one dies): that, not the interrupt, is the news."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    cause, seen = stop.__context__, set()
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ProcessLost):
+            return cause
+        if lost_process(cause, processes):
+            return lost_without_step(cause)
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def lost_without_step(error: BaseException) -> ProcessLost:
+    """The same news where the step is not known."""
+    interrupts.ignore()
+    return ProcessLost("distill: another process of this run stopped or stopped answering, so this one stopped too "
+                       f"(continue from its last checkpoint with --resume); the collective said: {_said(error)}")
+
+
+def _said(error: BaseException) -> str:
+    return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)[:160]
 
 
 def describe_layout(plan: RunPlan, placement: Placement) -> str:
