@@ -226,7 +226,7 @@ def test_the_launchers_stop_signal_does_not_hide_a_lost_process(tmp_path, monkey
     failing for that reason (here, deterministically): the user is told of the lost process, not an interrupt."""
     import dmm_cli.distill as distill
     from dmm_cli.cli import main
-    from dmm_cli.distill.run import lost_without_step
+    from dmm_cli.distill.run import _lost as lost_at_step
 
     def failing_run(plan):
         try:
@@ -234,7 +234,7 @@ def test_the_launchers_stop_signal_does_not_hide_a_lost_process(tmp_path, monkey
         except torch.distributed.DistNetworkError as e:
             if told == "after the error":
                 try:
-                    raise lost_without_step(e) from None
+                    raise lost_at_step(e, 7, tmp_path) from None  # as distill's loop makes it
                 finally:
                     os.kill(os.getpid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)

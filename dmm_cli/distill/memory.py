@@ -257,10 +257,10 @@ def model_sizes(base: Path, teachers: list[Path | None], previous: Path | None =
     ids = [component_sha256(f / "unet") if f is not None else "previous" for f in teachers]
     encoders, read = {}, []  # one of each distinct text encoder (SDXL has two per model)
     for folder in [base, *(t or base for t in teachers)]:  # old styles read the base's encoders
-        read.append([component_sha256(folder / part) for part in ENCODER_PARTS if (folder / part).is_dir()])
-        for part in ENCODER_PARTS:
-            if (folder / part).is_dir():
-                encoders.setdefault(component_sha256(folder / part), folder / part)
+        parts = {component_sha256(folder / part): folder / part for part in ENCODER_PARTS if (folder / part).is_dir()}
+        read.append(list(parts))
+        for key, part in parts.items():
+            encoders.setdefault(key, part)
     shapes = component_shapes(base / "unet")
     sizes = {key: parameters(folder) for key, folder in encoders.items()}
     return ModelSizes(sum(math.prod(s) for s in shapes.values()), sum(sizes.values()), len(set(ids)),

@@ -164,11 +164,9 @@ def lost_process(error: Exception, processes: int) -> bool:
 
 
 def _lost(error: Exception, step: int, out: Path) -> ProcessLost:
-    interrupts.ignore()  # the launcher stops this process too: its signal must not replace this error
     kept = checkpoints(out)
     where = f"its last checkpoint is {kept[-1]}" if kept else "no checkpoint was saved yet"
-    return ProcessLost(f"distill: another process of this run stopped or stopped answering near step {step}, so this "
-                       f"one stopped too ({where}; continue with --resume); the collective said: {_said(error)}")
+    return _process_lost(error, f" near step {step}", f"{where}; continue with --resume")
 
 
 def lost_process_behind(stop: KeyboardInterrupt) -> ProcessLost | None:
@@ -180,21 +178,17 @@ def lost_process_behind(stop: KeyboardInterrupt) -> ProcessLost | None:
         seen.add(id(cause))
         if isinstance(cause, ProcessLost):
             return cause
-        if lost_process(cause, processes):
-            return lost_without_step(cause)
+        if lost_process(cause, processes):  # the step is not known here
+            return _process_lost(cause, "", "continue from its last checkpoint with --resume")
         cause = cause.__cause__ or cause.__context__
     return None
 
 
-def lost_without_step(error: BaseException) -> ProcessLost:
-    """The same news where the step is not known."""
-    interrupts.ignore()
-    return ProcessLost("distill: another process of this run stopped or stopped answering, so this one stopped too "
-                       f"(continue from its last checkpoint with --resume); the collective said: {_said(error)}")
-
-
-def _said(error: BaseException) -> str:
-    return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)[:160]
+def _process_lost(error: BaseException, near: str, then: str) -> ProcessLost:
+    interrupts.ignore()  # the launcher stops this process too: its signal must not replace this error
+    said = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)[:160]
+    return ProcessLost(f"distill: another process of this run stopped or stopped answering{near}, so this one "
+                       f"stopped too ({then}); the collective said: {said}")
 
 
 def describe_layout(plan: RunPlan, placement: Placement) -> str:
