@@ -20,7 +20,7 @@ _ABORT = (click.exceptions.Abort, typer.Abort)
 _USAGE = (click.ClickException, _TyperClickException)
 
 from . import __version__, console, interrupts
-from .errors import BadInput, DMMError, ProcessLost
+from .errors import BadInput, DMMError, ProcessLost, out_of_memory
 
 app = typer.Typer(
     name="dmm",
@@ -535,6 +535,15 @@ def entry() -> int:
     return code
 
 
+# What needs less memory, per command, when one runs out of it.
+_MEMORY_HINTS = {
+    "generate": "fewer pictures per forward pass (--batch-size) or a smaller --width and --height need less",
+    "eval": "fewer pictures per forward pass (--batch-size) need less",
+    "distill": "`dmm distill RECIPE --dry-run` plans a run's memory and names settings that fit",
+    "": "free some memory or use a machine with more",
+}
+
+
 def _interrupted() -> int:
     print("dmm: interrupted", file=sys.stderr)
     return 130
@@ -577,6 +586,11 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         if interrupts.arrived():
             return _interrupted()
+        command = next((a for a in argv if not a.startswith("-")), "")  # dmm's own options are all flags
+        memory = out_of_memory(e, f"in `dmm {command}`", _MEMORY_HINTS.get(command, _MEMORY_HINTS[""]))
+        if memory is not None:
+            print(f"dmm: error: {memory}", file=sys.stderr)
+            return memory.exit_code
         print(f"dmm: internal error: {e.__class__.__name__}: {e} (run with --debug for the traceback)",
               file=sys.stderr)
         return 1

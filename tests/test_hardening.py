@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import TOY_TEACHERS, assert_one_sentence_error, tiny_recipe
+from conftest import TOY_TEACHERS, assert_one_sentence_error, one_sentence, tiny_recipe
+from dmm_cli.errors import out_of_memory
 from dmm_cli.models.references import resolve
 
 UNET = "unet/diffusion_pytorch_model.safetensors"
@@ -90,6 +91,39 @@ def test_a_non_finite_loss_stops_distillation_and_writes_no_student(dmm, tmp_pat
     assert not (tmp_path / "run" / "model_index.json").exists() and not (tmp_path / "run" / "unet").exists()
     for checkpoint in (tmp_path / "run" / "checkpoints").glob("step-*"):  # what was kept was finite
         assert all(torch.isfinite(t).all() for t in load_file(checkpoint / "student.safetensors").values())
+
+
+def within_memory(tmp_path: Path, limit_gib: float, *args) -> subprocess.CompletedProcess:
+    """`dmm` in a process whose address space is capped: an allocation past the cap fails as it does on a full GPU
+    or host, whatever the machine's overcommit policy."""
+    import resource
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (int(limit_gib * 2**30),) * 2)
+
+    env = dict(os.environ, DMM_HOME=str(tmp_path / "home"))
+    return subprocess.run([sys.executable, "-m", "dmm_cli", "-q", *map(str, args)], capture_output=True, text=True,
+                          env=env, preexec_fn=cap, timeout=300)
+
+
+def test_running_out_of_memory_is_one_sentence_that_says_what_needs_less(tmp_path):
+    p = within_memory(tmp_path, 3, "generate", "a cat", "--model", "toy:night", "-o", tmp_path / "big.png",
+                      "--width", "400000", "--height", "400000", *FAST)
+    one_sentence(p, 1, "the host ran out of memory in `dmm generate` (an allocation of")
+    assert "--batch-size" in p.stderr and not (tmp_path / "big.png").exists()
+
+    recipe = tiny_recipe(tmp_path, **{"train.batch_size": 65536})  # gigabytes of activations at step 1
+    p = within_memory(tmp_path, 3, "distill", recipe)
+    one_sentence(p, 1, "the host ran out of memory at step 1 (an allocation of")
+    assert f"`dmm distill {recipe} --dry-run` plans this run's memory" in p.stderr
+    assert not (tmp_path / "run" / "unet").exists()
+
+    # CUDA's own words, as torch raises them
+    cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.50 GiB. GPU 0 has a total capacity of "
+                                  "79.19 GiB of which 1.06 GiB is free.")
+    assert str(out_of_memory(cuda, "at step 7", "hint")) == (
+        "the GPU ran out of memory at step 7 (an allocation of 2.50 GiB failed); hint")
+    assert out_of_memory(RuntimeError("shape mismatch"), "at step 7", "hint") is None
 
 
 def test_offline_use_of_a_corrupted_cache_is_refused(tmp_path):

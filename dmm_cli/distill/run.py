@@ -12,7 +12,7 @@ import torch
 
 from .. import console, interrupts
 from ..data.sources import FolderImages, open_images, resolve_data
-from ..errors import DMMError, ProcessLost
+from ..errors import DMMError, ProcessLost, out_of_memory
 from ..files import state
 from ..files.atomic import atomic_file, clear_temporaries, output_lock
 from ..files.hashing import component_sha256
@@ -138,6 +138,10 @@ def _train(plan: RunPlan, accelerator) -> Path:
         raise Interrupted(f"interrupted at step {step}; checkpoint saved in {out / CHECKPOINTS}; continue with "
                           "--resume") from None
     except Exception as e:
+        memory = out_of_memory(e, f"at step {step + 1}", f"{_last_checkpoint(out)}; `dmm distill {plan.recipe_path} "
+                               "--dry-run` plans this run's memory and names settings that fit")
+        if memory is not None:
+            raise memory from None
         if not lost_process(e, accelerator.num_processes):
             raise
         raise _lost(e, step, out) from None
@@ -163,10 +167,13 @@ def lost_process(error: Exception, processes: int) -> bool:
     return isinstance(error, torch.distributed.DistError) or any(w in str(error) for w in ("gloo", "NCCL"))
 
 
-def _lost(error: Exception, step: int, out: Path) -> ProcessLost:
+def _last_checkpoint(out: Path) -> str:
     kept = checkpoints(out)
-    where = f"its last checkpoint is {kept[-1]}" if kept else "no checkpoint was saved yet"
-    return _process_lost(error, f" near step {step}", f"{where}; continue with --resume")
+    return f"its last checkpoint is {kept[-1]}" if kept else "no checkpoint was saved yet"
+
+
+def _lost(error: Exception, step: int, out: Path) -> ProcessLost:
+    return _process_lost(error, f" near step {step}", f"{_last_checkpoint(out)}; continue with --resume")
 
 
 def lost_process_behind(stop: KeyboardInterrupt) -> ProcessLost | None:
