@@ -244,6 +244,29 @@ def test_outputs_get_the_usual_permissions(dmm, tmp_path):
         assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
 
 
+@pytest.mark.parametrize("command", ["baseline-merge", "export", "export-single-file", "grid", "distill", "eval",
+                                     "generate"])
+def test_an_output_that_cannot_be_made_is_one_sentence_and_leaves_nothing(dmm, tmp_path, student, command):
+    """An output inside a file: each command names it and writes nothing (eval before it samples anything)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("kept")
+    out = blocker / "out"
+    recipe = tiny_recipe(tmp_path / "recipe", output=str(out))
+    args = {"baseline-merge": ["baseline-merge", "toy:night", "toy:outline", "-o", out],
+            "export": ["export", student, "--style", "night", "-o", out],
+            "export-single-file": ["export", student, "--style", "night", "--single-file", "-o",
+                                   out.with_suffix(".safetensors")],
+            "grid": ["grid", tmp_path / "recipe" / "night.png", "-o", out.with_suffix(".png")],
+            "distill": ["distill", recipe],
+            "eval": ["eval", student, "--recipe", recipe, "-k", "2", *FAST, "-o", out],
+            "generate": ["generate", "a cat", "--model", "toy:night", *FAST, "-o", out.with_suffix(".png")]}[command]
+    Image.new("RGB", (8, 8)).save(tmp_path / "recipe" / "night.png")
+    r = dmm(*args)
+    assert_one_sentence_error(r, 2, "a-file")
+    assert "cannot write" in r.err
+    assert blocker.read_text() == "kept" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "recipe"]
+
+
 def test_a_link_out_of_the_model_is_never_followed_into_an_output(dmm, tmp_path):
     secret = tmp_path / "secret.json"
     secret.write_text((resolve("toy:base") / "vae" / "config.json").read_text())  # passes as a config

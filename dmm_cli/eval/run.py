@@ -17,7 +17,7 @@ import torch
 from .. import console
 from ..data.prompts import read_prompts, shared_prompts
 from ..errors import BadInput
-from ..files.atomic import atomic_file
+from ..files.atomic import atomic_file, writable_folder
 from ..generate.samples import SampleSet, SamplerSettings, sample_set
 from ..models import lora
 from ..models.styles import StyleTable, one_hot
@@ -117,6 +117,8 @@ def evaluate(models: list[str], recipe_path: Path, *, prompts_file: Path | None 
         raise BadInput(f"--num-images must be at least 2: FID needs two samples or more (got {num_images})")
     check_generation_args(steps=steps, guidance=guidance, width=None, height=None, num_images=num_images,
                           batch_size=batch_size, seed=seed, seed_span=OTHER_SEEDS, seed_limit=SYNTHESIS_SEEDS)
+    if not writable_folder(output):  # before the sampling, not after it
+        raise BadInput(f"--output {output}: cannot write a report folder there")
     recipe = load_recipe(recipe_path)
     teacher_refs = [t.ref for t in recipe.teachers]
     names = [t.name for t in recipe.teachers]

@@ -54,11 +54,26 @@ def _no_space(path: Path, error: BaseException) -> DMMError:
 
 
 @contextlib.contextmanager
+def _making_room(path: Path):
+    """Creating `path`'s folder or a file beside it: a failure is one sentence naming `path` and why."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _no_space(path, e) from None
+        found = next((p for p in path.absolute().parents if p.exists()), None)
+        why = (f"{found} is a file, not a folder" if found is not None and not found.is_dir()
+               else (e.strerror or type(e).__name__).lower())
+        raise BadInput(f"{path}: cannot write there ({why})") from None
+
+
+@contextlib.contextmanager
 def atomic_file(path: Path):
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with _making_room(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         try:
@@ -85,8 +100,9 @@ def atomic_folder(path: Path, keep_existing: bool = False):
     it are never pulled from under.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    with _making_room(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         try:
             yield tmp
@@ -145,10 +161,11 @@ def output_lock(path: Path):
     release, and a writer that locked a file already removed tries again.
     """
     path = Path(path).absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
     lock = path.parent / f".{path.name}.lock"
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        with _making_room(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
