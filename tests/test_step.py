@@ -11,6 +11,7 @@ from conftest import TOY_TEACHERS, assert_one_sentence_error, tiny_recipe
 from dmm_cli.distill import plan_run
 from dmm_cli.distill.losses import feature_loss, score_loss
 from dmm_cli.distill.run import data_sources
+from dmm_cli.distill.step import repeated_blocks
 from dmm_cli.distill.text import load_tokenizers, tokenize
 from dmm_cli.distill.models import load_models
 from dmm_cli.distill.trainer import DataSource, Trainer
@@ -161,6 +162,41 @@ def test_a_compile_past_its_budget_trains_eagerly(dmm, tmp_path, monkeypatch):
     assert r.code == 0, r
     assert "past train.compile_budget_s" in r.err, r.err
     assert (tmp_path / "run" / "model_index.json").is_file()
+
+
+def test_the_budget_stops_a_compile_inside_its_first_shape(tmp_path, monkeypatch, capsys):
+    """One shape, a budget that runs out once the compiler has made its second graph (a clock that jumps there,
+    not a timing): the stage stops at the next block, with one warning, and the run trains eagerly."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    from dmm_cli.distill.step import Stopwatch
+
+    now = [0.0]
+    compiled = []
+
+    @torch._dynamo.register_backend
+    def dmm_test_slow(graph, example_inputs):
+        compiled.append(graph)
+        if len(compiled) == 2:
+            now[0] += 1e6
+        return lookup_backend("aot_eager")(graph, example_inputs)
+
+    monkeypatch.setattr(Stopwatch, "clock", staticmethod(lambda: now[0]))
+    monkeypatch.setenv("DMM_COMPILE_BACKEND", "dmm_test_slow")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    torch._dynamo.reset()
+    try:
+        eager = trainer_for(tmp_path / "eager")
+        trainer = trainer_for(tmp_path / "compiled", compile=True, compile_budget_s=60)
+        trainer.warm_up()
+        warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+        assert len(warnings) == 1 and "past train.compile_budget_s (60 s)" in warnings[0], warnings
+        assert len(compiled) == 2 and trainer.compiled == []
+        assert all("forward" not in vars(b) for b in repeated_blocks(trainer.unwrapped_student()))
+        assert torch.allclose(trainer.step(0).loss, eager.step(0).loss, rtol=1e-5)
+        assert len(compiled) == 2  # nothing compiled after the stage
+    finally:
+        torch._dynamo.reset()
 
 
 def test_a_nan_between_log_steps_never_reaches_a_checkpoint(dmm, tmp_path):

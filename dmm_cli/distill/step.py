@@ -10,6 +10,7 @@ sample), so the padding's outputs are simply dropped and change nothing else.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -143,6 +144,8 @@ class TeacherBank:
         if key not in runner.graphs:
             try:
                 runner.graphs[key] = self._capture(runner, inputs)
+            except CompileOverrun:  # the compile stage's, not the capture's
+                raise
             except Exception as e:  # an op that cannot be captured: eager forwards cost host time, not results
                 console.warn(f"teachers run without CUDA graphs ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
                 self.graphs = False
@@ -219,15 +222,38 @@ def compile_cache(unet_config: dict, device: torch.device) -> str:
     return str(folder)
 
 
+class CompileOverrun(TimeoutError):
+    """The compile stage ran past train.compile_budget_s."""
+
+
 class Stopwatch:
-    """The compile stage's clock: warm-ups run one shape at a time and stop once `budget_s` is spent."""
+    """The compile stage's clock. While it runs (`watching`), every compiled block looks at it before it runs, so
+    a compile past `budget_s` stops at the next block, not at the end of a whole shape's forward and backward."""
+
+    clock = staticmethod(time.perf_counter)
 
     def __init__(self, budget_s: float):
-        self.started, self.budget_s = time.perf_counter(), budget_s
+        self.started, self.budget_s = self.clock(), budget_s
 
     @property
     def elapsed(self) -> float:
-        return time.perf_counter() - self.started
+        return self.clock() - self.started
 
-    def overrun(self) -> bool:
-        return self.elapsed > self.budget_s
+    @contextlib.contextmanager
+    def watching(self, unets: list[torch.nn.Module]):
+        blocks = [b for unet in unets for b in repeated_blocks(unet) if "forward" in b.__dict__]
+        compiled = [b.forward for b in blocks]
+        for block, forward in zip(blocks, compiled):
+            block.forward = self._checked(forward)
+        try:
+            yield
+        finally:  # the steps call the compiled forwards directly: no clock in them
+            for block, forward in zip(blocks, compiled):
+                block.forward = forward
+
+    def _checked(self, forward):
+        def checked(*args, **kwargs):
+            if self.elapsed > self.budget_s:
+                raise CompileOverrun(f"past train.compile_budget_s ({self.budget_s:g} s)")
+            return forward(*args, **kwargs)
+        return checked

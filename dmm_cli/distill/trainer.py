@@ -467,18 +467,17 @@ class Trainer:
         clock = Stopwatch(self.train_cfg.compile_budget_s)
         try:
             done = set()
-            for k, (source, *_rest) in enumerate(self.sources):
-                shape = tuple(source.latents.shape[1:])
-                if shape in done:
-                    continue
-                if clock.overrun():
-                    raise TimeoutError(f"past train.compile_budget_s ({self.train_cfg.compile_budget_s:g} s)")
-                done.add(shape)
-                sizes = set()  # with shard, this process's share of the batch may differ from step to step
-                for rotate in range(self.num_styles):
-                    if len(self._own_labels(rotate)) not in sizes:
-                        sizes.add(len(self._own_labels(rotate)))
-                        self._rehearse(k, rotate)
+            with clock.watching(self.compiled):
+                for k, (source, *_rest) in enumerate(self.sources):
+                    shape = tuple(source.latents.shape[1:])
+                    if shape in done:
+                        continue
+                    done.add(shape)
+                    sizes = set()  # with shard, this process's share of the batch may differ from step to step
+                    for rotate in range(self.num_styles):
+                        if len(self._own_labels(rotate)) not in sizes:
+                            sizes.add(len(self._own_labels(rotate)))
+                            self._rehearse(k, rotate)
             if self.accelerator.device.type == "cuda":
                 torch.cuda.synchronize()
         except Exception as e:  # a compiler bug or a budget overrun must not cost the run
