@@ -41,13 +41,18 @@ _OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory")
 _WANTED = re.compile(r"[Tt]ried to allocate (\d+(?:\.\d+)? ?[KMGT]i?B|\d+ bytes)")
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """Recognised by class name and message, so this module needs no torch."""
+    return (isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
+            or isinstance(error, RuntimeError) and any(m in str(error) for m in _OUT_OF_MEMORY))
+
+
 def out_of_memory(error: BaseException, doing: str, hint: str) -> OutOfMemory | None:
     """`error` as one sentence saying what ran out of memory while `doing` what, and `hint`; None if it is not an
-    allocation failure. Recognised by class name and message, so this module needs no torch."""
-    said = str(error)
-    if not (isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
-            or isinstance(error, RuntimeError) and any(m in said for m in _OUT_OF_MEMORY)):
+    allocation failure."""
+    if not is_out_of_memory(error):
         return None
+    said = str(error)
     where = "the GPU" if "CUDA" in said or "GPU" in said or "MPS" in said else "the host"
     match = _WANTED.search(said)
     wanted = ""

@@ -101,7 +101,7 @@ def within_memory(tmp_path: Path, limit_gib: float, *args) -> subprocess.Complet
     def cap():
         resource.setrlimit(resource.RLIMIT_AS, (int(limit_gib * 2**30),) * 2)
 
-    env = dict(os.environ, DMM_HOME=str(tmp_path / "home"))
+    env = dict(os.environ, DMM_HOME=str(tmp_path / "home"), DMM_COMPILE_BACKEND="aot_eager")
     return subprocess.run([sys.executable, "-m", "dmm_cli", "-q", *map(str, args)], capture_output=True, text=True,
                           env=env, preexec_fn=cap, timeout=300)
 
@@ -112,11 +112,13 @@ def test_running_out_of_memory_is_one_sentence_that_says_what_needs_less(tmp_pat
     one_sentence(p, 1, "the host ran out of memory in `dmm generate` (an allocation of")
     assert "--batch-size" in p.stderr and not (tmp_path / "big.png").exists()
 
-    recipe = tiny_recipe(tmp_path, **{"train.batch_size": 65536})  # gigabytes of activations at step 1
-    p = within_memory(tmp_path, 3, "distill", recipe)
-    one_sentence(p, 1, "the host ran out of memory at step 1 (an allocation of")
-    assert f"`dmm distill {recipe} --dry-run` plans this run's memory" in p.stderr
-    assert not (tmp_path / "run" / "unet").exists()
+    for compile, doing in ((False, "at step 1"), (True, "in the compile stage")):  # not taken for a compiler bug
+        recipe = tiny_recipe(tmp_path, **{"train.batch_size": 65536,  # gigabytes of activations
+                                          "train.compile": compile})
+        p = within_memory(tmp_path, 3, "distill", recipe, "--overwrite")
+        one_sentence(p, 1, f"the host ran out of memory {doing} (an allocation of")
+        assert f"`dmm distill {recipe} --dry-run` plans this run's memory" in p.stderr
+        assert not (tmp_path / "run" / "unet").exists()
 
     # CUDA's own words, as torch raises them
     cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.50 GiB. GPU 0 has a total capacity of "

@@ -12,7 +12,7 @@ import torch
 
 from .. import console, interrupts
 from ..data.sources import FolderImages, open_images, resolve_data
-from ..errors import DMMError, ProcessLost, out_of_memory
+from ..errors import DMMError, OutOfMemory, ProcessLost, out_of_memory
 from ..files import state
 from ..files.atomic import atomic_file, clear_temporaries, output_lock
 from ..files.hashing import component_sha256
@@ -83,7 +83,10 @@ def _train(plan: RunPlan, accelerator) -> Path:
     log = MetricsLog(out / "logs", start) if main else None
     if start and main:
         console.say(f"distill: resuming from {plan.resume_from} (step {start})")
-    trainer.warm_up()
+    try:
+        trainer.warm_up()
+    except Exception as e:
+        raise _memory_error(e, "in the compile stage", plan) or e
     samples_per_step = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
     bar = tqdm(total=cfg.max_steps, initial=start, desc="distill", disable=not main or console.progress_disabled())
     step, last, tick = start, None, time.perf_counter()
@@ -138,8 +141,7 @@ def _train(plan: RunPlan, accelerator) -> Path:
         raise Interrupted(f"interrupted at step {step}; checkpoint saved in {out / CHECKPOINTS}; continue with "
                           "--resume") from None
     except Exception as e:
-        memory = out_of_memory(e, f"at step {step + 1}", f"{_last_checkpoint(out)}; `dmm distill {plan.recipe_path} "
-                               "--dry-run` plans this run's memory and names settings that fit")
+        memory = _memory_error(e, f"at step {step + 1}", plan)
         if memory is not None:
             raise memory from None
         if not lost_process(e, accelerator.num_processes):
@@ -170,6 +172,11 @@ def lost_process(error: Exception, processes: int) -> bool:
 def _last_checkpoint(out: Path) -> str:
     kept = checkpoints(out)
     return f"its last checkpoint is {kept[-1]}" if kept else "no checkpoint was saved yet"
+
+
+def _memory_error(error: Exception, doing: str, plan: RunPlan) -> OutOfMemory | None:
+    return out_of_memory(error, doing, f"{_last_checkpoint(plan.output)}; `dmm distill {plan.recipe_path} --dry-run` "
+                         "plans this run's memory and names settings that fit")
 
 
 def _lost(error: Exception, step: int, out: Path) -> ProcessLost:

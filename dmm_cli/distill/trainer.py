@@ -18,7 +18,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
 from .. import console
-from ..errors import ModelError
+from ..errors import ModelError, is_out_of_memory
 from ..models.student import FeatureTaps
 from . import sharding
 from .adversarial import Discriminator, discriminator_loss, generator_loss
@@ -481,6 +481,8 @@ class Trainer:
             if self.accelerator.device.type == "cuda":
                 torch.cuda.synchronize()
         except Exception as e:  # a compiler bug or a budget overrun must not cost the run
+            if is_out_of_memory(e):  # nor is it either: the step itself would not fit
+                raise
             uncompile_blocks(self.compiled)
             for runner in self.runners:  # graphs captured around compiled code go with it: recaptured eagerly
                 runner.graphs.clear()
