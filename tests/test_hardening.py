@@ -57,6 +57,39 @@ def test_a_bad_weights_file_is_refused_in_one_sentence_naming_it(dmm, tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+def _set(key, value):
+    def change(config: dict) -> dict:
+        return {**config, key: value}
+    return change
+
+
+BAD_CONFIGS = {  # file, what to write there (text, or a change to its JSON), what the error says
+    "index not JSON": ("model_index.json", "{not json", "not valid JSON"),
+    "index a list": ("model_index.json", "[1, 2]", "must be a JSON object (got list)"),
+    "unet config not JSON": ("unet/config.json", "{not json", "not valid JSON"),
+    "unet config empty": ("unet/config.json", "", "not valid JSON"),
+    "channels a string": ("unet/config.json", _set("block_out_channels", "abc"), "block_out_channels must be"),
+    "huge sample size": ("unet/config.json", _set("sample_size", 10**9), "sample_size must be"),
+    "scheduler not JSON": ("scheduler/scheduler_config.json", "{bad", "not valid JSON"),
+    "vae config a number": ("vae/config.json", "7", "must be a JSON object (got int)"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_CONFIGS))
+def test_a_bad_config_is_refused_in_one_sentence_naming_it(dmm, tmp_path, kind):
+    """Every command that takes a model checks its configs first: generate, merge and export alike."""
+    name, content, said = BAD_CONFIGS[kind]
+    model = copy_model("night", tmp_path / "model")
+    path = model / name
+    path.write_text(content if isinstance(content, str) else json.dumps(content(json.loads(path.read_text()))))
+    for args in (["generate", "a red circle", "--model", model, "-o", tmp_path / "out", *FAST],
+                 ["baseline-merge", "toy:outline", model, "-o", tmp_path / "merged"],
+                 ["export", model, "--single-file", "-o", tmp_path / "one.safetensors"]):
+        r = dmm(*args)
+        assert_one_sentence_error(r, 2, str(path), said)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
 def test_a_truncated_teacher_is_refused_by_the_merge(dmm, tmp_path):
     teacher = copy_model("night", tmp_path / "teacher")
     data = (teacher / UNET).read_bytes()

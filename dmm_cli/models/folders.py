@@ -20,23 +20,67 @@ def parts_besides_unet(folder: Path) -> tuple[str, ...]:
     return REQUIRED_PARTS[1:] + tuple(part for part in XL_PARTS if (Path(folder) / part).is_dir())
 
 
+def read_config(path: Path) -> dict:
+    """A model's JSON config file, which must hold one object."""
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or type(e).__name__})") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{path}: a config must be a JSON object (got {type(config).__name__})")
+    return config
+
+
+def _positive_int(value, most: int = 1 << 20) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= most
+
+
+def _ints(value) -> bool:
+    return isinstance(value, list) and len(value) > 0 and all(_positive_int(v) for v in value)
+
+
+# What a UNet config's shape-giving entries must be (diffusers fails on a bad one with an unrelated message, or,
+# for a huge size, only once it tries to allocate it); a latent side past 1024 is 8192 px.
+UNET_ENTRIES = {
+    "sample_size": ("a latent side of 1 to 1024, or two", lambda v: v is None or _positive_int(v, 1024)
+                    or isinstance(v, list) and len(v) == 2 and all(_positive_int(x, 1024) for x in v)),
+    "in_channels": ("a positive integer", _positive_int),
+    "out_channels": ("a positive integer", _positive_int),
+    "block_out_channels": ("a list of positive integers", _ints),
+    "layers_per_block": ("a positive integer or a list of them", lambda v: _positive_int(v) or _ints(v)),
+    "cross_attention_dim": ("a positive integer or a list of them", lambda v: _positive_int(v) or _ints(v)),
+    "attention_head_dim": ("a positive integer or a list of them", lambda v: v is None or _positive_int(v) or _ints(v)),
+}
+
+
+def _check_unet_config(path: Path) -> None:
+    config = read_config(path)
+    for key, (what, ok) in UNET_ENTRIES.items():
+        if key in config and not ok(config[key]):
+            raise ModelError(f"{path}: {key} must be {what} (got {json.dumps(config[key])[:60]})")
+
+
 def check_pipeline_folder(folder: Path) -> str:
-    """The pipeline class a model folder declares, after checking it is a complete SD-family folder."""
+    """The pipeline class a model folder declares, after checking it is a complete SD-family folder whose configs
+    read and whose weights' headers are sound."""
     if not folder.is_dir():
         raise ModelError(f"{folder}: no such model folder")
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise ModelError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
-    try:
-        index = json.loads(index_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{index_file}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    name = index.get("_class_name")
+    name = read_config(index_file).get("_class_name")
     if name not in PIPELINE_CLASS_NAMES:
         raise ModelError(f"{index_file}: pipeline class {name!r} is not a Stable Diffusion family pipeline")
     for part in REQUIRED_PARTS:
         if not (folder / part).is_dir():
             raise ModelError(f"{folder}: model folder has no {part}/")
+    for config in sorted([*folder.glob("*/config.json"), *folder.glob("scheduler/scheduler_config.json")]):
+        if config.parent.name == "unet":
+            _check_unet_config(config)
+        else:
+            read_config(config)
     for part in sorted(p for p in folder.iterdir() if p.is_dir() and any(p.glob("*.safetensors"))):
         check_component(part)
     return name

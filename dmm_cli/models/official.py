@@ -18,7 +18,7 @@ from ..files import state
 from ..files.atomic import atomic_folder
 from ..files.hashing import component_sha256
 from ..files.safetensors_io import read_component
-from .folders import copy_part, derived_model_index, model_root
+from .folders import copy_part, derived_model_index, model_root, read_config
 from .styles import STYLES_FILE, Style, StyleTable
 
 OFFICIAL_KEYS = ("model_embedding.weight", "add_embedding.linear_1.weight", "add_embedding.linear_1.bias",
@@ -27,7 +27,7 @@ OFFICIAL_KEYS = ("model_embedding.weight", "add_embedding.linear_1.weight", "add
 
 def is_official(folder: Path) -> bool:
     config = folder / "unet" / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("addition_embed_type") == "model_merge"
+    return config.is_file() and read_config(config).get("addition_embed_type") == "model_merge"
 
 
 def convert_unet(weights: dict[str, torch.Tensor], config: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -60,7 +60,7 @@ def load_pipeline(
         extra["unet"] = load_component(UNet2DConditionModel, folder, "unet", dtype)
     try:
         pipe = cls.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True, **extra)
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError, TypeError) as e:  # a config entry of the wrong kind is a TypeError
         raise ModelError(f"{folder}: cannot load the model ({str(e).splitlines()[0]})") from e
     if scheduler is not None:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
