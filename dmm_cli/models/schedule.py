@@ -5,11 +5,11 @@ they predict (ε, v or x₀) may differ, since any of the three converts exactly
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ModelError
+from .folders import read_config
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # scheduler_config.json entries that fix ᾱ_t; sampling settings (timestep spacing, solver) do not matter here
@@ -30,10 +30,7 @@ class Schedule:
 
 def read_schedule(folder: Path) -> Schedule:
     path = Path(folder) / "scheduler" / "scheduler_config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelError(f"{path}: cannot read the scheduler config ({e.__class__.__name__})") from None
+    config = read_config(path)
     prediction = config.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_TYPES:
         raise ModelError(f"{path}: prediction_type {prediction!r} is not one of {', '.join(PREDICTION_TYPES)}")
