@@ -205,15 +205,13 @@ def test_lr_schedules_warm_up_then_decay_to_zero():
 
 
 def test_logit_normal_timesteps_favour_the_middle_of_the_schedule(dmm, tmp_path):
-    from dmm_cli.distill.trainer import Trainer
+    from dmm_cli.distill.draws import timesteps
     from dmm_cli.recipe import Train
 
-    trainer = Trainer.__new__(Trainer)  # only the draw: no models
-    trainer.num_train_timesteps = 1000
     draws = {}
     for sampling in ("uniform", "logit_normal"):
-        trainer.train_cfg = Train(timesteps={"sampling": sampling})
-        draws[sampling] = trainer._timesteps(20000, torch.Generator().manual_seed(0))
+        spec = Train(timesteps={"sampling": sampling}).timesteps
+        draws[sampling] = timesteps(spec, 1000, 20000, torch.Generator().manual_seed(0))
         assert 0 <= int(draws[sampling].min()) and int(draws[sampling].max()) <= 999
     middle = {k: float(((v >= 250) & (v < 750)).float().mean()) for k, v in draws.items()}
     assert abs(middle["uniform"] - 0.5) < 0.02 and middle["logit_normal"] > 0.7

@@ -33,8 +33,8 @@ def trainer_for(tmp_path, teachers=3, batch=8, sources=None, **train):
 
 def reference_loss(trainer: Trainer, step: int) -> torch.Tensor:
     """Step `step`'s loss computed the plain way: each teacher's forward on exactly its own rows, no padding."""
-    mb = trainer.micro_batch(step, 0)
-    source, latents, _, text = trainer.sources[mb.source]
+    mb = trainer.draws.micro_batch(step, 0)
+    source, latents, text = trainer.sources[mb.source]
     x0 = latents[mb.idx]
     noise, _ = trainer.noise(mb, x0.shape, False)
     a = trainer.alphas_cumprod[mb.t].view(-1, 1, 1, 1)
@@ -85,7 +85,7 @@ def test_what_the_padding_holds_does_not_reach_the_targets(tmp_path):
     trainer = trainer_for(tmp_path)
     g = torch.Generator().manual_seed(0)
     xt, t = torch.randn(8, 4, 8, 8, generator=g), torch.randint(0, 1000, (8,), generator=g)
-    contexts = trainer.sources[0][3](torch.arange(8), torch.zeros(8, dtype=torch.bool))
+    contexts = trainer.sources[0][2](torch.arange(8), torch.zeros(8, dtype=torch.bool))
     counts = [3, 3, 2]
     target, feats = trainer.teacher_targets(xt, t, contexts, counts)
     layout = trainer.teacher_bank.layout(counts, "cpu")
@@ -122,7 +122,7 @@ def test_no_recompiles_after_the_compile_stage_and_the_same_losses_as_eager(tmp_
         assert "compile: 2 shapes" in err and "compile: done in" in err, err
         used = set()
         for step in range(20):
-            used.add(trainer.micro_batch(step, 0).source)
+            used.add(trainer.draws.micro_batch(step, 0).source)
             loss, expected = trainer.step(step).loss, eager.step(step).loss
             assert torch.allclose(loss, expected, rtol=1e-4), (step, loss, expected)
         assert used == {0, 1}  # both buckets, and every uneven split of 8 over 3 teachers

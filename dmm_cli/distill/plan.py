@@ -94,6 +94,45 @@ class RunPlan:
         }
 
 
+def plan_text(d: dict) -> str:
+    """A plan's description (`RunPlan.describe()`) as the dry run prints it, a line per part."""
+    t = d["train"]
+    lines = [f"recipe {d['name']} ({d['recipe']}) -> {d['output']}",
+             f"base   {d['base']['ref']}  [{d['base']['folder']}]  predicts {d['base']['prediction_type']}"]
+    converted = [s["prediction_type"] != d["base"]["prediction_type"] for s in d["teachers"]]
+    lines += [f"style {s['style']}: {s['name']:<12} {s['ref']}  [{s['folder']}]"
+              + (f"  predicts {s['prediction_type']} (converted)" if other else "")
+              for s, other in zip(d["teachers"], converted)]
+    data = d["data"]
+    images = "rows counted on download" if data["images"] is None else f"{data['images']} images"
+    cache = "" if data["latent_cache_bytes"] is None else f", latent cache {data['latent_cache_bytes'] / 1e6:.1f} MB"
+    lines.append(f"data   {images} from {data['folder'] or 'the teachers (synthesized)'}: "
+                 f"{data['bytes'] / 1e6:.1f} MB on disk{cache}")
+    feature = t["feature_loss"]
+    lines.append(f"train  {t['max_steps']} steps x batch {t['batch_size']} x accum {t['grad_accum']}, lr {t['lr']}, "
+                 f"precision {t['precision']}, feature loss {feature['weight']} x {feature['reduce']} of "
+                 f"{feature['type']}, caption dropout {t['caption_dropout']}")
+    student = t["student"]
+    lines.append(f"student {student['type']}" + (f": rank {student['rank']} on {', '.join(student['targets'])}"
+                                                  + "".join(f", {extra} whole" for extra in student["extras"])
+                                                  if student["type"] == "lora" else "")
+                 + f", {d['memory']['trainable_parameters']:,} UNet parameters train besides the style MLP")
+    memory = d["memory"]
+    n = memory["processes"]
+    if n > 1:
+        teachers = "sharded" if memory["teacher_placement"] == "shard" else "replicated"
+        lines.append(f"layout {n} processes: teachers {teachers}, student "
+                     + ("sharded (fsdp)" if memory["student_sharding"] == "fsdp" else "replicated"))
+    lines.append(f"memory {memory['summary']}")
+    lines += [f"       on {card}: {answer}" for card, answer in memory["fits"].items()]
+    lines.append("fits   by GPU count (placement, sharding, then thriftier settings):")
+    for count, answers in memory["fits_by_processes"].items():
+        lines += [f"       {count} x {card}: {answer}" for card, answer in answers.items()]
+    if d["resume_from"]:
+        lines.append(f"resume {d['resume_from']}")
+    return "\n".join(lines)
+
+
 def checkpoints(output: Path) -> list[Path]:
     return sorted((output / CHECKPOINTS).glob("step-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
 

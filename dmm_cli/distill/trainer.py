@@ -1,8 +1,7 @@
 """One student, many frozen teachers: the models, the optimizer step and its checkpoints.
 
-All randomness of step k (which samples, which teacher, caption drop, noise, timesteps) comes from
-a generator seeded by (seed, k, micro-batch, rank), so a resumed run replays exactly what an
-uninterrupted one would have done.
+A step's randomness, its noise included, follows from (seed, step, micro-batch) (distill/draws.py), so a
+resumed run replays exactly what an uninterrupted one would have done.
 """
 from __future__ import annotations
 
@@ -27,6 +26,7 @@ from .prediction import x0_and_eps
 from .step import Stopwatch, TeacherBank, TeacherRunner, compile_blocks, compile_cache, max_share, uncompile_blocks
 from .models import Models
 from .checkpoint import load_trainable
+from .draws import Draws, MicroBatch
 from .placement import Placement
 from .text import TextContexts
 
@@ -69,30 +69,6 @@ def lr_factor(step: int, *, warmup: int, total: int, shape: str) -> float:
         return min(1.0, (step + 1) / (warmup + 1))
     progress = min(1.0, (step - warmup) / max(total - warmup, 1))
     return 0.5 * (1 + math.cos(math.pi * progress)) if shape == "cosine" else 1 - progress
-
-
-def _seed_for(*parts: int) -> int:
-    value = 0x9E3779B97F4A7C15
-    for p in parts:
-        value = (value * 6364136223846793005 + p + 1442695040888963407) % (1 << 63)
-    return value
-
-
-@dataclass
-class MicroBatch:
-    """What is random about this process's part of one micro-batch and small: drawn on the CPU for the whole
-    step's batch (distill/placement.py), sent to the device in one copy. Its noise is drawn on the device
-    (`Trainer.noise`), from a generator seeded the same way."""
-
-    idx: torch.Tensor
-    labels: torch.Tensor
-    drop: torch.Tensor
-    t: torch.Tensor
-    t2: torch.Tensor  # for the adversarial loss: x̂0 is re-noised to timestep t2
-    source: int
-    seed: int  # of the device generator that draws the noise (and the re-noise)
-    rows: torch.Tensor | None = None  # this process's samples among the step batch's; None: all of them
-    weight: float = 1.0  # what this process's mean loss counts for (Placement.weight)
 
 
 @dataclass
@@ -139,7 +115,6 @@ class Trainer:
         styles = models.teacher_styles or [None] * len(models.teachers)
         self.prediction = models.prediction
         predictions = models.teacher_predictions or [models.prediction] * len(models.teachers)
-        self.old_styles = sum(style is not None for style in styles)
         self.teachers = []
         prepared = set()
         for unet, key, style, prediction in zip(models.teachers, models.teacher_text_keys, styles, predictions):
@@ -160,7 +135,9 @@ class Trainer:
                 unet = copy.deepcopy(t.unet).to(device) if self.offload else t.unet
                 runners[key] = TeacherRunner(unet, FeatureTaps(unet))
             self.runners.append(runners.get(key))
-        rows = max(max_share(self._own_labels(rotate), len(self.teachers)) for rotate in range(len(self.teachers)))
+        old_styles = sum(style is not None for style in styles)
+        self.draws = Draws(cfg, self.placement, sources, len(self.teachers), old_styles, self.num_train_timesteps)
+        rows = max(max_share(self.draws.own_labels(r), len(self.teachers)) for r in range(len(self.teachers)))
         self.teacher_bank = TeacherBank(self.teachers, self.runners, rows, prediction=self.prediction,
                                         alphas_cumprod=self.alphas_cumprod, dtype=self.teacher_dtype,
                                         memory_format=fast_layout, offload=self.offload,
@@ -233,76 +210,12 @@ class Trainer:
             if source.time_ids is None and student.config.addition_embed_type == "text_time":
                 raise ModelError("an SDXL student trains on data with size conditioning (DataSource.time_ids)")
             fits = source.latents.numel() * source.latents.element_size() <= 2 << 30
-            by_style = None
-            if source.labels is not None:
-                by_style = [(source.labels == i).nonzero().squeeze(1) for i in range(len(self.teachers))]
-            self.sources.append((source, source.latents.to(device) if fits else source.latents, by_style,
+            self.sources.append((source, source.latents.to(device) if fits else source.latents,
                                  TextContexts(models.text_encoders, source.caption_ids, empty_ids, device)))
 
     @property
     def num_styles(self) -> int:
         return len(self.teachers)
-
-    def _own_labels(self, rotate: int) -> torch.Tensor:
-        """The styles of this process's samples in a step batch split with this rotation."""
-        labels = self._labels(self.placement.step_batch, rotate)
-        return labels[self.placement.rows(labels)]
-
-    def _labels(self, b: int, rotate: int) -> torch.Tensor:
-        """A balanced split of the batch across styles, rotating the remainder; sorted so groups are contiguous.
-
-        With old styles (incremental merging) and train.old_style_fraction set, that share of the batch
-        goes to the old styles and the rest to the new ones."""
-        n, old = self.num_styles, self.old_styles
-
-        def spread(count, first, width):
-            return (torch.arange(count, device="cpu") * width // max(count, 1) + rotate) % width + first
-
-        fraction = self.train_cfg.old_style_fraction
-        if old and fraction is not None:
-            n_old = round(fraction * b) if old < n else b
-            labels = torch.cat([spread(n_old, 0, old), spread(b - n_old, old, n - old)])
-        else:
-            labels = spread(b, 0, n)
-        return labels.sort().values
-
-    def micro_batch(self, step: int, micro: int) -> MicroBatch:
-        """Everything random about this process's part of one micro-batch but its noise, drawn on the CPU from the
-        step's own seeded generator: every process draws the whole step batch and takes its rows."""
-        cfg = self.train_cfg
-        b = self.placement.step_batch
-        g = torch.Generator().manual_seed(_seed_for(cfg.seed, step, micro, 0))
-        stage = max(s.stage for s, *_ in self.sources if s.from_step <= step)
-        candidates = [k for k, (s, *_) in enumerate(self.sources) if s.stage == stage]
-        source = candidates[0]
-        if len(candidates) > 1:  # one bucket per micro-batch, each as often as it holds pictures
-            sizes = torch.tensor([len(self.sources[k][0].latents) for k in candidates], dtype=torch.float)
-            source = candidates[int(torch.multinomial(sizes, 1, generator=g))]
-        data, latents, by_style, _ = self.sources[source]
-        labels = self._labels(b, step + micro)
-        if by_style is None:
-            idx = torch.randint(0, len(data.latents), (b,), generator=g, device="cpu")
-        else:  # each teacher's share comes from its own generations
-            picks = torch.randint(0, 1 << 62, (b,), generator=g, device="cpu")
-            sizes = torch.tensor([len(by_style[i]) for i in range(self.num_styles)])
-            idx = torch.stack([by_style[int(l)][int(p % sizes[l])] for l, p in zip(labels, picks)])
-        drop = torch.rand(b, generator=g, device="cpu") < cfg.caption_dropout
-        t = self._timesteps(b, g)
-        t2 = torch.randint(0, self.num_train_timesteps, (b,), generator=g, device="cpu")
-        seed = int(torch.randint(0, 1 << 62, (), generator=g))
-        if self.placement.processes == 1:
-            return MicroBatch(idx, labels, drop, t, t2, source, seed)
-        rows = self.placement.rows(labels)
-        return MicroBatch(idx[rows], labels[rows], drop[rows], t[rows], t2[rows], source, seed, rows,
-                          self.placement.weight(len(rows)))
-
-    def _timesteps(self, b: int, g: torch.Generator) -> torch.Tensor:
-        """`b` training timesteps as train.timesteps draws them."""
-        spec, steps = self.train_cfg.timesteps, self.num_train_timesteps
-        if spec.sampling == "uniform":
-            return torch.randint(0, steps, (b,), generator=g, device="cpu")
-        u = torch.sigmoid(spec.mean + spec.std * torch.randn(b, generator=g, device="cpu"))
-        return (u * steps).long().clamp_(max=steps - 1)
 
     def noise(self, mb: MicroBatch, shape: tuple, renoise: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The micro-batch's noise, and the adversarial loss's re-noise only when it is used, drawn where they
@@ -327,7 +240,7 @@ class Trainer:
         """A micro-batch's inputs on the device: its small draws in one (pinned) copy, its noise drawn there."""
         dev = self.accelerator.device
         counts = torch.bincount(mb.labels, minlength=self.num_styles).tolist()  # on the CPU: no device sync
-        source, latents, _, text = self.sources[mb.source]
+        source, latents, text = self.sources[mb.source]
         small = torch.stack([mb.idx, mb.labels, mb.drop.long(), mb.t, mb.t2])
         idx, labels, drop, t, t2 = (small.pin_memory() if dev.type == "cuda" else small).to(dev, non_blocking=True)
         x0 = (latents[idx] if latents.device == dev else latents[mb.idx].to(dev, non_blocking=True)).float()
@@ -359,7 +272,7 @@ class Trainer:
         adversarial = self.adversarial is not None and step >= self.adversarial.start_step
         sums = {"loss": 0.0, "score": 0.0, "feature": 0.0, "adversarial": 0.0, "discriminator": 0.0}
         for micro in range(cfg.grad_accum):
-            mb = self.micro_batch(step, micro)
+            mb = self.draws.micro_batch(step, micro)
             batch = self._on_device(mb, adversarial)
             xt, t, t2, labels, cond, time_ids, renoise = (batch.xt, batch.t, batch.t2, batch.labels, batch.cond,
                                                           batch.time_ids, batch.renoise)
@@ -475,8 +388,8 @@ class Trainer:
                     done.add(shape)
                     sizes = set()  # with shard, this process's share of the batch may differ from step to step
                     for rotate in range(self.num_styles):
-                        if len(self._own_labels(rotate)) not in sizes:
-                            sizes.add(len(self._own_labels(rotate)))
+                        if len(self.draws.own_labels(rotate)) not in sizes:
+                            sizes.add(len(self.draws.own_labels(rotate)))
                             self._rehearse(k, rotate)
             if self.accelerator.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -500,7 +413,7 @@ class Trainer:
     def _rehearse(self, source_index: int, rotate: int) -> None:
         """One micro-batch's forwards and backward on source `source_index`, through the step's own path, with no
         optimizer update; `rotate` picks the split of the step batch, so this process's share of it."""
-        labels = self._own_labels(rotate)
+        labels = self.draws.own_labels(rotate)
         b = len(labels)
         idx = torch.arange(b) % len(self.sources[source_index][0].latents)
         mb = MicroBatch(idx, labels, torch.zeros(b, dtype=torch.bool),
