@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the distillation step in one go, sized for a short turn on a bare H200 (<= 9 min,
+# Every GPU measurement of the distillation step in one go, sized for a short turn on a bare H200 (<= 8 min,
 # installs and compiles included): the released step against dmm's at 1, 4 and 8 teachers (b16, b32), compile
 # off and on (cold, then warm from the same $DMM_HOME), generation parity, the CLI's peak memory against the
 # dry run's plan (run twice into one work folder, then as a LoRA student), and the SDXL step with and without
@@ -46,20 +46,20 @@ step() {
   echo "rc=${PIPESTATUS[0]} seconds=$((SECONDS - t0))" | tee -a "$out/errors.log"
   pack
 }
-step distill_eager 100 python3 benchmarks/distill_throughput.py --batch 16 32 --teachers 1 4 8 --compile off \
+step distill_eager 95 python3 benchmarks/distill_throughput.py --batch 16 32 --teachers 1 4 8 --compile off \
   --steps 5 --warmup 2 --official-step "$official"
-step compile_cold 100 python3 benchmarks/distill_throughput.py --batch 16 --teachers 4 --compile on --steps 5 \
+step compile_cold 95 python3 benchmarks/distill_throughput.py --batch 16 --teachers 4 --compile on --steps 5 \
   --warmup 2 --no-official
-step compile_warm 40 python3 benchmarks/distill_throughput.py --batch 16 --teachers 4 --compile on --steps 5 \
+step compile_warm 30 python3 benchmarks/distill_throughput.py --batch 16 --teachers 4 --compile on --steps 5 \
   --warmup 2 --no-official
-step compile_teachers 60 python3 benchmarks/distill_throughput.py --batch 16 --teachers 1 8 --compile on \
+step compile_teachers 55 python3 benchmarks/distill_throughput.py --batch 16 --teachers 1 8 --compile on \
   --steps 5 --warmup 2 --no-official
-step generate 40 python3 benchmarks/generate_throughput.py --repeats 3
-step sd15_cli 45 python3 benchmarks/sd15_distill_smoke.py --work "$work/sd15" --teachers 2 --steps 10
-step sd15_cli_again 35 python3 benchmarks/sd15_distill_smoke.py --work "$work/sd15" --teachers 2 --steps 10
-step sd15_lora_cli 35 python3 benchmarks/sd15_distill_smoke.py --work "$work/sd15" --teachers 2 --steps 10 \
+step generate 35 python3 benchmarks/generate_throughput.py --repeats 3
+step sd15_cli 40 python3 benchmarks/sd15_distill_smoke.py --work "$work/sd15" --teachers 2 --steps 10
+step sd15_cli_again 30 python3 benchmarks/sd15_distill_smoke.py --work "$work/sd15" --teachers 2 --steps 10
+step sd15_lora_cli 30 python3 benchmarks/sd15_distill_smoke.py --work "$work/sd15" --teachers 2 --steps 10 \
   --student lora
-step sdxl_step 60 python3 benchmarks/sdxl_memory.py --measure --teachers 2 --batch 4 --checkpointing on off --steps 2
+step sdxl_step 50 python3 benchmarks/sdxl_memory.py --measure --teachers 2 --batch 4 --checkpointing on off --steps 2
 step scale 500 python3 benchmarks/scale.py --work "$work/scale" --processes 1 2 4 --teachers 4 --steps 20 --timeout 150
 step merge_bench 300 python3 benchmarks/merge_bench.py --work "$work/merge-bench" --devices cpu cuda
 pack && cat "$out/summary.json"

@@ -65,9 +65,9 @@ def main() -> None:
         plan = json.loads(dry.stdout)["memory"] if dry.returncode == 0 else None
         started = time.perf_counter()
         try:
-            real = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
-                                   "-m", "dmm_cli", "distill", str(recipe_path), *settings], capture_output=True,
-                                  text=True, env=env, timeout=a.timeout)
+            real = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                   str(n), "-m", "dmm_cli", "distill", str(recipe_path), *settings],
+                                  capture_output=True, text=True, env=env, timeout=a.timeout)
             rc, err = real.returncode, real.stderr
         except subprocess.TimeoutExpired:
             rc, err = 124, f"no result after {a.timeout} s"

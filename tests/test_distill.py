@@ -236,7 +236,7 @@ def test_a_lora_student_on_two_cpu_processes_with_torchrun(tmp_path):
     recipe = tiny_recipe(tmp_path, **{"train.max_steps": 4, "train.log_every": 1, "train.lr_schedule": "linear",
                                       "train.ema": {"decay": 0.9},  # both ranks keep the same average
                                       "train.student": {"type": "lora", "rank": 4}})
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "-m", "dmm_cli", "distill", str(recipe)], capture_output=True, text=True,
                        env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
     assert p.returncode == 0, p.stderr
