@@ -388,8 +388,9 @@ class Trainer:
                     done.add(shape)
                     sizes = set()  # with shard, this process's share of the batch may differ from step to step
                     for rotate in range(self.num_styles):
-                        if len(self.draws.own_labels(rotate)) not in sizes:
-                            sizes.add(len(self.draws.own_labels(rotate)))
+                        size = len(self.draws.own_labels(rotate))
+                        if size not in sizes:
+                            sizes.add(size)
                             self._rehearse(k, rotate)
             if self.accelerator.device.type == "cuda":
                 torch.cuda.synchronize()
