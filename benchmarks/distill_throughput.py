@@ -54,7 +54,7 @@ def official(path: Path, batch: int, steps: int, warmup: int, tiny: bool, device
 
 
 def ours(batch: int, teachers: int, steps: int, warmup: int, tiny: bool, device: str, accelerator,
-         compile_: str, offload: bool, checkpointing: bool = False) -> dict:
+         compile_: str, offload: bool, checkpointing: bool = False, compile_budget_s: float | None = None) -> dict:
     cuda = device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     teacher_device = "cpu" if offload else device
@@ -74,7 +74,8 @@ def ours(batch: int, teachers: int, steps: int, warmup: int, tiny: bool, device:
     ids = torch.randint(0, 49408, (256, 1, 77))
     cfg = Train(batch_size=batch, lr=1e-5, precision="bf16" if cuda else "no", compile=compile_ == "on" or
                 ("auto" if compile_ == "auto" else False), teacher_offload="cpu" if offload else "none",
-                gradient_checkpointing=checkpointing)
+                gradient_checkpointing=checkpointing,
+                **({} if compile_budget_s is None else {"compile_budget_s": compile_budget_s}))
     trainer = Trainer(cfg, models, [DataSource(latents, ids)], ids[0], accelerator)
     started = time.perf_counter()
     trainer.warm_up()  # the compile stage (and the teachers' CUDA graphs), timed on its own
@@ -92,6 +93,7 @@ def ours(batch: int, teachers: int, steps: int, warmup: int, tiny: bool, device:
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
     result = dict(variant="dmm", teachers=teachers, batch=batch, compile=compile_, offload=offload,
+                  compiled=bool(trainer.compiled),  # false where the compile stage failed or overran its budget
                   graphs=trainer.teacher_bank.graphs, compile_s=round(compile_s, 1),
                   step_s=round(seconds, 4), samples_per_s=round(batch / seconds, 2), loss=round(loss, 5),
                   checkpointing=checkpointing,
@@ -116,6 +118,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", nargs="+", default=["auto"], choices=["auto", "on", "off"])
+    p.add_argument("--compile-budget", type=float, metavar="S",
+                   help="train.compile_budget_s: a compile stage past S seconds stops, and the step is timed eagerly "
+                        "(its row says compiled: false) instead of running past the caller's time limit")
     p.add_argument("--offload", action="store_true", help="also time train.teacher_offload: cpu")
     p.add_argument("--checkpointing", action="store_true", help="with train.gradient_checkpointing")
     p.add_argument("--no-official", action="store_true")
@@ -157,7 +162,7 @@ def main() -> None:
                 for offload in ([False, True] if a.offload else [False]):
                     try:
                         row = ours(batch, teachers, a.steps, a.warmup, a.tiny, device, accelerator, compile_,
-                                   offload, a.checkpointing)
+                                   offload, a.checkpointing, a.compile_budget)
                     except Exception as e:  # same: report and continue
                         emit(dict(variant="dmm", batch=batch, teachers=teachers, compile=compile_,
                                   offload=offload, error=repr(e)[:300]))

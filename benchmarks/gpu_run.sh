@@ -4,7 +4,8 @@
 # off and on (cold, then warm from the same $DMM_HOME), generation parity, the CLI's peak memory against the
 # dry run's plan (run twice into one work folder, then as a LoRA student), and the SDXL step with and without
 # checkpointing.
-# Each step has its own time limit and the script goes on past a failure. Results land in $OUT (or ./gpu-out) as
+# Each step has its own time limit and the script goes on past a failure; a compile stage past its --compile-budget
+# times the step eagerly (its row says compiled: false) rather than leave no row. Results land in $OUT (or ./gpu-out) as
 # three files, refreshed after every step so that a run cut short still leaves them: steps.tgz (one JSON-lines file
 # per step, the GPU's name, the commit), errors.log (every step's stderr) and summary.json
 # (benchmarks/gpu_summary.py over the steps so far). The device tool brings back at most 8 files.
@@ -49,17 +50,17 @@ step() {
 step distill_eager 95 python3 benchmarks/distill_throughput.py --batch 16 32 --teachers 1 4 8 --compile off \
   --steps 5 --warmup 2 --official-step "$official"
 step compile_cold 95 python3 benchmarks/distill_throughput.py --batch 16 --teachers 4 --compile on --steps 5 \
-  --warmup 2 --no-official
+  --warmup 2 --no-official --compile-budget 65
 step compile_warm 30 python3 benchmarks/distill_throughput.py --batch 16 --teachers 4 --compile on --steps 5 \
-  --warmup 2 --no-official
-step compile_teachers 55 python3 benchmarks/distill_throughput.py --batch 16 --teachers 1 8 --compile on \
-  --steps 5 --warmup 2 --no-official
+  --warmup 2 --no-official --compile-budget 18
+step compile_teachers 60 python3 benchmarks/distill_throughput.py --batch 16 --teachers 1 8 --compile on \
+  --steps 5 --warmup 2 --no-official --compile-budget 20
 step generate 35 python3 benchmarks/generate_throughput.py --repeats 3
 step sd15_cli 40 python3 benchmarks/sd15_distill_smoke.py --work "$work/sd15" --teachers 2 --steps 10
 step sd15_cli_again 30 python3 benchmarks/sd15_distill_smoke.py --work "$work/sd15" --teachers 2 --steps 10
 step sd15_lora_cli 30 python3 benchmarks/sd15_distill_smoke.py --work "$work/sd15" --teachers 2 --steps 10 \
   --student lora
-step sdxl_step 50 python3 benchmarks/sdxl_memory.py --measure --teachers 2 --batch 4 --checkpointing on off --steps 2
+step sdxl_step 45 python3 benchmarks/sdxl_memory.py --measure --teachers 2 --batch 4 --checkpointing on off --steps 2
 step scale 500 python3 benchmarks/scale.py --work "$work/scale" --processes 1 2 4 --teachers 4 --steps 20 --timeout 150
 step merge_bench 300 python3 benchmarks/merge_bench.py --work "$work/merge-bench" --devices cpu cuda
 pack && cat "$out/summary.json"

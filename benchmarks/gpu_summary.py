@@ -45,6 +45,12 @@ def ratio(a, b, digits=3):
 def summarize(folder: Path) -> dict:
     eager, cold, warm, other_counts = (rows(folder, n) for n in ("distill_eager", "compile_cold", "compile_warm",
                                                                   "compile_teachers"))
+    # a compile stage that failed or overran --compile-budget timed the step eagerly: not a compiled figure
+    stopped = [{"step": name, "teachers": r.get("teachers"), "compile_s": r.get("compile_s")}
+               for name, found in (("compile_cold", cold), ("compile_warm", warm), ("compile_teachers", other_counts))
+               for r in found if r.get("compiled") is False]
+    cold, warm, other_counts = ([r for r in found if r.get("compiled") is not False]
+                                for found in (cold, warm, other_counts))
     steps = {}
     for batch in (16, 32):
         official = throughput(eager, variant="official", batch=batch)
@@ -60,7 +66,8 @@ def summarize(folder: Path) -> dict:
     flat = {label: ratio(b16.get(f"dmm_8t_{label}"), b16.get(f"dmm_1t_{label}")) for label in ("eager", "compiled")}
     compile_s = {"cold": next((r.get("compile_s") for r in cold if "compile_s" in r), None),
                  "warm": next((r.get("compile_s") for r in warm if "compile_s" in r), None),
-                 "other_teacher_counts": [r.get("compile_s") for r in other_counts if "compile_s" in r]}
+                 "other_teacher_counts": [r.get("compile_s") for r in other_counts if "compile_s" in r],
+                 "stopped": stopped}
     generate = next(iter(rows(folder, "generate")), {})
     memory = []
     for r in eager + cold + warm + other_counts + rows(folder, "sdxl_step"):

@@ -25,7 +25,7 @@ def test_distill_throughput_tiny():
     assert not [r for r in rows if "error" in r], rows
     ours = [r for r in rows if r.get("variant") == "dmm"]
     assert [r["offload"] for r in ours] == [False, True]
-    assert all(r["samples_per_s"] > 0 and r["loss"] > 0 for r in ours)
+    assert all(r["samples_per_s"] > 0 and r["loss"] > 0 and r["compiled"] is False for r in ours)
     if OFFICIAL.is_file():
         official = [r for r in rows if r.get("variant") == "official"]
         assert official and "samples_per_s" in official[0] and "speedup_vs_official" in ours[0]
@@ -84,14 +84,17 @@ def test_gpu_summary_turns_a_run_folder_into_ratios_and_goals(tmp_path):
                           {"variant": "dmm", "batch": 16, "teachers": 4, "compile": "off", "samples_per_s": 78.0,
                            "peak_gib": 30.0, "estimate_gib": 33.0},
                           {"variant": "dmm", "batch": 16, "teachers": 8, "compile": "off", "samples_per_s": 76.0}],
-        "compile_cold": [{"variant": "dmm", "batch": 16, "teachers": 4, "compile": "on", "samples_per_s": 90.0,
-                          "compile_s": 70.0}],
+        "compile_cold": [{"variant": "dmm", "batch": 16, "teachers": 4, "compile": "on", "compiled": True,
+                          "samples_per_s": 90.0, "compile_s": 70.0}],
         "compile_warm": [{"variant": "dmm", "batch": 16, "teachers": 4, "compile": "on", "samples_per_s": 91.0,
                           "compile_s": 9.0}],
         "compile_teachers": [{"variant": "dmm", "batch": 16, "teachers": 1, "compile": "on", "samples_per_s": 92.0,
                               "compile_s": 20.0},
                              {"variant": "dmm", "batch": 16, "teachers": 8, "compile": "on", "samples_per_s": 90.0,
-                              "compile_s": 25.0}],
+                              "compile_s": 25.0},
+                             # its compile overran --compile-budget: an eager figure, not a compiled one
+                             {"variant": "dmm", "batch": 32, "teachers": 1, "compile": "on", "compiled": False,
+                              "samples_per_s": 50.0, "compile_s": 40.1}],
         "generate": [{"dmm_over_diffusers_time": 1.01}],
     }
     for name, rows in lines.items():
@@ -104,7 +107,9 @@ def test_gpu_summary_turns_a_run_folder_into_ratios_and_goals(tmp_path):
     assert b16["dmm_4t_eager_vs_official"] == 1.95 and b16["dmm_4t_compiled"] == 91.0  # the warm run's figure
     assert summary["b16_4t_best_vs_official"] == 2.275
     assert summary["eight_over_one_teacher_b16"] == {"eager": 0.95, "compiled": 0.978}
-    assert summary["compile_s"] == {"cold": 70.0, "warm": 9.0, "other_teacher_counts": [20.0, 25.0]}
+    assert summary["compile_s"] == {"cold": 70.0, "warm": 9.0, "other_teacher_counts": [20.0, 25.0],
+                                    "stopped": [{"step": "compile_teachers", "teachers": 1, "compile_s": 40.1}]}
+    assert "dmm_1t_compiled" not in summary["steps"]["b32"]
     assert summary["generate_dmm_over_diffusers_time"] == 1.01
     assert summary["memory"] == [{"teachers": 4, "batch": 16, "compile": "off", "gradient_checkpointing": None,
                                   "checkpointing": None, "peak_gib": 30.0, "estimate_gib": 33.0,
