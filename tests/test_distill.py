@@ -15,6 +15,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
 from conftest import TOY_TEACHERS, assert_one_sentence_error, tiny_recipe
+from dmm_cli.distill import plan_run, plan_text
 from dmm_cli.models.references import resolve
 from dmm_cli.models.styles import StyleTable
 
@@ -59,6 +60,11 @@ def test_dry_run_prints_the_plan_and_writes_nothing(dmm, tmp_path):
     assert [t["name"] for t in plan["teachers"]] == ["night", "outline", "stripes", "checker"]
     assert plan["data"]["images"] > 100
     assert not (tmp_path / "run").exists()
+    # the text form is the Python API's: a notebook prints what the CLI prints
+    r = dmm("distill", recipe, "--dry-run", "--max-steps", "9")
+    assert r.code == 0, r
+    assert r.out.strip() == plan_text(plan_run(recipe, [], max_steps=9).describe())
+    assert "train  9 steps x batch" in r.out
 
 
 def test_shipped_recipes_validate(dmm):
