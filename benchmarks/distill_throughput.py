@@ -54,7 +54,7 @@ def official(path: Path, batch: int, steps: int, warmup: int, tiny: bool, device
 
 
 def ours(batch: int, teachers: int, steps: int, warmup: int, tiny: bool, device: str, accelerator,
-         compile_: str, offload: bool, checkpointing: bool = False, compile_budget_s: float | None = None) -> dict:
+         compile_: str, offload: bool, checkpointing: bool, compile_budget_s: float) -> dict:
     cuda = device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     teacher_device = "cpu" if offload else device
@@ -74,8 +74,7 @@ def ours(batch: int, teachers: int, steps: int, warmup: int, tiny: bool, device:
     ids = torch.randint(0, 49408, (256, 1, 77))
     cfg = Train(batch_size=batch, lr=1e-5, precision="bf16" if cuda else "no", compile=compile_ == "on" or
                 ("auto" if compile_ == "auto" else False), teacher_offload="cpu" if offload else "none",
-                gradient_checkpointing=checkpointing,
-                **({} if compile_budget_s is None else {"compile_budget_s": compile_budget_s}))
+                gradient_checkpointing=checkpointing, compile_budget_s=compile_budget_s)
     trainer = Trainer(cfg, models, [DataSource(latents, ids)], ids[0], accelerator)
     started = time.perf_counter()
     trainer.warm_up()  # the compile stage (and the teachers' CUDA graphs), timed on its own
@@ -118,7 +117,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", nargs="+", default=["auto"], choices=["auto", "on", "off"])
-    p.add_argument("--compile-budget", type=float, metavar="S",
+    p.add_argument("--compile-budget", type=float, metavar="S", default=Train.model_fields["compile_budget_s"].default,
                    help="train.compile_budget_s: a compile stage past S seconds stops, and the step is timed eagerly "
                         "(its row says compiled: false) instead of running past the caller's time limit")
     p.add_argument("--offload", action="store_true", help="also time train.teacher_offload: cpu")

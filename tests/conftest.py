@@ -96,6 +96,13 @@ def dmm_cli(tmp_path: Path, endpoint: str | None, *args: str, offline: bool = Fa
                           timeout=300)
 
 
+def torchrun(processes: int, *args, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`processes` processes on this host, at a free port (--standalone), not at 29500, which another run may hold."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(processes), "-m", "dmm_cli", *map(str, args)], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=timeout)
+
+
 def one_sentence(p: subprocess.CompletedProcess, code: int, fragment: str) -> None:
     assert p.returncode == code, p.stderr
     lines = [line for line in p.stderr.splitlines() if line.startswith("dmm: ")]

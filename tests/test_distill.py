@@ -14,7 +14,7 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
-from conftest import TOY_TEACHERS, assert_one_sentence_error, tiny_recipe
+from conftest import TOY_TEACHERS, assert_one_sentence_error, tiny_recipe, torchrun
 from dmm_cli.distill import plan_run, plan_text
 from dmm_cli.models.references import resolve
 from dmm_cli.models.styles import StyleTable
@@ -242,9 +242,7 @@ def test_a_lora_student_on_two_cpu_processes_with_torchrun(tmp_path):
     recipe = tiny_recipe(tmp_path, **{"train.max_steps": 4, "train.log_every": 1, "train.lr_schedule": "linear",
                                       "train.ema": {"decay": 0.9},  # both ranks keep the same average
                                       "train.student": {"type": "lora", "rank": 4}})
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "dmm_cli", "distill", str(recipe)], capture_output=True, text=True,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    p = torchrun(2, "distill", recipe, timeout=600)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().splitlines() == [str(tmp_path / "run")]  # only rank 0 prints
     rows = [json.loads(line) for line in (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()]

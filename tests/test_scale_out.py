@@ -18,17 +18,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import TOY_TEACHERS, assert_one_sentence_error, tiny_recipe
+from conftest import TOY_TEACHERS, assert_one_sentence_error, tiny_recipe, torchrun
 from dmm_cli.models.references import resolve
 
 FIVE_TEACHERS = TOY_TEACHERS + [{"name": "night_again", "model": "toy:night"}]
-
-
-def torchrun(processes: int, *args, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`processes` processes on this host, at a free port (--standalone), not at 29500, which another run may hold."""
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(processes), "-m", "dmm_cli", *map(str, args)], capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=timeout)
 
 
 def recipe(folder: Path, batch_size: int, **changes) -> Path:

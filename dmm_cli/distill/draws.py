@@ -83,6 +83,7 @@ class Draws:
     def micro_batch(self, step: int, micro: int) -> MicroBatch:
         """This process's part of micro-batch `micro` of step `step`: the whole step batch is drawn, its rows taken."""
         b = self.placement.step_batch
+        # the trailing 0 was the process's rank when each drew its own batch; kept so a seed draws what it drew
         g = torch.Generator().manual_seed(seed_for(self.cfg.seed, step, micro, 0))
         stage = max(s.stage for s in self.sources if s.from_step <= step)
         candidates = [k for k, s in enumerate(self.sources) if s.stage == stage]
