@@ -337,7 +337,7 @@ def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:
     """Read, override and validate a recipe; raises RecipeError naming the file and field."""
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"{path}: no such recipe file")
+        raise RecipeError(f"{path}: {'a folder, not a' if path.is_dir() else 'no such'} recipe file")
     if path.stat().st_size > MAX_BYTES:
         raise RecipeError(f"{path}: {path.stat().st_size} bytes is too large for a recipe (at most {MAX_BYTES})")
     try:

@@ -119,3 +119,57 @@ def test_bad_data_settings(dmm, tmp_path, value, fragment):
     r = dmm("distill", recipe(tmp_path, "toy:shapes"), "--set", value)
     assert_one_sentence_error(r, 2, fragment)
     assert not (tmp_path / "run").exists()
+
+
+def _listing_out(tmp_path: Path, how: str) -> Path:
+    """A data folder whose second picture is named by a path, or is a link, that leads out of the folder."""
+    outside = tmp_path / "private.png"
+    outside.write_bytes(picture(99))
+    if how == "parquet":
+        folder = tmp_path / "set"
+        folder.mkdir()
+        pq.write_table(pa.table({"image": [{"bytes": picture(0), "path": None}, {"bytes": None, "path": "../private.png"}],
+                                 "text": ["a", "b"]}), folder / "train.parquet")
+        return folder
+    folder = image_folder(tmp_path / "set", rows=2)
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    if how == "link":
+        (folder / rows[1]["file_name"]).unlink()
+        (folder / rows[1]["file_name"]).symlink_to(outside)
+    else:
+        rows[1]["file_name"] = {"climbing": "../private.png", "absolute": str(outside)}[how]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+@pytest.mark.parametrize("how", ["climbing", "absolute", "link", "parquet"])
+def test_a_picture_outside_the_data_folder_is_never_read(dmm, tmp_path, how):
+    folder = _listing_out(tmp_path, how)
+    r = dmm("distill", recipe(tmp_path, str(folder)))
+    assert_one_sentence_error(r, 2, "leads outside the data folder", "private.png" if how != "link" else "001.png")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda folder: (folder / "metadata.jsonl").write_bytes(b'{"file_name": "000.png", "text": "caf\xe9"}\n'),
+     "metadata.jsonl: not UTF-8 text"),
+    (lambda folder: (folder / "metadata.jsonl").write_text('{"file_name": "000.png", "text": null}\n'),
+     "metadata.jsonl: line 1: text must be a string"),
+    (lambda folder: (folder / "metadata.jsonl").write_text('{"file_name": "nothing.png", "text": "a"}\n'),
+     "metadata.jsonl: line 1: nothing.png is listed but is not a file in the folder"),
+    (lambda folder: ((folder / "metadata.jsonl").unlink(), (folder / "000.txt").write_bytes(b"caf\xe9")),
+     "000.txt: not UTF-8 text"),
+])
+def test_a_bad_listing_or_caption_is_named(dmm, tmp_path, damage, fragment):
+    folder = image_folder(tmp_path / "set", rows=2)
+    damage(folder)
+    assert_one_sentence_error(dmm("distill", recipe(tmp_path, str(folder)), "--dry-run"), 2, fragment)
+
+
+def test_a_hub_picture_folder_trains_through_the_cache_links(tmp_path):
+    """A Hub snapshot's files are links into the cache's blobs: inside the dataset, so they are read."""
+    with FakeHub() as hub:
+        hub.add("datasets/toy-org/squares", image_folder(tmp_path / "repo", rows=6))
+        p = dmm_with_hub(tmp_path, hub, "-q", "distill", str(recipe(tmp_path, "datasets/toy-org/squares")))
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "run" / "unet").is_dir()

@@ -97,6 +97,7 @@ def shape_mismatched_teacher(tmp_path) -> str:
 
 @pytest.mark.parametrize("make, fragment", [
     (lambda p: p / "missing.yaml", "missing.yaml: no such recipe file"),
+    (lambda p: (p / "recipes.yaml").mkdir() or p / "recipes.yaml", "recipes.yaml: a folder, not a recipe file"),
     (lambda p: (p / "r.yaml", (p / "r.yaml").write_text("name: x\nteachers: [\n  {name: a\nbase: b\n"))[0],
      "malformed YAML at line"),
     (lambda p: bad(p, **{"train.learning_rate": 1}), "train.learning_rate: unknown key"),

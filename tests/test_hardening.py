@@ -251,6 +251,26 @@ def test_non_finite_style_weights_are_refused(dmm, tmp_path, student, spec):
     assert_one_sentence_error(r, 2, "--style: mix weight for 'night'", "finite")
 
 
+def test_text_that_is_not_utf8_is_named(dmm, tmp_path, student):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"a caf\xe9\n")
+    r = dmm("eval", "toy:night", "--recipe", tiny_recipe(tmp_path), "--prompts", prompts, "-o", tmp_path / "report")
+    assert_one_sentence_error(r, 2, "--prompts", "prompts.txt: not UTF-8 text")
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    (clip / "config.json").write_bytes(b'{"model_type": "\xff"}')
+    r = dmm("eval", "toy:night", "--recipe", tiny_recipe(tmp_path), "--clip", clip, "-o", tmp_path / "report")
+    assert_one_sentence_error(r, 2, "--clip", "not a CLIP model (no readable config.json)")
+    metrics = tmp_path / "metrics.json"
+    metrics.write_bytes(b'{"models": "\xff"}')
+    r = dmm("export", student, "--style", "night", "--metrics", metrics, "-o", tmp_path / "night")
+    assert_one_sentence_error(r, 2, "metrics.json: not a dmm eval metrics.json")
+    broken = shutil.copytree(student, tmp_path / "broken", symlinks=True)
+    (broken / "styles.json").write_bytes(b'{"styles": "\xff"}')
+    r = dmm("generate", "a red circle", "--model", broken, "--style", "night", "-o", tmp_path / "out")
+    assert_one_sentence_error(r, 2, "styles.json: not a valid styles table (not UTF-8 text)")
+
+
 def test_bad_seed_for_eval_and_merge(dmm, tmp_path):
     recipe = tiny_recipe(tmp_path)
     r = dmm("eval", "toy:night", "--recipe", recipe, "--seed", str(2**63), "-o", tmp_path / "report")
@@ -399,6 +419,13 @@ def test_an_unwritable_dmm_home_costs_caches_not_jobs(dmm, tmp_path, monkeypatch
 ])
 def test_references_that_climb_out_are_not_sent_to_the_hub(dmm, ref, code, fragment):
     assert_one_sentence_error(dmm("fetch", ref), code, ref, fragment)
+
+
+@pytest.mark.parametrize("ref", ["", " "])
+def test_an_empty_model_reference_is_not_the_current_folder(dmm, tmp_path, ref):
+    assert_one_sentence_error(dmm("fetch", ref), 2, "an empty model reference")
+    r = dmm("baseline-merge", "toy:night", ref, "-o", tmp_path / "out")
+    assert_one_sentence_error(r, 2, "an empty model reference")
 
 
 # --- help and merge options say what they do ---------------------------------------------------------------

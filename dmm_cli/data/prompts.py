@@ -32,7 +32,11 @@ def read_prompts(path: Path | None, teacher_refs: list[str], purpose: str = "eva
         path = SHIPPED[purpose]
     if not Path(path).is_file():
         raise BadInput(f"--prompts {path}: no such file")
-    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise BadInput(f"--prompts {path}: not UTF-8 text") from None
+    prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise BadInput(f"--prompts {path}: no prompts in the file")
     return prompts

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -20,6 +21,7 @@ from .. import plugins
 from ..errors import BadInput
 from ..files.hashing import cached_sha256
 from ..files.images import IMAGE_SUFFIXES
+from ..models.folders import model_root
 
 IMAGE_SETS: dict[str, Callable[[], Path]] = {}
 
@@ -49,25 +51,47 @@ def read_captioned_folder(folder: Path) -> list[tuple[Path, str]]:
     meta = folder / "metadata.jsonl"
     items: list[tuple[Path, str]] = []
     if meta.is_file():
-        for n, line in enumerate(meta.read_text().splitlines(), 1):
+        for n, line in enumerate(_text(meta).splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                items.append((folder / row["file_name"], str(row["text"])))
+                name, text = row["file_name"], row["text"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise BadInput(f"{meta}: line {n} needs JSON with file_name and text") from None
-        for path, _ in items:
+            if not isinstance(text, str):
+                raise BadInput(f"{meta}: line {n}: text must be a string (got {text!r:.40})")
+            path = inside(folder, name, f"{meta}: line {n}")
             if not path.is_file():
-                raise BadInput(f"{meta}: {path.name} is listed but missing")
+                raise BadInput(f"{meta}: line {n}: {name} is listed but is not a file in the folder")
+            items.append((path, text))
     else:
         for path in sorted(folder.rglob("*")):
             if path.suffix.lower() in IMAGE_SUFFIXES and path.with_suffix(".txt").is_file():
-                items.append((path, path.with_suffix(".txt").read_text().strip()))
+                items.append((inside(folder, path.relative_to(folder).as_posix(), f"data folder {folder}"),
+                              _text(path.with_suffix(".txt")).strip()))
     if not items:
         raise BadInput(f"data folder {folder}: no captioned images (need metadata.jsonl or .txt captions "
                        "beside the images)")
     return items
+
+
+def inside(folder: Path, name: object, where: str) -> Path:
+    """`folder / name` for a picture a listing names, refused unless it is inside the data folder: no absolute
+    path, `..` or link leading out of it (a Hub snapshot's links into its own blobs are inside)."""
+    if not isinstance(name, str) or not name:
+        raise BadInput(f"{where}: a picture's path must be a non-empty string (got {name!r:.40})")
+    path = folder / name
+    if not Path(os.path.realpath(path)).is_relative_to(os.path.realpath(model_root(folder))):
+        raise BadInput(f"{where}: {name} leads outside the data folder {folder}; dmm reads pictures only inside it")
+    return path
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise BadInput(f"{path}: not UTF-8 text") from None
 
 
 def _decoded(data: bytes | None = None, path: Path | None = None) -> Image.Image | None:
@@ -149,15 +173,18 @@ class ParquetImages(CaptionedImages):
             for batch in pq.ParquetFile(shard).iter_batches(batch_size=64, columns=list(self.columns)):
                 images, captions = batch.column(self.columns[0]).to_pylist(), batch.column(self.columns[1])
                 for image, caption in zip(images, captions.to_pylist()):
-                    yield self._picture(image), str(caption)
+                    yield self._picture(image), "" if caption is None else str(caption)
 
     def _picture(self, cell) -> Image.Image | None:
         if isinstance(cell, dict):  # the datasets library's Image feature: {"bytes": ..., "path": ...}
             data, path = cell.get("bytes"), cell.get("path")
-            return _decoded(data=data) if data else (_decoded(path=self.folder / path) if path else None)
+            return _decoded(data=data) if data else (self._file(path) if path else None)
         if isinstance(cell, (bytes, bytearray)):
             return _decoded(data=bytes(cell))
-        return _decoded(path=self.folder / cell) if isinstance(cell, str) else None
+        return self._file(cell) if isinstance(cell, str) else None
+
+    def _file(self, name: str) -> Image.Image | None:
+        return _decoded(path=inside(self.folder, name, f"data {self.folder}: image column {self.columns[0]!r}"))
 
     def fingerprint(self) -> str:
         key = [cached_sha256(s) for s in self.shards] + list(self.columns)

@@ -22,7 +22,7 @@ def check_clip_folder(folder: Path, ref: str) -> Path:
     config = folder / "config.json"
     try:
         model_type = json.loads(config.read_text()).get("model_type")
-    except (OSError, json.JSONDecodeError, AttributeError):
+    except (OSError, ValueError, AttributeError):  # ValueError: bad JSON, or not UTF-8
         raise BadInput(f"--clip {ref}: not a CLIP model (no readable config.json)") from None
     if model_type != "clip":
         raise BadInput(f"--clip {ref}: not a CLIP model (its config.json says model_type {model_type!r})")

@@ -39,7 +39,7 @@ def eval_figures(folder: Path, metrics: Path | None, index: int | None) -> dict:
     try:
         data = json.loads(path.read_text())
         entry = next(m for m in data["models"] if m["kind"] == "student")
-    except (json.JSONDecodeError, KeyError, TypeError, StopIteration):
+    except (ValueError, KeyError, TypeError, StopIteration):  # ValueError: bad JSON, or not UTF-8
         raise BadInput(f"--metrics {path}: not a dmm eval metrics.json with a student in it") from None
     figures = {"metrics_file": path.name, "fid_t": entry["fid_t"], "fid_t_over_reference": entry.get(
         "fid_t_over_reference"), "style_accuracy": entry.get("style_accuracy")}

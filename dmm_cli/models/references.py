@@ -70,6 +70,8 @@ def resolve(ref: str, *, allow_pickle: bool = False, variant: str | None = None,
 def fetch(ref: str, *, allow_pickle: bool = False, variant: str | None = None, store: Path | None = None,
           prediction_type: str | None = None) -> Fetched:
     """`prediction_type`: what a foreign single-file checkpoint predicts, when it does not say."""
+    if not ref.strip():  # Path("") is the current folder, which the user did not name
+        raise ModelError("an empty model reference (give a Hub name, a folder or a file)")
     scheme = scheme_of(ref)
     if scheme is not None:
         folder = SCHEMES[scheme].folder(ref[len(scheme) + 1:])

@@ -55,7 +55,11 @@ class StyleTable:
         path = Path(folder) / STYLES_FILE
         if not path.is_file():
             return None
-        return cls.from_json(path.read_text(), path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ModelError(f"{path}: not a valid styles table (not UTF-8 text)") from None
+        return cls.from_json(text, path)
 
     @classmethod
     def from_json(cls, text: str, where) -> "StyleTable":
