@@ -55,7 +55,8 @@ def _global(
 def fetch(
     refs: list[str] = typer.Argument(..., metavar="REF...",
                                      help="toy:<name>, a local folder or .safetensors file, org/name[@revision], "
-                                          "or org/name/sub/file.safetensors."),
+                                          "or org/name/sub/file.safetensors; MODEL+LORA[:SCALE] fuses the LoRAs "
+                                          "into a cached folder."),
     store: Optional[Path] = typer.Option(None, "--store", help="Download into this folder instead of the Hugging "
                                                                "Face cache."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit for refs without @rev."),
@@ -85,16 +86,15 @@ def fetch(
       dmm fetch stable-diffusion-v1-5/stable-diffusion-v1-5 --variant fp16
       dmm fetch SG161222/Realistic_Vision_V5.1_noVAE@main --store ./models
       dmm fetch ./sd15-finetune.safetensors
+      dmm fetch toy:base+toy:night-lora:0.8
       dmm fetch --lora org/style-lora org/other-loras/watercolor.safetensors
     """
     import json
     from dataclasses import asdict
 
-    from .models.references import fetch as fetch_ref, scheme_of
+    from .models.lora import fetch_lora, fetch_model
 
     if lora:
-        from .models.lora import fetch_lora
-
         if export_single_file is not None or variant is not None or store is not None:
             raise BadInput("--lora fetches LoRA files: --export-single-file, --variant and --store are for models")
         paths = [fetch_lora(ref, allow_pickle) for ref in refs]
@@ -106,14 +106,8 @@ def fetch(
         return
     if export_single_file is not None and len(refs) != 1:
         raise BadInput("--export-single-file takes exactly one REF")
-    manifest = []
-    for ref in refs:
-        if revision and "@" not in ref and scheme_of(ref) is None and not Path(ref).exists():
-            head, _, tail = ref.partition("/")
-            name, _, path = tail.partition("/")
-            ref = f"{head}/{name}@{revision}" + (f"/{path}" if path else "")
-        manifest.append(fetch_ref(ref, allow_pickle=allow_pickle, variant=variant, store=store,
-                                  prediction_type=prediction_type))
+    manifest = [fetch_model(ref, revision=revision, allow_pickle=allow_pickle, variant=variant, store=store,
+                            prediction_type=prediction_type) for ref in refs]
     if export_single_file is not None:
         from .export.run import export
 

@@ -117,6 +117,22 @@ def test_nan_weights_are_named_by_merge_and_distill(dmm, tmp_path):
     assert not (tmp_path / "run" / "model_index.json").exists()
 
 
+def test_a_nan_lora_is_named_by_generate_merge_and_distill(dmm, tmp_path):
+    lora = tmp_path / "nan-lora.safetensors"
+    weights = load_file(resolve("toy:base").parent / "loras" / "night-lora.safetensors")
+    name = sorted(weights)[0]
+    weights[name].view(-1)[0] = float("inf")
+    save_file(weights, lora)
+    ref = f"toy:base+{lora}"
+    r = dmm("generate", "a red circle", "--model", ref, *FAST, "-o", tmp_path / "pic.png")
+    assert_one_sentence_error(r, 2, str(lora), name, "NaN or Inf")
+    r = dmm("baseline-merge", "--method", "ties", "--base", "toy:base", "toy:night", ref, "-o", tmp_path / "out")
+    assert_one_sentence_error(r, 2, str(lora), name, "NaN or Inf")
+    r = dmm("distill", tiny_recipe(tmp_path, teachers=[TOY_TEACHERS[0], {"name": "broken", "model": ref}]))
+    assert_one_sentence_error(r, 2, str(lora), name, "NaN or Inf")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "pic.png").exists()
+
+
 def test_a_non_finite_loss_stops_distillation_and_writes_no_student(dmm, tmp_path):
     recipe = tiny_recipe(tmp_path, **{"train.lr": 1e30, "train.checkpoint_every": 1, "train.max_steps": 20})
     r = dmm("distill", recipe)

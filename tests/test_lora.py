@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import assert_one_sentence_error
+from conftest import TOY_TEACHERS, assert_one_sentence_error, tiny_recipe
 from dmm_cli.toy import ZOO
 from families import build
 
@@ -116,6 +116,41 @@ def test_weight_merges_on_lora_teachers_match_merges_on_fused_teachers(dmm, tmp_
     assert moved > 100  # the LoRA layers really were merged
     inputs = json.loads(_metadata(tmp_path / "from-loras" / name)["dmm.inputs"])
     assert [x["ref"] for x in inputs["teachers"][1]["loras"]] == ["toy:checker-lora-peft"]
+
+
+def test_every_option_that_takes_a_model_takes_a_model_with_loras(dmm, tmp_path):
+    """`MODEL+LORA:SCALE` as dmm fetch's REF, baseline-merge's --base and a recipe teacher's model (the same teacher
+    as its `loras` list); a recipe's base refuses it and says how to fuse it."""
+    name = "unet/diffusion_pytorch_model.safetensors"
+    r = dmm("fetch", "toy:base+toy:night-lora:0.7", "--json")
+    assert r.code == 0, r
+    (fetched,) = json.loads(r.out)
+    assert fetched["source"] == "fused"
+    reference = load_file(diffusers_fused(tmp_path / "reference", [(KOHYA, 0.7)]) / name)
+    mine = load_file(Path(fetched["folder"]) / name)
+    for key in reference:  # the fused folder keeps the toy UNet's fp16
+        torch.testing.assert_close(mine[key].float(), reference[key], rtol=1e-3, atol=1e-3)
+
+    merged = {}
+    for how, base in (("inline", "toy:base+toy:night-lora:0.7"), ("folder", fetched["folder"])):
+        r = dmm("baseline-merge", "--method", "task-arithmetic", "--base", base, "toy:outline", "toy:stripes",
+                "-o", tmp_path / how)
+        assert r.code == 0, r
+        merged[how] = load_file(tmp_path / how / name)
+    assert all(torch.equal(merged["inline"][k], merged["folder"][k]) for k in merged["folder"])
+
+    students = {}
+    for how, teacher in (("inline", {"model": "toy:base+toy:night-lora:0.7"}),
+                         ("listed", {"model": "toy:base", "loras": [{"model": "toy:night-lora", "scale": 0.7}]})):
+        recipe = tiny_recipe(tmp_path / how, teachers=[{"name": "night", **teacher}, TOY_TEACHERS[1]],
+                             **{"train.max_steps": 2})
+        r = dmm("distill", recipe)
+        assert r.code == 0, r
+        students[how] = load_file(tmp_path / how / "run" / name)
+    assert all(torch.equal(students["inline"][k], students["listed"][k]) for k in students["listed"])
+
+    r = dmm("distill", tiny_recipe(tmp_path / "based", base="toy:base+toy:night-lora"))
+    assert_one_sentence_error(r, 2, "base toy:base+toy:night-lora", "dmm fetch toy:base+toy:night-lora")
 
 
 def _metadata(path: Path) -> dict:

@@ -252,14 +252,20 @@ def plan_run(recipe_path: Path, overrides: list[str] = (), *, output: Path | Non
         raise BadInput("--resume and --overwrite contradict each other; pick one")
     out = Path(output or recipe.output)
     resume_from = _check_output(out, recipe, resume, overwrite)
+    if lora.split_ref(recipe.base)[1]:
+        raise RecipeError(f"base {recipe.base}: a base with LoRAs is not read here; fuse them into a folder once "
+                          f"with `dmm fetch {recipe.base}` and make that the base")
     base = references.resolve(recipe.base)
     previous, table = _previous_student(recipe) if recipe.init_from else (None, None)
     old = len(table.names) if table else 0
-    teachers = [None if i < old else references.resolve(t.model) for i, t in enumerate(recipe.teachers)]
+    # A teacher's LoRAs: inline in its model (`MODEL+LORA:SCALE`, as every command takes it), then its `loras`.
+    split = [lora.split_ref(t.model) for t in recipe.teachers]
+    teachers = [None if i < old else references.resolve(model) for i, (model, _) in enumerate(split)]
     _check_teachers(recipe, base, teachers)  # before any LoRA is fetched
     _check_student(recipe, base, previous)
-    teacher_loras = [lora.load_loras([lora.LoraSpec(x.model, x.scale) for x in t.loras], folder, t.model)
-                     if folder is not None else [] for t, folder in zip(recipe.teachers, teachers)]
+    teacher_loras = [lora.load_loras(inline + [lora.LoraSpec(x.model, x.scale) for x in t.loras], folder, model)
+                     if folder is not None else []
+                     for t, (model, inline), folder in zip(recipe.teachers, split, teachers)]
     for part in parts_besides_unet(base):  # the student folder gets copies of these: no link may lead out of the base
         check_links(base / part, model_root(base))
     _check_optimizer(recipe.train.optimizer)

@@ -78,7 +78,7 @@ def baseline_merge(method: str, teachers: list[str], *, base: str | None = None,
 
 
 def _merge(method, teachers, base, weights, density, lam, seed, dare_sign, output, vae, dtype, device) -> Path:
-    base_dir = references.resolve(base) if base else None
+    base_dir = lora.resolve(base) if base else None
     split = [lora.split_ref(t) for t in teachers]
     teacher_dirs = [references.resolve(model) for model, _ in split]
     teacher_loras = [lora.load_loras(specs, folder, model) for (model, specs), folder in zip(split, teacher_dirs)]
@@ -101,7 +101,7 @@ def _merge(method, teachers, base, weights, density, lam, seed, dare_sign, outpu
         check_links(owner / part, model_root(owner))
     unet_sha = component_sha256_many([f / "unet" for f in everyone])
     shared = references.shareable  # inputs by reference or name, never by a path of this machine
-    inputs = {"base": {"ref": shared(base), "sha256": unet_sha[-1]} if base_dir else None,
+    inputs = {"base": {"ref": lora.shareable(base), "sha256": unet_sha[-1]} if base_dir else None,
               "teachers": [{"ref": lora.shareable(r), "sha256": h,
                             **({"loras": [{"ref": shared(x.spec.ref), "scale": x.spec.scale, "sha256": x.sha256}
                                           for x in own]} if own else {})}
@@ -121,7 +121,7 @@ def _merge(method, teachers, base, weights, density, lam, seed, dare_sign, outpu
         for part, owner in copied.items():
             copy_part(owner / part, tmp / part, model_root(owner))
         (tmp / "model_index.json").write_text(derived_model_index(template))
-        card = _card(method, params, base and shared(base), [lora.shareable(t) for t in teachers], parts,
+        card = _card(method, params, base and lora.shareable(base), [lora.shareable(t) for t in teachers], parts,
                      vae and shared(vae))
         (tmp / "README.md").write_text(card)
     return output

@@ -23,10 +23,11 @@ from ..files import state
 from ..files.atomic import atomic_file, atomic_folder
 from ..files.hashing import cached_sha256, component_sha256
 from ..files.safetensors_header import component_shapes, read_header, weight_files
-from ..files.safetensors_io import TORCH_DTYPES, StreamingWriter, TensorReader
+from ..files.safetensors_io import TORCH_DTYPES, StreamingWriter, TensorReader, check_finite
 from .folders import check_pipeline_folder, copy_part, derived_model_index, model_family, model_root
 from .local import PICKLE_SUFFIXES
-from .references import HUB_REF, SCHEMES, resolve as resolve_model, scheme_of
+from .hub import Fetched
+from .references import HUB_REF, SCHEMES, fetch, resolve as resolve_model, scheme_of
 from .references import shareable as shareable_model
 
 PARTS = ("unet", "text_encoder", "text_encoder_2")
@@ -132,7 +133,10 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
     read_header(path)  # a checked header before safetensors reads it
     from safetensors.torch import load_file
 
-    return load_file(path)
+    tensors = load_file(path)
+    for name, tensor in tensors.items():  # a LoRA is small: every tensor is checked, alphas included
+        check_finite(tensor, path, name)
+    return tensors
 
 
 def _unpickled(path: Path, allow_pickle: bool) -> Path:
@@ -415,10 +419,25 @@ def fused_folder(model: Path, loras: list[Lora]) -> Path:
     return folder
 
 
-def resolve(ref: str, allow_pickle: bool = False) -> Path:
-    """The local folder of a model reference, with `+LORA[:SCALE]` parts fused into a cached folder."""
+def resolve(ref: str, allow_pickle: bool = False, **fetch_options) -> Path:
+    """The local folder of a model reference, with `+LORA[:SCALE]` parts fused into a cached folder.
+    `fetch_options` go to models.references.fetch, for the model."""
     model_ref, specs = split_ref(ref)
-    model = resolve_model(model_ref, allow_pickle=allow_pickle)
+    model = resolve_model(model_ref, allow_pickle=allow_pickle, **fetch_options)
     if not specs:
         return model
     return fused_folder(model, load_loras(specs, model, model_ref, allow_pickle))
+
+
+def fetch_model(ref: str, revision: str | None = None, allow_pickle: bool = False, **fetch_options) -> Fetched:
+    """What `dmm fetch` reports for a model reference: its local folder (with `+LORA[:SCALE]` parts fused into a
+    cached one) and where it came from. `revision` applies to a Hub model named without `@rev`."""
+    model, specs = split_ref(ref)
+    if revision and "@" not in model and scheme_of(model) is None and not Path(model).exists():
+        head, _, tail = model.partition("/")
+        name, _, path = tail.partition("/")
+        model = f"{head}/{name}@{revision}" + (f"/{path}" if path else "")
+    if not specs:
+        return fetch(model, allow_pickle=allow_pickle, **fetch_options)
+    ref = model + "".join(f"+{spec}" for spec in specs)
+    return Fetched(ref, str(resolve(ref, allow_pickle, **fetch_options)), "fused")
