@@ -128,8 +128,8 @@ def _listing_out(tmp_path: Path, how: str) -> Path:
     if how == "parquet":
         folder = tmp_path / "set"
         folder.mkdir()
-        pq.write_table(pa.table({"image": [{"bytes": picture(0), "path": None}, {"bytes": None, "path": "../private.png"}],
-                                 "text": ["a", "b"]}), folder / "train.parquet")
+        cells = [{"bytes": picture(0), "path": None}, {"bytes": None, "path": "../private.png"}]
+        pq.write_table(pa.table({"image": cells, "text": ["a", "b"]}), folder / "train.parquet")
         return folder
     folder = image_folder(tmp_path / "set", rows=2)
     rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
