@@ -90,6 +90,18 @@ def test_a_bad_config_is_refused_in_one_sentence_naming_it(dmm, tmp_path, kind):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+@pytest.mark.parametrize("left, said", [(None, "no .safetensors weights"), ("weights.bin", "only pickle weights")])
+def test_a_part_without_weights_is_refused_in_one_sentence(dmm, tmp_path, left, said):
+    model = copy_model("night", tmp_path / "model")
+    (model / UNET).unlink()
+    if left:
+        (model / "unet" / left).write_bytes(b"pickle")
+    for args in (["generate", "a red circle", "--model", model, "-o", tmp_path / "out", *FAST],
+                 ["baseline-merge", "toy:outline", model, "-o", tmp_path / "merged"]):
+        assert_one_sentence_error(dmm(*args), 2, str(model / "unet"), said)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
 def test_a_truncated_teacher_is_refused_by_the_merge(dmm, tmp_path):
     teacher = copy_model("night", tmp_path / "teacher")
     data = (teacher / UNET).read_bytes()
