@@ -119,8 +119,8 @@ def test_weight_merges_on_lora_teachers_match_merges_on_fused_teachers(dmm, tmp_
 
 
 def test_every_option_that_takes_a_model_takes_a_model_with_loras(dmm, tmp_path):
-    """`MODEL+LORA:SCALE` as dmm fetch's REF, baseline-merge's --base and a recipe teacher's model (the same teacher
-    as its `loras` list); a recipe's base refuses it and says how to fuse it."""
+    """`MODEL+LORA:SCALE` as dmm fetch's REF, baseline-merge's --base, export's MODEL and a recipe teacher's model
+    (the same teacher as its `loras` list); a recipe's base refuses it and says how to fuse it."""
     name = "unet/diffusion_pytorch_model.safetensors"
     r = dmm("fetch", "toy:base+toy:night-lora:0.7", "--json")
     assert r.code == 0, r
@@ -138,6 +138,12 @@ def test_every_option_that_takes_a_model_takes_a_model_with_loras(dmm, tmp_path)
         assert r.code == 0, r
         merged[how] = load_file(tmp_path / how / name)
     assert all(torch.equal(merged["inline"][k], merged["folder"][k]) for k in merged["folder"])
+
+    for how, model in (("inline", "toy:base+toy:night-lora:0.7"), ("folder", fetched["folder"])):
+        r = dmm("export", model, "--single-file", "-o", tmp_path / f"{how}.safetensors")
+        assert r.code == 0, r
+    one, other = (load_file(tmp_path / f"{how}.safetensors") for how in ("inline", "folder"))
+    assert one.keys() == other.keys() and all(torch.equal(one[k], other[k]) for k in one)
 
     students = {}
     for how, teacher in (("inline", {"model": "toy:base+toy:night-lora:0.7"}),

@@ -81,14 +81,14 @@ def export(ref: str, *, style: str | None = None, output: Path | None = None, si
                        "a:0.5,b:0.5, or all), without --single-file")
     if fmt == "diffusers" and style is None and not single_file:
         raise BadInput("nothing to export: give --style (bake a style), --single-file, or --format dmm-official")
-    folder = references.resolve(ref)
+    folder = lora.resolve(ref)  # MODEL+LORA: its fused folder
     if fmt == "dmm-official" and model_family(folder) == "SDXL":
         raise BadInput(f"{ref}: --format dmm-official is the released SD1.x layout, whose style embedding takes the "
                        "slot of SDXL's text-time embedding; export an SDXL student as a folder or a single file")
     table = StyleTable.read(folder)
     if table is not None:
         table = _shared(table)
-    source = references.shareable(ref)  # how shared files name the model: never a path of this machine
+    source = lora.shareable(ref)  # how shared files name the model: never a path of this machine
     if (style is not None or fmt == "dmm-official") and table is None:
         raise BadInput(f"{ref}: not a DMM student (no {STYLES_FILE}), so it has no styles to export")
     if fmt == "diffusers" and single_file and style is None and table is not None and model_family(folder) == "SDXL":
@@ -106,7 +106,7 @@ def export(ref: str, *, style: str | None = None, output: Path | None = None, si
         raise BadInput(f"{ref}: --format {fmt} exports a LoRA student's adapter (train.student.type lora), and "
                        f"{'this is a full student' if table else 'this is not a dmm student'}; bake a full "
                        "student's style with --style instead")
-    stem = slug(folder.name)
+    stem = slug(ref if lora.split_ref(ref)[1] else folder.name)  # a fused folder's name is a digest
     suffix = ".safetensors" if single_file or fmt == "lora" else ""
     if fmt == "dmm-official":
         targets = [(Path(output or f"{stem}-dmm-official{suffix}"), None, None)]
