@@ -173,3 +173,27 @@ def test_a_hub_picture_folder_trains_through_the_cache_links(tmp_path):
         p = dmm_with_hub(tmp_path, hub, "-q", "distill", str(recipe(tmp_path, "datasets/toy-org/squares")))
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "run" / "unet").is_dir()
+
+
+def test_pictures_read_as_they_look(tmp_path):
+    """A 16-bit or float grey keeps its brightness (PIL's own conversion clips it to white or black), and a photo's
+    EXIF orientation is applied."""
+    import numpy as np
+
+    from dmm_cli.data.sources import open_images
+
+    folder = tmp_path / "set"
+    folder.mkdir()
+    Image.fromarray(np.full((16, 16), 40000, np.uint16)).save(folder / "grey16.png")
+    Image.fromarray(np.full((16, 16), 0.25, np.float32)).save(folder / "float.tif")
+    turned = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = turned.getexif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to view"
+    turned.save(folder / "turned.jpg", exif=exif)
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": n}) + "\n"
+                                                   for n in ("grey16.png", "float.tif", "turned.jpg")))
+    pictures = {caption: picture for picture, caption in open_images(folder)}
+    assert all(p.mode == "RGB" for p in pictures.values())
+    assert np.asarray(pictures["grey16.png"]).mean() == pytest.approx(40000 / 257, abs=1)
+    assert np.asarray(pictures["float.tif"]).mean() == pytest.approx(0.25 * 255, abs=1)
+    assert pictures["turned.jpg"].size == (20, 40)

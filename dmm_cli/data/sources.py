@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .. import plugins
 from ..errors import BadInput
@@ -95,12 +95,23 @@ def _text(path: Path) -> str:
 
 
 def _decoded(data: bytes | None = None, path: Path | None = None) -> Image.Image | None:
-    """An RGB picture, or None when it does not decode."""
+    """An 8-bit RGB picture the right way up (its EXIF orientation applied), or None when it does not decode."""
     try:
         with Image.open(io.BytesIO(data) if data is not None else path) as image:
-            return image.convert("RGB")
+            return _eight_bit(ImageOps.exif_transpose(image)).convert("RGB")
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
         return None
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """Greys of more than 8 bits scaled to 8: PIL's own conversion clips them (a mid-grey 16-bit PNG turns white).
+    Integer greys are taken as 16-bit; float greys as 0..1 when they stay within it, else as 0..255."""
+    if image.mode.startswith("I"):
+        return image.convert("I").point(lambda v: v / 257).convert("L")
+    if image.mode == "F":
+        scale = 255 if image.getextrema()[1] <= 1 else 1
+        return image.point(lambda v: v * scale).convert("L")
+    return image
 
 
 class CaptionedImages:

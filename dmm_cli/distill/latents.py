@@ -72,7 +72,8 @@ def encode_items(images: CaptionedImages, vae, vae_sha256: str, resolution: int,
     Pictures stream through a batch at a time; those that do not decode are skipped and counted, and more
     than `max_bad_fraction` of them fails the run."""
     shapes = buckets(resolution, bucket_multiple) if bucket_multiple else [(resolution, resolution)]
-    key = hashlib.sha256(f"3:{vae_sha256}:{shapes}:{images.fingerprint()}".encode()).hexdigest()[:24]
+    # The leading number changes whenever pictures decode differently (4: high-bit greys, EXIF orientation).
+    key = hashlib.sha256(f"4:{vae_sha256}:{shapes}:{images.fingerprint()}".encode()).hexdigest()[:24]
     path = state.home() / "latents" / f"{key}.safetensors"
     if path.is_file():
         console.say(f"data: {len(images)} images, latents from cache {path}")
