@@ -252,3 +252,14 @@ def test_a_lora_student_on_two_cpu_processes_with_torchrun(tmp_path):
     assert rows[-1]["lr"] < rows[0]["lr"]  # the linear schedule decays
     assert StableDiffusionPipeline.from_pretrained(tmp_path / "run").unet.config.class_embed_type == "projection"
     assert (tmp_path / "run" / "student_lora").is_dir()
+
+
+def test_a_resume_with_other_train_settings_says_which_once(dmm, tmp_path):
+    recipe = tiny_recipe(tmp_path, **{"train.max_steps": 3})
+    assert dmm("distill", recipe).code == 0
+    r = dmm("distill", recipe, "--resume", "--max-steps", "4", "--set", "train.lr=3e-4")
+    assert r.code == 0, r
+    assert "train settings changed since the last start (train.lr 0.0001 -> 0.0003)" in r.err
+    r = dmm("distill", recipe, "--resume", "--max-steps", "5", "--set", "train.lr=3e-4")  # its last start's settings
+    assert r.code == 0, r
+    assert "settings changed" not in r.err

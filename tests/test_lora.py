@@ -145,15 +145,21 @@ def test_every_option_that_takes_a_model_takes_a_model_with_loras(dmm, tmp_path)
     one, other = (load_file(tmp_path / f"{how}.safetensors") for how in ("inline", "folder"))
     assert one.keys() == other.keys() and all(torch.equal(one[k], other[k]) for k in one)
 
-    students = {}
-    for how, teacher in (("inline", {"model": "toy:base+toy:night-lora:0.7"}),
-                         ("listed", {"model": "toy:base", "loras": [{"model": "toy:night-lora", "scale": 0.7}]})):
+    students, local = {}, tmp_path / "loras" / "night.safetensors"
+    local.parent.mkdir()
+    local.write_bytes(KOHYA.read_bytes())
+    for how, teacher in (("inline", {"model": f"toy:base+{local}:0.7"}),
+                         ("listed", {"model": "toy:base", "loras": [{"model": str(local), "scale": 0.7}]})):
         recipe = tiny_recipe(tmp_path / how, teachers=[{"name": "night", **teacher}, TOY_TEACHERS[1]],
                              **{"train.max_steps": 2})
         r = dmm("distill", recipe)
         assert r.code == 0, r
         students[how] = load_file(tmp_path / how / "run" / name)
+        shared = (tmp_path / how / "run" / "run.json").read_text() + (tmp_path / how / "run" / "styles.json").read_text()
+        assert str(tmp_path) not in shared  # files meant for sharing name a local LoRA by its name alone
     assert all(torch.equal(students["inline"][k], students["listed"][k]) for k in students["listed"])
+    assert json.loads((tmp_path / "inline" / "run" / "styles.json").read_text())["styles"][0]["teacher"] == (
+        "toy:base+night.safetensors:0.7")
 
     r = dmm("distill", tiny_recipe(tmp_path / "based", base="toy:base+toy:night-lora"))
     assert_one_sentence_error(r, 2, "base toy:base+toy:night-lora", "dmm fetch toy:base+toy:night-lora")

@@ -152,6 +152,8 @@ def _check_output(output: Path, recipe: Recipe, resume: bool, overwrite: bool) -
         if started and not resume and not overwrite:
             raise BadInput(f"output {output}: already holds a run of this recipe; continue it with --resume or "
                            "start over with --overwrite")
+        if started and resume:
+            _warn_changed_training(previous.get("recipe", {}).get("train", {}), recipe)
     if resume:
         found = checkpoints(output) if output.is_dir() else []
         if found:
@@ -160,6 +162,26 @@ def _check_output(output: Path, recipe: Recipe, resume: bool, overwrite: bool) -
             raise BadInput(f"--resume: no checkpoint under {output / CHECKPOINTS}")
         console.say(f"distill: {output} has no checkpoint yet; starting from the beginning")
     return None
+
+
+# What a resumed run may change without being told: how long it runs and how often it logs and saves.
+_RESUME_FREELY = {"max_steps", "log_every", "checkpoint_every"}
+
+
+def _warn_changed_training(before: dict, recipe: Recipe) -> None:
+    """A resume with other train settings than the last start's goes on with them; say which, once."""
+    def flat(d: dict, prefix: str = "train.") -> dict:
+        out = {}
+        for key, value in d.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+        return out
+
+    old, new = flat(before), flat(json.loads(json.dumps(recipe.train.model_dump())))
+    changed = [f"{k} {old.get(k)} -> {new.get(k)}" for k in sorted(old.keys() | new.keys())
+               if old.get(k) != new.get(k) and k.removeprefix("train.") not in _RESUME_FREELY]
+    if changed and before:
+        console.warn(f"distill: resuming with train settings changed since the last start ({', '.join(changed)}); "
+                     "the run goes on with them, so it no longer matches one uninterrupted run")
 
 
 def _previous_student(recipe: Recipe) -> tuple[Path, StyleTable]:

@@ -71,7 +71,7 @@ def shared_recipe(recipe: Recipe) -> dict:
     if recipe.init_from:
         data["init_from"] = references.shareable(recipe.init_from)
     for teacher in data["teachers"]:
-        teacher["model"] = references.shareable(teacher["model"])
+        teacher["model"] = lora.shareable(teacher["model"])  # MODEL+LORA part by part
         for one in teacher["loras"]:
             one["model"] = references.shareable(one["model"])
     if recipe.data.folder:
