@@ -179,7 +179,7 @@ def _warn_changed_training(before: dict, recipe: Recipe) -> None:
     old, new = flat(before), flat(json.loads(json.dumps(recipe.train.model_dump())))
     changed = [f"{k} {old.get(k)} -> {new.get(k)}" for k in sorted(old.keys() | new.keys())
                if old.get(k) != new.get(k) and k.removeprefix("train.") not in _RESUME_FREELY]
-    if changed and before:
+    if changed and before and os.environ.get("RANK", "0") == "0":  # once, not by every process of a launch
         console.warn(f"distill: resuming with train settings changed since the last start ({', '.join(changed)}); "
                      "the run goes on with them, so it no longer matches one uninterrupted run")
 
