@@ -350,6 +350,17 @@ def test_an_output_that_cannot_be_made_is_one_sentence_and_leaves_nothing(dmm, t
     assert blocker.read_text() == "kept" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "recipe"]
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_output_under_proc_is_refused_before_any_work(dmm, tmp_path, student):
+    """Permission bits tell root that /proc is writable; the folder cannot be made there all the same."""
+    out = Path("/proc/dmm-output")
+    r = dmm("eval", student, "--recipe", tiny_recipe(tmp_path), "-k", "2", *FAST, "-o", out)
+    assert_one_sentence_error(r, 2, "--output /proc/dmm-output: cannot write")
+    assert "eval:" not in r.err  # refused before the sampling
+    r = dmm("generate", "a cat", "--model", "toy:night", *FAST, "-o", out)
+    assert_one_sentence_error(r, 2, "--output /proc/dmm-output: cannot write")
+
+
 def test_a_link_out_of_the_model_is_never_followed_into_an_output(dmm, tmp_path):
     secret = tmp_path / "secret.json"
     secret.write_text((resolve("toy:base") / "vae" / "config.json").read_text())  # passes as a config

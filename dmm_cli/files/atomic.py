@@ -209,8 +209,15 @@ def check_replaceable(path: Path, overwrite: bool, command: str, key: str) -> No
 
 
 def writable_folder(path: Path) -> bool:
-    """True if `path` exists as a writable folder or could be created as one; creates nothing."""
+    """True if `path` exists as a writable folder or could be created as one; leaves nothing behind.
+    Tried, not asked: permission bits say yes to root under /proc or on a read-only mount."""
     path = Path(path).absolute()
     while not path.exists():
         path = path.parent
-    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+    if not path.is_dir():
+        return False
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".dmm-probe-", suffix=".tmp", dir=path))
+    except OSError:
+        return False
+    return True
