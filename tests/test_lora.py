@@ -155,7 +155,7 @@ def test_every_option_that_takes_a_model_takes_a_model_with_loras(dmm, tmp_path)
         r = dmm("distill", recipe)
         assert r.code == 0, r
         students[how] = load_file(tmp_path / how / "run" / name)
-        shared = (tmp_path / how / "run" / "run.json").read_text() + (tmp_path / how / "run" / "styles.json").read_text()
+        shared = "".join((tmp_path / how / "run" / f).read_text() for f in ("run.json", "styles.json", "README.md"))
         assert str(tmp_path) not in shared  # files meant for sharing name a local LoRA by its name alone
     assert all(torch.equal(students["inline"][k], students["listed"][k]) for k in students["listed"])
     assert json.loads((tmp_path / "inline" / "run" / "styles.json").read_text())["styles"][0]["teacher"] == (

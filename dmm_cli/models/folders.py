@@ -84,8 +84,8 @@ def check_pipeline_folder(folder: Path) -> str:
     for part in ("unet", "vae", "text_encoder", *XL_PARTS[:1]):
         if (folder / part).is_dir() and not any((folder / part).glob("*.safetensors")):
             pickles = any(f.suffix in (".bin", ".ckpt", ".pt") for f in (folder / part).iterdir())
-            raise ModelError(f"{folder / part}: no .safetensors weights" + (
-                " (only pickle weights, which a model folder may not use: save it with safetensors)" if pickles else ""))
+            why = " (only pickle weights, which a model folder may not use: save it with safetensors)"
+            raise ModelError(f"{folder / part}: no .safetensors weights{why if pickles else ''}")
     for part in sorted(p for p in folder.iterdir() if p.is_dir() and any(p.glob("*.safetensors"))):
         check_component(part)
     return name
