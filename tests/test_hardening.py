@@ -102,6 +102,25 @@ def test_a_part_without_weights_is_refused_in_one_sentence(dmm, tmp_path, left, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+def test_an_inpainting_model_is_refused_before_any_sampling_or_training(dmm, tmp_path):
+    """Its UNet also takes a masked picture and the mask: 9 input channels against the VAE's 4."""
+    model = copy_model("night", tmp_path / "inpainting")
+    config = json.loads((model / "unet" / "config.json").read_text())
+    (model / "unet" / "config.json").write_text(json.dumps({**config, "in_channels": 9}))
+    weights = load_file(model / UNET)
+    conv = weights["conv_in.weight"]
+    weights["conv_in.weight"] = torch.cat([conv, torch.zeros(conv.shape[0], 5, *conv.shape[2:], dtype=conv.dtype)], 1)
+    save_file(weights, model / UNET)
+    recipe = tiny_recipe(tmp_path / "recipe", base=str(model))
+    for args in (["generate", "a red circle", "--model", model, *FAST, "-o", tmp_path / "out"],
+                 ["eval", model, "--recipe", tiny_recipe(tmp_path / "eval"), "-k", "2", *FAST, "-o", tmp_path / "out"],
+                 ["distill", recipe]):
+        r = dmm(*args)
+        assert_one_sentence_error(r, 2, str(model), "takes 9 input channels and its VAE makes 4", "inpainting")
+        assert "attention:" not in r.err  # no pipeline was loaded to sample with: not even the teachers'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval", "inpainting", "recipe"]
+
+
 def test_a_truncated_teacher_is_refused_by_the_merge(dmm, tmp_path):
     teacher = copy_model("night", tmp_path / "teacher")
     data = (teacher / UNET).read_bytes()

@@ -16,7 +16,8 @@ from ..files.hashing import component_sha256
 from ..files.safetensors_header import component_shapes
 from ..generate.sampling import SYNTHESIS_SEEDS
 from ..models import lora, references
-from ..models.folders import check_links, check_pipeline_folder, model_family, model_root, parts_besides_unet
+from ..models.folders import (check_links, check_pipeline_folder, check_text_to_image, model_family, model_root,
+                              parts_besides_unet)
 from ..models.schedule import read_schedule
 from ..models.styles import STYLES_FILE, StyleTable
 from ..recipe import Recipe, Synthesize, load_recipe
@@ -203,6 +204,7 @@ def _check_teachers(recipe: Recipe, base: Path, teachers: list[Path | None]) -> 
     """Every teacher has the base's family, UNet and noise schedule; what they predict may differ (it is
     converted)."""
     check_pipeline_folder(base)
+    check_text_to_image(base)  # the teachers must share its UNet's shapes
     family = model_family(base)
     for spec, folder in zip(recipe.teachers, teachers):
         own = model_family(folder) if folder is not None else family

@@ -20,6 +20,7 @@ from ..errors import BadInput
 from ..files.atomic import atomic_file, writable_folder
 from ..generate.samples import SampleSet, SamplerSettings, sample_set
 from ..models import lora
+from ..models.folders import check_text_to_image
 from ..models.styles import StyleTable, one_hot
 from ..recipe import load_recipe
 from .clip import DEFAULT_CLIP, clip_score, resolve_clip
@@ -136,6 +137,8 @@ def evaluate(models: list[str], recipe_path: Path, *, prompts_file: Path | None 
         check_not_trained_on(ref, table, prompts)
     clip_folder = resolve_clip(clip)  # after the cheap checks: the default CLIP is a 1.7 GB download
     teacher_dirs = [lora.resolve(r) for r in teacher_refs]
+    for folder in model_dirs + teacher_dirs:  # before any sampling
+        check_text_to_image(folder)
 
     def loader(folder: Path):
         cache = {}

@@ -91,6 +91,16 @@ def check_pipeline_folder(folder: Path) -> str:
     return name
 
 
+def check_text_to_image(folder: Path) -> None:
+    """A model that draws from a prompt alone: its UNet takes just the latents its VAE makes. An inpainting model's
+    UNet also takes a masked picture and its mask (9 channels against the VAE's 4)."""
+    takes = read_config(folder / "unet" / "config.json").get("in_channels", 4)
+    makes = read_config(folder / "vae" / "config.json").get("latent_channels", 4)
+    if takes != makes:
+        raise ModelError(f"{folder}: its UNet takes {takes} input channels and its VAE makes {makes}: an inpainting "
+                         "or other picture-conditioned model, which dmm does not sample from a prompt alone or distill")
+
+
 def is_open_clip(text_config: dict) -> bool:
     """SD2.x's text encoder is OpenCLIP's (GELU); SD1.x's is OpenAI CLIP (quick GELU)."""
     return text_config.get("hidden_act") == "gelu"

@@ -22,7 +22,7 @@ from ..errors import BadInput, ModelError
 from ..files.safetensors_header import weight_files
 from ..files.safetensors_io import TensorReader, check_finite
 from .attention import use_attention
-from .folders import check_pipeline_folder
+from .folders import check_pipeline_folder, check_text_to_image
 from .student import holds_style_mlp, load_style_mlp
 
 PIPELINE_CLASSES = {cls.__name__: cls for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline)}
@@ -53,6 +53,7 @@ def load_pipeline(
 ):
     """A ready pipeline on `device`: safetensors weights only, no safety checker, no remote code."""
     cls = pipeline_class(folder)
+    check_text_to_image(folder)
     extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     if cls is StableDiffusionXLPipeline:
         extra = {}

@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .. import plugins
+from .. import console, plugins
 from ..errors import ModelError
 from ..files.atomic import atomic_file, atomic_folder
 from ..files.safetensors_header import read_header
@@ -242,6 +242,7 @@ def convert_to_diffusers(path: Path, folder: Path, prediction_type: str | None =
     each component keeps the dtype it is stored in."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    console.quiet_loading()  # dmm says what it converts; diffusers' own loading and writing bars stay out
     kind, dtypes = _inspect(path)
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
