@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from dmm_cli.cli import main
+from dmm_cli.main import main
 
 TOY_TEACHERS = [{"name": n, "model": f"toy:{n}"} for n in ("night", "outline", "stripes", "checker")]
 

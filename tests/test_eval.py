@@ -31,7 +31,7 @@ def write_recipe(folder: Path, teachers: list[str], **train) -> Path:
 @pytest.fixture(scope="module")
 def student(tmp_path_factory):
     """A quickly distilled two-style student (night, checker): enough to tell the styles apart."""
-    from dmm_cli.cli import main
+    from dmm_cli.main import main
 
     folder = tmp_path_factory.mktemp("pair")
     recipe = write_recipe(folder, ["night", "checker"])

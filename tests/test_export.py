@@ -21,7 +21,7 @@ SAMPLING = {"steps": 6, "guidance": 3.0, "seed": 11}
 @pytest.fixture(scope="module")
 def student(tmp_path_factory):
     """A briefly trained three-style student: enough for its style embedding to matter."""
-    from dmm_cli.cli import main
+    from dmm_cli.main import main
 
     folder = tmp_path_factory.mktemp("student")
     recipe = folder / "recipe.yaml"

@@ -283,7 +283,7 @@ def test_bad_numbers_for_generate(dmm, tmp_path, args, fragment):
 
 @pytest.fixture(scope="module")
 def student(tmp_path_factory):
-    from dmm_cli.cli import main
+    from dmm_cli.main import main
 
     folder = tmp_path_factory.mktemp("student")
     with pytest.MonkeyPatch.context() as mp:

@@ -128,7 +128,7 @@ def start(*args, **kwargs):  # the signal arrives as the output is started, whil
     exec("import os, signal; os.kill(os.getpid(), signal.SIGTERM)")
     original(*args, **kwargs)
 safetensors_io.StreamingWriter.__init__ = start
-from dmm_cli.cli import entry
+from dmm_cli.main import entry
 sys.exit(entry())
 """
 
@@ -177,7 +177,7 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    from dmm_cli.cli import main
+    from dmm_cli.main import main
 
     folder = tmp_path_factory.mktemp("whole")
     with pytest.MonkeyPatch.context() as mp:
@@ -238,7 +238,7 @@ def save_then_die(*args, **kwargs):
     original(*args, **kwargs)
     os.kill(os.getpid(), signal.SIGKILL)
 checkpoint.save_file = save_then_die
-from dmm_cli.cli import main
+from dmm_cli.main import main
 sys.exit(main(["-q", "distill", sys.argv[1]]))
 """
 

@@ -232,7 +232,7 @@ def test_the_launchers_stop_signal_does_not_hide_a_lost_process(tmp_path, monkey
     """The launcher stops the other processes when one dies, and its signal may land while a process is already
     failing for that reason (here, deterministically): the user is told of the lost process, not an interrupt."""
     import dmm_cli.distill as distill
-    from dmm_cli.cli import main
+    from dmm_cli.main import main
     from dmm_cli.distill.run import _lost as lost_at_step
 
     def failing_run(plan):

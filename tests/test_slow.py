@@ -138,7 +138,7 @@ def test_a_second_compiled_run_starts_warm_from_the_cache_in_dmm_home(tmp_path):
 
     env = dict(os.environ, DMM_HOME=str(tmp_path / "home"))
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
-    script = ("import json, sys; from torch._dynamo.utils import counters; from dmm_cli.cli import main; "
+    script = ("import json, sys; from torch._dynamo.utils import counters; from dmm_cli.main import main; "
               "code = main(['distill', sys.argv[1]]); "
               "print(json.dumps({k: dict(v) for k, v in counters.items() if k in ('inductor', 'aot_autograd')})); "
               "sys.exit(code)")
