@@ -83,6 +83,7 @@ def test_synthesized_fine_tuning_trains_on_each_teachers_generations(dmm, tmp_pa
 
 @pytest.mark.parametrize("change, fragment", [
     ({"init_from": "toy:base", "teachers": ["night", "outline"]}, "init_from toy:base: not a dmm student"),
+    ({"init_from": "./no-such-run", "teachers": ["night", "outline"]}, "init_from: ./no-such-run: no such model"),
     ({"train.adversarial_loss": {"weight": -1}}, "train.adversarial_loss.weight: must be >= 0 (got -1)"),
     ({"data": {"synthesize": {"images_per_teacher": 0}}}, "data.synthesize.images_per_teacher: must be >= 1 (got 0)"),
 ])

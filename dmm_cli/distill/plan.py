@@ -187,7 +187,10 @@ def _warn_changed_training(before: dict, recipe: Recipe) -> None:
 
 def _previous_student(recipe: Recipe) -> tuple[Path, StyleTable]:
     """The student an incremental recipe extends; its styles must lead the teachers list, in order."""
-    folder = references.resolve(recipe.init_from)
+    try:
+        folder = references.resolve(recipe.init_from)
+    except ModelError as e:
+        raise ModelError(f"init_from: {e}") from None
     table = StyleTable.read(folder)
     if table is None:
         raise ModelError(f"init_from {recipe.init_from}: not a dmm student (no {STYLES_FILE})")
