@@ -185,12 +185,17 @@ def _warn_changed_training(before: dict, recipe: Recipe) -> None:
                      "the run goes on with them, so it no longer matches one uninterrupted run")
 
 
+def _resolved(ref: str, field: str) -> Path:
+    """A recipe's model, its failure naming the recipe field it came from."""
+    try:
+        return references.resolve(ref)
+    except ModelError as e:
+        raise ModelError(f"{field}: {e}") from None
+
+
 def _previous_student(recipe: Recipe) -> tuple[Path, StyleTable]:
     """The student an incremental recipe extends; its styles must lead the teachers list, in order."""
-    try:
-        folder = references.resolve(recipe.init_from)
-    except ModelError as e:
-        raise ModelError(f"init_from: {e}") from None
+    folder = _resolved(recipe.init_from, "init_from")
     table = StyleTable.read(folder)
     if table is None:
         raise ModelError(f"init_from {recipe.init_from}: not a dmm student (no {STYLES_FILE})")
@@ -282,12 +287,13 @@ def plan_run(recipe_path: Path, overrides: list[str] = (), *, output: Path | Non
     if lora.split_ref(recipe.base)[1]:
         raise RecipeError(f"base {recipe.base}: a base with LoRAs is not read here; fuse them into a folder once "
                           f"with `dmm fetch {recipe.base}` and make that the base")
-    base = references.resolve(recipe.base)
+    base = _resolved(recipe.base, "base")
     previous, table = _previous_student(recipe) if recipe.init_from else (None, None)
     old = len(table.names) if table else 0
     # A teacher's LoRAs: inline in its model (`MODEL+LORA:SCALE`, as every command takes it), then its `loras`.
     split = [lora.split_ref(t.model) for t in recipe.teachers]
-    teachers = [None if i < old else references.resolve(model) for i, (model, _) in enumerate(split)]
+    teachers = [None if i < old else _resolved(model, f"teacher {t.name!r}")
+                for i, ((model, _), t) in enumerate(zip(split, recipe.teachers))]
     _check_teachers(recipe, base, teachers)  # before any LoRA is fetched
     _check_student(recipe, base, previous)
     teacher_loras = [lora.load_loras(inline + [lora.LoraSpec(x.model, x.scale) for x in t.loras], folder, model)
