@@ -290,6 +290,29 @@ def _message(err: dict) -> str:
     return f"{text} (got {shown if len(shown) <= 60 else shown[:57] + '...'})"
 
 
+def _first_error(errors: list[dict]) -> str:
+    """`field: what is wrong` for the first failing field. A field of several kinds (compile: 'auto' or true or
+    false) fails once per kind, its loc ending in the kind's tag: those are said as one."""
+    def field(err: dict) -> tuple:
+        loc = err["loc"]
+        return loc[:-1] if err["type"] in _UNION_TAGGED and len(loc) > 1 and _is_tag(loc[-1]) else loc
+
+    first = errors[0]
+    kinds = [err for err in errors if field(err) == field(first)]
+    if len(kinds) == 1:
+        return f"{_location(first['loc'])}: {_message(first)}"
+    wanted = " or ".join(_message(err).removeprefix("must be ").removeprefix("one of ").split(" (got ")[0]
+                         for err in kinds)
+    return f"{_location(field(first))}: must be {wanted} (got {first.get('input')!r:.60})"
+
+
+_UNION_TAGGED = {"literal_error", *_TYPES}
+
+
+def _is_tag(part) -> bool:
+    return isinstance(part, str) and (part in ("bool", "int", "float", "str") or part.startswith("literal["))
+
+
 def set_override(data: dict, assignment: str, source: str) -> None:
     """Apply one `--set a.b.c=value` (value parsed as YAML) to the raw recipe dict."""
     path, sep, raw = assignment.partition("=")
@@ -361,5 +384,4 @@ def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        raise RecipeError(f"{path}: {_location(first['loc'])}: {_message(first)}") from None
+        raise RecipeError(f"{path}: {_first_error(e.errors())}") from None

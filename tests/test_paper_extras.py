@@ -86,6 +86,8 @@ def test_synthesized_fine_tuning_trains_on_each_teachers_generations(dmm, tmp_pa
     ({"init_from": "./no-such-run", "teachers": ["night", "outline"]}, "init_from: ./no-such-run: no such model"),
     ({"train.adversarial_loss": {"weight": -1}}, "train.adversarial_loss.weight: must be >= 0 (got -1)"),
     ({"data": {"synthesize": {"images_per_teacher": 0}}}, "data.synthesize.images_per_teacher: must be >= 1 (got 0)"),
+    ({"data": {"synthesize": {"images_per_teacher": 2, "prompts": "./none.txt"}}},
+     "data.synthesize.prompts none.txt: no such file"),
 ])
 def test_bad_input(dmm, tmp_path, change, fragment):
     change = dict(change)

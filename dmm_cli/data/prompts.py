@@ -22,8 +22,10 @@ def register_prompts(purpose: str, applies: Callable[[list[str]], bool], prompts
     PROMPT_SETS.append((purpose, applies, prompts))
 
 
-def read_prompts(path: Path | None, teacher_refs: list[str], purpose: str = "eval") -> list[str]:
-    """The prompts in `path`, one per line; without one, the default `purpose` list for these teachers."""
+def read_prompts(path: Path | None, teacher_refs: list[str], purpose: str = "eval",
+                 where: str = "--prompts") -> list[str]:
+    """The prompts in `path`, one per line; without one, the default `purpose` list for these teachers. `where`:
+    what the user set `path` with, for errors."""
     if path is None:
         plugins.load()
         for kind, applies, prompts in PROMPT_SETS:
@@ -31,14 +33,14 @@ def read_prompts(path: Path | None, teacher_refs: list[str], purpose: str = "eva
                 return prompts()
         path = SHIPPED[purpose]
     if not Path(path).is_file():
-        raise BadInput(f"--prompts {path}: no such file")
+        raise BadInput(f"{where} {path}: no such file")
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
-        raise BadInput(f"--prompts {path}: not UTF-8 text") from None
+        raise BadInput(f"{where} {path}: not UTF-8 text") from None
     prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
-        raise BadInput(f"--prompts {path}: no prompts in the file")
+        raise BadInput(f"{where} {path}: no prompts in the file")
     return prompts
 
 

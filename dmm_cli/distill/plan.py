@@ -363,7 +363,7 @@ def _synthesis_prompts(recipe: Recipe, old_styles: int) -> list[str]:
 
     given = recipe.data.synthesize.prompts
     prompts = read_prompts(Path(given) if given else None, [t.ref for t in recipe.teachers[old_styles:]],
-                           "synthesis")
+                           "synthesis", "data.synthesize.prompts")
     eval_prompts = read_prompts(None, [t.ref for t in recipe.teachers], "eval")
     clash = shared_prompts(prompts, {prompt_digest(p) for p in eval_prompts})
     if clash:
