@@ -456,6 +456,34 @@ def test_an_alias_bomb_recipe_is_refused_without_echoing_it(dmm, tmp_path):
     assert len(r.err) < 400
 
 
+def test_a_damaged_cache_is_made_again_with_a_warning(dmm, tmp_path):
+    """Latents, FID features and sample pictures under $DMM_HOME are caches: one cut short is made again, never
+    trusted or fatal."""
+    home = Path(os.environ["DMM_HOME"])
+    recipe = tiny_recipe(tmp_path, **{"train.max_steps": 2})
+    assert dmm("distill", recipe).code == 0
+    latents = next((home / "latents").glob("*.safetensors"))
+    latents.write_bytes(latents.read_bytes()[:100])
+    r = dmm("distill", recipe, "--overwrite")
+    assert r.code == 0, r
+    assert f"the latent cache {latents} does not read" in r.err and "encoding" in r.err
+    assert "latents from cache" in dmm("distill", recipe, "--overwrite").err  # made whole again
+
+    args = ("eval", "toy:night", "--recipe", recipe, "-k", "2", *FAST, "-o", tmp_path / "report")
+    assert dmm(*args).code == 0
+    features = next((home / "samples").rglob("features-*.safetensors"))
+    features.write_bytes(b"\0" * 8)
+    r = dmm(*args)
+    assert r.code == 0, r
+    assert f"the feature cache {features} does not read" in r.err
+    picture = next(features.parent.glob("*.png"))
+    picture.write_bytes(picture.read_bytes()[:100])
+    r = dmm(*args)
+    assert r.code == 0, r
+    assert f"1 cached pictures in {features.parent} are damaged; making them again" in r.err
+    assert Image.open(picture).convert("RGB").size  # whole again
+
+
 def test_an_unwritable_dmm_home_costs_caches_not_jobs(dmm, tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("DMM_HOME cannot be created under a file")

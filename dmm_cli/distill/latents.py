@@ -9,10 +9,12 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -62,6 +64,20 @@ class LatentSet:
         return len(self.captions)
 
 
+def _from_cache(path: Path) -> list[LatentSet] | None:
+    """The latent sets cached at `path`, or None, with a warning, when the cache does not read whole (it is then
+    made again)."""
+    try:
+        cached, captions = load_file(path), json.loads(path.with_suffix(".json").read_text())
+        sets = [LatentSet(cached[f"latents.{i}"], group, cached[f"time_ids.{i}"]) for i, group in enumerate(captions)]
+        if not sets or any(len(s.latents) != len(s.captions) or len(s.time_ids) != len(s.captions) for s in sets):
+            raise ValueError("its latents and captions do not pair up")
+        return sets
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+        console.warn(f"data: the latent cache {path} does not read ({type(e).__name__}); encoding the images again")
+        return None
+
+
 @torch.inference_mode()
 def encode_items(images: CaptionedImages, vae, vae_sha256: str, resolution: int, device: torch.device,
                  batch_size: int = 16, max_bad_fraction: float = 0.05,
@@ -76,9 +92,10 @@ def encode_items(images: CaptionedImages, vae, vae_sha256: str, resolution: int,
     key = hashlib.sha256(f"4:{vae_sha256}:{shapes}:{images.fingerprint()}".encode()).hexdigest()[:24]
     path = state.home() / "latents" / f"{key}.safetensors"
     if path.is_file():
-        console.say(f"data: {len(images)} images, latents from cache {path}")
-        cached, captions = load_file(path), json.loads(path.with_suffix(".json").read_text())
-        return [LatentSet(cached[f"latents.{i}"], group, cached[f"time_ids.{i}"]) for i, group in enumerate(captions)]
+        sets = _from_cache(path)
+        if sets is not None:
+            console.say(f"data: {len(images)} images, latents from cache {path}")
+            return sets
     kind = f"{len(shapes)} aspect-ratio buckets of about {resolution}px" if bucket_multiple else f"{resolution}px"
     console.say(f"data: encoding {len(images)} images at {kind} into the latent cache")
     found: dict[tuple[int, int], dict] = {}  # per shape: encoded chunks, captions, sizes, and the pending batch

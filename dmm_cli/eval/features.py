@@ -11,6 +11,7 @@ from typing import Callable
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .. import console, plugins
@@ -128,9 +129,15 @@ def feature_space(choice: str, teacher_refs: list[str], device: torch.device) ->
 def features_of(samples: SampleSet, space: FeatureSpace) -> torch.Tensor:
     """(K, D) features of a sample set, cached beside its pictures."""
     path = samples.folder / f"features-{space.key}.safetensors"
-    if path.is_file():
-        return load_file(path)["features"]
     paths = samples.paths()
+    if path.is_file():
+        try:
+            cached = load_file(path)["features"]
+            if len(cached) == len(paths):
+                return cached
+        except (SafetensorError, OSError, KeyError):
+            pass
+        console.warn(f"eval: the feature cache {path} does not read; computing the features again")
     chunks = [space.extract([Image.open(p) for p in paths[i:i + space.batch_size]])
               for i in range(0, len(paths), space.batch_size)]
     features = torch.cat(chunks).double()

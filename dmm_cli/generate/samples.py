@@ -54,16 +54,30 @@ def sample_key(model: Path, style: torch.Tensor | None, prompts: list[str], sett
     return h.hexdigest()[:24]
 
 
+def _whole(png: Path) -> bool:
+    """Whether a cached picture is all there: a PNG ends with its IEND chunk (length, name, CRC)."""
+    try:
+        with open(png, "rb") as f:
+            f.seek(-12, 2)
+            return f.read(12)[4:8] == b"IEND"
+    except OSError:
+        return False
+
+
 def sample_set(pipe_for, model: Path, style: torch.Tensor | None, prompts: list[str], settings: SamplerSettings,
                batch_size: int, label: str) -> SampleSet:
     """The cached set, completing whatever is missing; `pipe_for()` loads the pipeline only if needed."""
     folder = state.home() / "samples" / sample_key(model, style, prompts, settings)
     result = SampleSet(folder, prompts)
     done = folder / "done.json"
+    missing = [k for k, p in enumerate(result.paths()) if not _whole(p)]
     if done.is_file():
-        return result
+        if not missing:
+            return result
+        console.warn(f"samples {label}: {len(missing)} cached pictures in {folder} are damaged; making them again")
+        for stale in [done, *folder.glob("features-*.safetensors")]:
+            stale.unlink()
     state.store(str(folder.relative_to(state.home())))
-    missing = [k for k, p in enumerate(result.paths()) if not p.is_file()]
     if missing:
         pipe = pipe_for()
         pipe.set_progress_bar_config(disable=True)  # one bar per sample set is enough
