@@ -457,8 +457,8 @@ def test_an_alias_bomb_recipe_is_refused_without_echoing_it(dmm, tmp_path):
 
 
 def test_a_damaged_cache_is_made_again_with_a_warning(dmm, tmp_path):
-    """Latents, FID features and sample pictures under $DMM_HOME are caches: one cut short is made again, never
-    trusted or fatal."""
+    """Latents, FID features, sample pictures, fused LoRA models and conversions under $DMM_HOME are caches: one
+    cut short is made again, never trusted or fatal."""
     home = Path(os.environ["DMM_HOME"])
     recipe = tiny_recipe(tmp_path, **{"train.max_steps": 2})
     assert dmm("distill", recipe).code == 0
@@ -482,6 +482,16 @@ def test_a_damaged_cache_is_made_again_with_a_warning(dmm, tmp_path):
     assert r.code == 0, r
     assert f"1 cached pictures in {features.parent} are damaged; making them again" in r.err
     assert Image.open(picture).convert("RGB").size  # whole again
+
+    one_file = tmp_path / "night.safetensors"
+    assert dmm("export", "toy:night", "--single-file", "-o", one_file).code == 0
+    for ref, what in (("toy:base+toy:night-lora", "the fused LoRA model"), (one_file, "the conversion")):
+        made = Path(dmm("fetch", ref).lines[0])
+        whole = (made / UNET).read_bytes()
+        (made / UNET).write_bytes(whole[:1000])
+        r = dmm("fetch", ref)
+        assert r.code == 0 and r.lines == [str(made)], r
+        assert f"{what} {made} is damaged" in r.err and (made / UNET).read_bytes() == whole
 
 
 def test_an_unwritable_dmm_home_costs_caches_not_jobs(dmm, tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
+from .. import console
 from ..errors import ModelError
 from ..files.safetensors_header import check_component
 
@@ -89,6 +90,20 @@ def check_pipeline_folder(folder: Path) -> str:
     for part in sorted(p for p in folder.iterdir() if p.is_dir() and any(p.glob("*.safetensors"))):
         check_component(part)
     return name
+
+
+def reusable(folder: Path, what: str) -> bool:
+    """Whether a model dmm made earlier under $DMM_HOME (`what`: a conversion, a fused LoRA teacher) is there and
+    whole. A damaged one is said and removed, so that the caller makes it again."""
+    if not (folder / "model_index.json").is_file():
+        return False
+    try:
+        check_pipeline_folder(folder)
+        return True
+    except ModelError as e:
+        console.warn(f"{what} {folder} is damaged ({e}); making it again")
+        shutil.rmtree(folder)
+        return False
 
 
 def check_text_to_image(folder: Path) -> None:

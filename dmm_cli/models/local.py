@@ -8,7 +8,7 @@ from ..errors import ModelError
 from ..files import state
 from ..files.hashing import cached_sha256
 from ..files.safetensors_header import read_header
-from .folders import check_pipeline_folder
+from .folders import check_pipeline_folder, reusable
 from .schedule import PREDICTION_TYPES
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
@@ -40,8 +40,9 @@ def single_file_folder(path: Path, allow_pickle: bool, prediction_type: str | No
         read_header(path)
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ModelError(f"--prediction-type: {prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
-    folder = state.home() / "converted" / (cached_sha256(path)[:24] + (f"-{prediction_type}" if prediction_type else ""))
-    if not (folder / "model_index.json").is_file():
+    suffix = f"-{prediction_type}" if prediction_type else ""
+    folder = state.home() / "converted" / (cached_sha256(path)[:24] + suffix)
+    if not reusable(folder, "the conversion"):
         state.store("converted")
         console.say(f"fetch: converting single-file checkpoint {path} to diffusers layout")
         convert_to_diffusers(path, folder, prediction_type)

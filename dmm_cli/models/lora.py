@@ -24,7 +24,7 @@ from ..files.atomic import atomic_file, atomic_folder
 from ..files.hashing import cached_sha256, component_sha256
 from ..files.safetensors_header import component_shapes, read_header, weight_files
 from ..files.safetensors_io import TORCH_DTYPES, StreamingWriter, TensorReader, check_finite
-from .folders import check_pipeline_folder, copy_part, derived_model_index, model_family, model_root
+from .folders import check_pipeline_folder, copy_part, derived_model_index, model_family, model_root, reusable
 from .local import PICKLE_SUFFIXES
 from .hub import Fetched
 from .references import HUB_REF, SCHEMES, fetch, resolve as resolve_model, scheme_of
@@ -403,7 +403,7 @@ def fused_folder(model: Path, loras: list[Lora]) -> Path:
                       "weights": {p: component_sha256(model / p) for p in PARTS if (model / p).is_dir()},
                       "loras": [[lora.sha256, lora.spec.scale] for lora in loras]}, sort_keys=True)
     folder = state.home() / "fused" / hashlib.sha256(key.encode()).hexdigest()[:24]
-    if (folder / "model_index.json").is_file():
+    if reusable(folder, "the fused LoRA model"):
         return folder
     state.store("fused")
     console.say(f"lora: fusing {len(loras)} LoRA(s) into {model} once (cached in {folder})")
