@@ -318,6 +318,21 @@ def test_text_that_is_not_utf8_is_named(dmm, tmp_path, student):
     assert_one_sentence_error(r, 2, "styles.json: not a valid styles table (not UTF-8 text)")
 
 
+def test_a_styles_table_that_does_not_fit_its_unet_is_refused_before_any_work(dmm, tmp_path, student):
+    broken = shutil.copytree(student, tmp_path / "broken", symlinks=True)
+    table = json.loads((broken / "styles.json").read_text())
+    table["styles"].append({**table["styles"][-1], "index": len(table["styles"]), "name": "extra"})
+    (broken / "styles.json").write_text(json.dumps(table))
+    said = f"{broken / 'styles.json'}: lists {len(table['styles'])} styles but the UNet takes {len(table['styles']) - 1}"
+    recipe = tiny_recipe(tmp_path, teachers=[*TOY_TEACHERS, {"name": "extra", "model": "toy:base"}])
+    for args in (["generate", "a red circle", "--model", broken, "--style", "extra", *FAST, "-o", tmp_path / "out"],
+                 ["export", broken, "--style", "extra", "-o", tmp_path / "out"],
+                 ["eval", broken, "--recipe", recipe, "-k", "2", *FAST, "-o", tmp_path / "out"]):
+        r = dmm(*args)
+        assert_one_sentence_error(r, 2, said)
+        assert "attention:" not in r.err
+
+
 def test_bad_seed_for_eval_and_merge(dmm, tmp_path):
     recipe = tiny_recipe(tmp_path)
     r = dmm("eval", "toy:night", "--recipe", recipe, "--seed", str(2**63), "-o", tmp_path / "report")

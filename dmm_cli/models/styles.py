@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BadInput, ModelError
+from ..files.safetensors_header import component_shapes
 
 STYLES_FILE = "styles.json"
 
@@ -59,7 +60,13 @@ class StyleTable:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise ModelError(f"{path}: not a valid styles table (not UTF-8 text)") from None
-        return cls.from_json(text, path)
+        table = cls.from_json(text, path)
+        unet = Path(folder) / "unet"
+        if unet.is_dir() and any(unet.glob("*.safetensors")):  # the style MLP's input width, from the header alone
+            takes = component_shapes(unet).get("class_embedding.linear_1.weight", [0, len(table.names)])[1]
+            if takes != len(table.names):
+                raise ModelError(f"{path}: lists {len(table.names)} styles but the UNet takes {takes}")
+        return table
 
     @classmethod
     def from_json(cls, text: str, where) -> "StyleTable":
