@@ -264,7 +264,7 @@ def baseline_merge(
       dmm baseline-merge --method ties --base toy:base toy:base+toy:night-lora toy:base+toy:stripes-lora:0.8
     """
     from .merge import baseline_merge as merge
-    from .models.devices import DTYPES, pick_device
+    from .models.devices import DTYPES
     from .recipe import load_recipe
 
     teachers = list(teachers or [])
@@ -279,8 +279,6 @@ def baseline_merge(
         weight_list = [float(w) for w in weights.split(",")] if weights else None
     except ValueError:
         raise BadInput(f"--weights {weights!r}: expected comma-separated numbers") from None
-    if device.startswith("cuda"):
-        pick_device(device)
     folder = merge(method, teachers, base=base, weights=weight_list, density=density, lam=lam, seed=seed,
                    dare_sign=dare_sign, output=output or Path(f"merged-{method}"), vae=vae,
                    dtype=None if dtype == "auto" else DTYPES[dtype], device=device, overwrite=overwrite)

@@ -333,6 +333,21 @@ def test_a_styles_table_that_does_not_fit_its_unet_is_refused_before_any_work(dm
         assert "attention:" not in r.err
 
 
+@pytest.mark.parametrize("device, fragment", [
+    ("tpu", "--device: unknown device 'tpu'"),
+    ("meta", "--device: unknown device 'meta'"),  # a real torch device, but one that holds no numbers
+    pytest.param("cuda:7", "--device cuda:7: ", marks=pytest.mark.skipif(
+        torch.cuda.device_count() > 7, reason="this machine has a cuda:7")),
+    pytest.param("mps", "--device mps: this torch has no Apple GPU", marks=pytest.mark.skipif(
+        torch.backends.mps.is_available(), reason="this machine has an Apple GPU")),
+])
+def test_a_device_that_is_not_here_is_one_sentence(dmm, tmp_path, device, fragment):
+    for args in (["generate", "a red circle", "--model", "toy:night", *FAST, "-o", tmp_path / "out"],
+                 ["baseline-merge", "toy:night", "toy:outline", "-o", tmp_path / "merged"]):
+        assert_one_sentence_error(dmm(*args, "--device", device), 2, fragment)
+    assert not any(tmp_path.iterdir())
+
+
 def test_bad_seed_for_eval_and_merge(dmm, tmp_path):
     recipe = tiny_recipe(tmp_path)
     r = dmm("eval", "toy:night", "--recipe", recipe, "--seed", str(2**63), "-o", tmp_path / "report")

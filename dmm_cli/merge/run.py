@@ -12,6 +12,7 @@ from ..errors import BadInput
 from ..files.atomic import atomic_folder, check_replaceable, output_lock, remove_leftovers
 from ..files.hashing import component_sha256_many
 from ..models import lora, references
+from ..models.devices import pick_device
 from ..models.folders import check_links, copy_part, derived_model_index, model_root
 from .registry import METHODS, OPTIONS, MergeParams
 from .stream import keep_freed_memory, merge_component
@@ -68,6 +69,7 @@ def baseline_merge(method: str, teachers: list[str], *, base: str | None = None,
 
     `density`, `lam`, `seed` and `dare_sign` may be given only to the methods that use them (None: default)."""
     check_request(method, teachers, base, weights, density, lam, seed, dare_sign)
+    device = str(pick_device(device))
     output = Path(output)
     check_replaceable(output, overwrite, "baseline-merge", "dmm.method")
     with output_lock(output):

@@ -13,9 +13,16 @@ def pick_device(requested: str = "auto") -> torch.device:
         try:
             device = torch.device(requested)
         except RuntimeError:
-            raise BadInput(f"--device: unknown device {requested!r} (use auto, cpu, cuda or cuda:N)") from None
+            device = None
+        if device is None or device.type not in ("cpu", "cuda", "mps"):
+            raise BadInput(f"--device: unknown device {requested!r} (use auto, cpu, cuda, cuda:N or mps)")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise BadInput(f"--device {requested}: no CUDA GPU is visible to torch")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise BadInput(f"--device {requested}: torch sees {torch.cuda.device_count()} CUDA GPU(s), "
+                           f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise BadInput(f"--device {requested}: this torch has no Apple GPU (MPS) to use")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
