@@ -583,6 +583,14 @@ def test_options_a_method_ignores_are_refused(dmm, tmp_path, args, fragment):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("teachers, vae, family", [(("toy:night", "toy:outline"), "toy:xl-base", "SDXL"),
+                                                   (("toy:xl-night", "toy:xl-checker"), "toy:night", "SD1.x")])
+def test_a_vae_of_another_latent_space_is_refused(dmm, tmp_path, teachers, vae, family):
+    r = dmm("baseline-merge", *teachers, "--vae", vae, "-o", tmp_path / "out")
+    assert_one_sentence_error(r, 2, f"--vae {vae}: an {family} model's VAE")
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_metadata_records_only_what_the_method_used(dmm, tmp_path):
     from dmm_cli.files.safetensors_header import read_metadata
 

@@ -13,7 +13,7 @@ from ..files.atomic import atomic_folder, check_replaceable, output_lock, remove
 from ..files.hashing import component_sha256_many
 from ..models import lora, references
 from ..models.devices import pick_device
-from ..models.folders import check_links, copy_part, derived_model_index, model_root
+from ..models.folders import check_links, copy_part, derived_model_index, model_family, model_root
 from .registry import METHODS, OPTIONS, MergeParams
 from .stream import keep_freed_memory, merge_component
 
@@ -90,6 +90,9 @@ def _merge(method, teachers, base, weights, density, lam, seed, dare_sign, outpu
                for f in teacher_dirs + ([base_dir] if base_dir else [])}
     if len(classes) > 1:
         raise BadInput(f"teachers of different architectures ({', '.join(sorted(classes))}) cannot be merged")
+    if vae_dir is not None and (model_family(vae_dir) == "SDXL") != ("StableDiffusionXLPipeline" in classes):
+        raise BadInput(f"--vae {vae}: an {model_family(vae_dir)} model's VAE, whose latents the teachers' UNets were "
+                       "not trained on; take it from a model of their family")
     weights = list(weights) if weights is not None else [1.0] * len(teachers)
     lam = default_lambda(method, len(teachers), dare_sign) if lam is None else lam
     params = MergeParams(tuple(weights), density, lam, seed, dare_sign)
