@@ -432,6 +432,8 @@ def toy_build(
     output: Path = typer.Option(..., "--output", "-o", help="Folder to build the zoo in."),
     seed: int = typer.Option(0, "--seed", help="Seed; the same seed on the same machine gives the same zoo."),
     reduced: bool = typer.Option(False, "--reduced", help="A few steps of everything (a smoke test)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a toy zoo already in --output (never any "
+                                                              "other folder)."),
 ) -> None:
     """Build the toy zoo from scratch, its SDXL-shaped family included (about 20 minutes on 2 CPU cores), and print
     its folder.
@@ -440,9 +442,9 @@ def toy_build(
     Example:
       dmm toy build -o /tmp/zoo && cat /tmp/zoo/zoo.json
     """
-    from .toy.build import BuildPlan, build
+    from .toy.build import BuildPlan, build_folder
 
-    build(output, seed, BuildPlan.reduced() if reduced else None)
+    build_folder(output, seed, BuildPlan.reduced() if reduced else None, overwrite)
     console.result(str(output))
 
 

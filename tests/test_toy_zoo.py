@@ -14,6 +14,8 @@ from dmm_cli.toy import classifier as style_classifier
 from dmm_cli.toy import shapes
 from dmm_cli.toy.build import colour_following
 
+from conftest import assert_one_sentence_error
+
 # Seeds far from the ones the builder trained and tested the classifier on.
 FRESH_SEED = 90_000
 
@@ -76,3 +78,11 @@ def test_builder_runs_on_a_reduced_plan(dmm, tmp_path):
     assert (zoo / "night" / "vae").is_symlink()
     assert (zoo / "xl-night" / "vae").is_symlink() and (zoo / "xl-night" / "text_encoder_2").is_symlink()
     assert style_classifier.StyleClassifier.load(zoo / "classifier").styles == list(shapes.STYLES)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["zoo"]  # built beside, then moved in whole
+    again = dmm("toy", "build", "--reduced", "-o", zoo)
+    assert_one_sentence_error(again, 2, "already holds a toy zoo; pass --overwrite")
+    other = tmp_path / "run"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    assert_one_sentence_error(dmm("toy", "build", "--reduced", "-o", other), 2, "exists and is not a toy zoo")
+    assert [p.name for p in other.iterdir()] == ["keep.txt"]

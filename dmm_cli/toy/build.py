@@ -14,6 +14,8 @@ from diffusers import StableDiffusionPipeline
 from torch.nn import functional as F
 
 from .. import console
+from ..errors import BadInput
+from ..files.atomic import atomic_folder, writable_folder
 from ..generate.sampling import generate
 from . import classifier as style_classifier
 from . import components, loras, shapes, xl
@@ -88,6 +90,23 @@ def _samples(pipe, pairs, per_pair, seed, plan: BuildPlan):
 def colour_following(images, prompts) -> float:
     hits = sum(shapes.dominant_colour(img) == prompt.split()[1] for img, prompt in zip(images, prompts))
     return hits / len(prompts)
+
+
+def build_folder(output: Path, seed: int = 0, plan: BuildPlan | None = None, overwrite: bool = False) -> dict:
+    """`build` into `output` as one atomic folder: a half-built zoo never sits there, and a folder already there is
+    replaced only if it is a zoo and `overwrite` is given."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise BadInput(f"--output {output}: exists and is not a folder")
+    if output.is_dir() and any(output.iterdir()):
+        if not (output / "zoo.json").is_file():
+            raise BadInput(f"--output {output}: exists and is not a toy zoo; choose another --output")
+        if not overwrite:
+            raise BadInput(f"--output {output}: already holds a toy zoo; pass --overwrite to build it again")
+    if not writable_folder(output):
+        raise BadInput(f"--output {output}: cannot write a folder there")
+    with atomic_folder(output) as tmp:
+        return build(tmp, seed, plan)
 
 
 def build(out: Path, seed: int = 0, plan: BuildPlan | None = None) -> dict:
