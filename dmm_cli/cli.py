@@ -404,6 +404,7 @@ def grid(
     output: Path = typer.Option(..., "--output", "-o", help="The grid PNG to write."),
     columns: Optional[int] = typer.Option(None, "--columns", help="Pictures per row. Default: all in one row."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated labels, one per picture."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output file."),
 ) -> None:
     """Tile PNG files into one labelled grid and print its path.
 
@@ -411,20 +412,9 @@ def grid(
     Example:
       dmm grid a.png b.png --labels night,outline -o grid.png
     """
-    from PIL import Image, UnidentifiedImageError
+    from .files.images import grid_file
 
-    from .files.images import grid as make_grid, save_png
-
-    label_list = labels.split(",") if labels else None
-    if label_list is not None and len(label_list) != len(images):
-        raise BadInput(f"--labels: {len(label_list)} labels for {len(images)} pictures")
-    pictures = []
-    for path in images:
-        try:
-            pictures.append(Image.open(path).convert("RGB"))
-        except (OSError, UnidentifiedImageError):
-            raise BadInput(f"{path}: not a readable picture") from None
-    console.result(str(save_png(make_grid(pictures, label_list, columns), output)))
+    console.result(str(grid_file(images, output, labels.split(",") if labels else None, columns, overwrite)))
 
 
 @toy_app.command("build")

@@ -13,7 +13,7 @@ for name in $(dmm toy list --family sd); do
   pictures+=("$(dmm -q generate "a blue triangle" --model "$name" "${sample[@]}" --seed 7 --overwrite -o "$out/${name#toy:}.png")")
   labels+=("${name#toy:}")
 done
-dmm grid "${pictures[@]}" --labels "$(IFS=,; echo "${labels[*]}")" -o "$out/teachers.png"
+dmm grid "${pictures[@]}" --labels "$(IFS=,; echo "${labels[*]}")" --overwrite -o "$out/teachers.png"
 
 # One student for all four styles (resumes if a previous demo was interrupted).
 run="$out/toy_styles"
@@ -35,7 +35,7 @@ pipe("a blue triangle", num_inference_steps=20, guidance_scale=4, generator=torc
 PY
   baked+=("$out/baked-$style.png")
 done
-dmm grid "${baked[@]}" --labels night,outline,stripes,checker -o "$out/baked.png" > /dev/null
+dmm grid "${baked[@]}" --labels night,outline,stripes,checker --overwrite -o "$out/baked.png" > /dev/null
 
 # The weight-space baselines, and the evaluation of all three against the reference.
 for method in average ties; do

@@ -253,6 +253,24 @@ def test_generate_never_overwrites_silently(dmm, tmp_path):
     assert dmm("generate", "a dog", "--model", "toy:night", "-o", single, "--overwrite", *FAST).code == 0
 
 
+def test_grid_never_writes_over_a_file_silently(dmm, tmp_path):
+    for k in range(2):
+        Image.new("RGB", (8, 8), (80 * k, 0, 0)).save(tmp_path / f"{k}.png")
+    pictures = [tmp_path / "0.png", tmp_path / "1.png"]
+    recipe = tiny_recipe(tmp_path)
+    before = recipe.read_bytes()
+    assert_one_sentence_error(dmm("grid", *pictures, "-o", recipe), 2, "a grid is a PNG file")
+    assert recipe.read_bytes() == before
+    r = dmm("grid", *pictures, "--labels", "a,b", "--columns", "1", "-o", tmp_path / "grid.png")
+    assert r.code == 0 and r.lines == [str(tmp_path / "grid.png")], r
+    assert Image.open(tmp_path / "grid.png").height > Image.open(tmp_path / "grid.png").width  # one column
+    assert_one_sentence_error(dmm("grid", *pictures, "-o", tmp_path / "grid.png"), 2, "already exists", "--overwrite")
+    assert dmm("grid", *pictures, "-o", tmp_path / "grid.png", "--overwrite").code == 0
+    assert_one_sentence_error(dmm("grid", *pictures, "--columns", "-1", "-o", tmp_path / "g.png"), 2,
+                              "--columns must be at least 1")
+    assert_one_sentence_error(dmm("grid", recipe, "-o", tmp_path / "g.png"), 2, "recipe.yaml: not a readable picture")
+
+
 def test_many_pictures_stream_in_constant_memory(tmp_path):
     from dmm_cli.generate.run import GRID_ROWS, run
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
+from ..errors import BadInput
 from .atomic import atomic_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # pictures dmm reads
@@ -39,3 +40,26 @@ def grid(images: list[Image.Image], labels: list[str] | None = None, columns: in
         if labels:
             draw.text((x + 3, y + cell + 1), labels[k][: cell // 6], fill="black", font=font)
     return sheet
+
+
+def grid_file(paths: list[Path], output: Path, labels: list[str] | None = None, columns: int | None = None,
+              overwrite: bool = False) -> Path:
+    """`dmm grid`: the pictures at `paths` tiled into the PNG `output`, which replaces a file only with
+    `overwrite`."""
+    output = Path(output)
+    if output.suffix.lower() != ".png":
+        raise BadInput(f"--output {output}: a grid is a PNG file; name it .png")
+    if output.exists() and not overwrite:
+        raise BadInput(f"--output {output}: already exists; pass --overwrite to replace it")
+    if labels is not None and len(labels) != len(paths):
+        raise BadInput(f"--labels: {len(labels)} labels for {len(paths)} pictures")
+    if columns is not None and columns < 1:
+        raise BadInput(f"--columns must be at least 1 (got {columns})")
+    pictures = []
+    for path in paths:
+        try:
+            with Image.open(path) as picture:
+                pictures.append(picture.convert("RGB"))
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError):
+            raise BadInput(f"{path}: not a readable picture") from None
+    return save_png(grid(pictures, labels, columns), output)
