@@ -271,6 +271,18 @@ def test_grid_never_writes_over_a_file_silently(dmm, tmp_path):
     assert_one_sentence_error(dmm("grid", recipe, "-o", tmp_path / "g.png"), 2, "recipe.yaml: not a readable picture")
 
 
+def test_eval_writes_its_report_only_into_an_eval_folder(dmm, tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "report.md").write_text("# my notes")
+    args = ("eval", "toy:night", "--recipe", tiny_recipe(tmp_path), "-k", "2", *FAST)
+    assert_one_sentence_error(dmm(*args, "-o", project), 2, "exists and is not a dmm eval report folder")
+    assert (project / "report.md").read_text() == "# my notes"
+    for _ in range(2):  # a report folder is its own to replace
+        r = dmm(*args, "-o", tmp_path / "report")
+        assert r.code == 0 and r.lines == [str(tmp_path / "report" / "report.md")], r
+
+
 def test_many_pictures_stream_in_constant_memory(tmp_path):
     from dmm_cli.generate.run import GRID_ROWS, run
 

@@ -120,6 +120,10 @@ def evaluate(models: list[str], recipe_path: Path, *, prompts_file: Path | None 
                           batch_size=batch_size, seed=seed, seed_span=OTHER_SEEDS, seed_limit=SYNTHESIS_SEEDS)
     if not writable_folder(output):  # before the sampling, not after it
         raise BadInput(f"--output {output}: cannot write a report folder there")
+    output = Path(output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir()) and not (output / "metrics.json").is_file()):
+        raise BadInput(f"--output {output}: exists and is not a dmm eval report folder, whose files a report would "
+                       "replace; choose another --output")
     recipe = load_recipe(recipe_path)
     teacher_refs = [t.ref for t in recipe.teachers]
     names = [t.name for t in recipe.teachers]
