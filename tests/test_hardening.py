@@ -353,7 +353,8 @@ def test_a_styles_table_that_does_not_fit_its_unet_is_refused_before_any_work(dm
     table = json.loads((broken / "styles.json").read_text())
     table["styles"].append({**table["styles"][-1], "index": len(table["styles"]), "name": "extra"})
     (broken / "styles.json").write_text(json.dumps(table))
-    said = f"{broken / 'styles.json'}: lists {len(table['styles'])} styles but the UNet takes {len(table['styles']) - 1}"
+    n = len(table["styles"])
+    said = f"{broken / 'styles.json'}: lists {n} styles but the UNet takes {n - 1}"
     recipe = tiny_recipe(tmp_path, teachers=[*TOY_TEACHERS, {"name": "extra", "model": "toy:base"}])
     for args in (["generate", "a red circle", "--model", broken, "--style", "extra", *FAST, "-o", tmp_path / "out"],
                  ["export", broken, "--style", "extra", "-o", tmp_path / "out"],
