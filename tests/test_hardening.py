@@ -541,7 +541,7 @@ def test_a_damaged_cache_is_made_again_with_a_warning(dmm, tmp_path):
     picture.write_bytes(picture.read_bytes()[:100])
     r = dmm(*args)
     assert r.code == 0, r
-    assert f"1 cached pictures in {features.parent} are damaged; making them again" in r.err
+    assert f"1 cached picture is damaged in {features.parent}; making it again" in r.err
     assert Image.open(picture).convert("RGB").size  # whole again
 
     one_file = tmp_path / "night.safetensors"

@@ -74,7 +74,8 @@ def sample_set(pipe_for, model: Path, style: torch.Tensor | None, prompts: list[
     if done.is_file():
         if not missing:
             return result
-        console.warn(f"samples {label}: {len(missing)} cached pictures in {folder} are damaged; making them again")
+        damaged = f"{len(missing)} cached picture{'s are' if len(missing) > 1 else ' is'} damaged"
+        console.warn(f"samples {label}: {damaged} in {folder}; making {'them' if len(missing) > 1 else 'it'} again")
         for stale in [done, *folder.glob("features-*.safetensors")]:
             stale.unlink()
     state.store(str(folder.relative_to(state.home())))
