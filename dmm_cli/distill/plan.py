@@ -177,7 +177,7 @@ def _warn_changed_training(before: dict, recipe: Recipe) -> None:
             out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
         return out
 
-    old, new = flat(before), flat(json.loads(json.dumps(recipe.train.model_dump())))
+    old, new = flat(before), flat(recipe.train.model_dump(mode="json"))
     changed = [f"{k} {old.get(k)} -> {new.get(k)}" for k in sorted(old.keys() | new.keys())
                if old.get(k) != new.get(k) and k.removeprefix("train.") not in _RESUME_FREELY]
     if changed and before and os.environ.get("RANK", "0") == "0":  # once, not by every process of a launch

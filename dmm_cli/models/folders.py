@@ -13,6 +13,7 @@ from ..files.safetensors_header import check_component
 PIPELINE_CLASS_NAMES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 XL_PARTS = ("text_encoder_2", "tokenizer_2")
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")  # weights that can run code when loaded
 
 
 def parts_besides_unet(folder: Path) -> tuple[str, ...]:
@@ -84,7 +85,7 @@ def check_pipeline_folder(folder: Path) -> str:
             read_config(config)
     for part in ("unet", "vae", "text_encoder", *XL_PARTS[:1]):
         if (folder / part).is_dir() and not any((folder / part).glob("*.safetensors")):
-            pickles = any(f.suffix in (".bin", ".ckpt", ".pt") for f in (folder / part).iterdir())
+            pickles = any(f.suffix.lower() in PICKLE_SUFFIXES for f in (folder / part).iterdir())
             why = " (only pickle weights, which a model folder may not use: save it with safetensors)"
             raise ModelError(f"{folder / part}: no .safetensors weights{why if pickles else ''}")
     for part in sorted(p for p in folder.iterdir() if p.is_dir() and any(p.glob("*.safetensors"))):

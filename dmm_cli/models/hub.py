@@ -14,8 +14,8 @@ from .. import console
 from ..errors import BadInput, ModelError, NetworkError
 from ..files import state
 from ..files.hashing import cached_sha256
-from .folders import copy_part, model_root
-from .local import PICKLE_SUFFIXES, single_file_folder, usable_folder
+from .folders import PICKLE_SUFFIXES, copy_part, model_root
+from .local import single_file_folder, usable_folder
 
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2")
 TEXT_SUFFIXES = (".json", ".txt", ".model")

@@ -8,10 +8,9 @@ from ..errors import ModelError
 from ..files import state
 from ..files.hashing import cached_sha256
 from ..files.safetensors_header import read_header
-from .folders import check_pipeline_folder, reusable
+from .folders import PICKLE_SUFFIXES, check_pipeline_folder, reusable
 from .schedule import PREDICTION_TYPES
 
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 
 
@@ -42,9 +41,9 @@ def single_file_folder(path: Path, allow_pickle: bool, prediction_type: str | No
         raise ModelError(f"--prediction-type: {prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
     suffix = f"-{prediction_type}" if prediction_type else ""
     folder = state.home() / "converted" / (cached_sha256(path)[:24] + suffix)
-    if not reusable(folder, "the conversion"):
+    if not reusable(folder, "the conversion"):  # a reusable one is checked already
         state.store("converted")
         console.say(f"fetch: converting single-file checkpoint {path} to diffusers layout")
         convert_to_diffusers(path, folder, prediction_type)
-    check_pipeline_folder(folder)
+        check_pipeline_folder(folder)
     return folder

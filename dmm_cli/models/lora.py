@@ -24,8 +24,8 @@ from ..files.atomic import atomic_file, atomic_folder
 from ..files.hashing import cached_sha256, component_sha256
 from ..files.safetensors_header import component_shapes, read_header, weight_files
 from ..files.safetensors_io import TORCH_DTYPES, StreamingWriter, TensorReader, check_finite
-from .folders import check_pipeline_folder, copy_part, derived_model_index, model_family, model_root, reusable
-from .local import PICKLE_SUFFIXES
+from .folders import (PICKLE_SUFFIXES, check_pipeline_folder, copy_part, derived_model_index, model_family,
+                      model_root, reusable)
 from .hub import Fetched
 from .references import HUB_REF, SCHEMES, fetch, resolve as resolve_model, scheme_of
 from .references import shareable as shareable_model
