@@ -13,13 +13,14 @@ from .errors import RecipeError
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf or nan passes every bound (`lr: .inf` is > 0) and would only show up as a NaN loss hours later.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class LoraRef(Strict):
     model: str = Field(min_length=1, description="LoRA reference: a kohya/A1111 file, a diffusers/PEFT folder, a Hub "
                                                  "repo org/name[@rev][/file.safetensors], or toy:<style>-lora.")
-    scale: float = Field(1.0, ge=0, allow_inf_nan=False, description="Its strength, as in A1111's <lora:name:0.8>.")
+    scale: float = Field(1.0, ge=0, description="Its strength, as in A1111's <lora:name:0.8>.")
 
 
 class Teacher(Strict):
@@ -263,9 +264,9 @@ def _location(loc: tuple) -> str:
 _BOUNDS = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}", "less_than": "< {lt}",
            "less_than_equal": "<= {le}"}
 _TYPES = {"int_parsing": "an integer", "int_type": "an integer", "int_from_float": "a whole number",
-          "float_parsing": "a number", "float_type": "a number", "string_type": "a string", "bool_parsing": "true or false",
-          "bool_type": "true or false", "list_type": "a list", "dict_type": "a mapping", "model_type": "a mapping",
-          "model_attributes_type": "a mapping"}
+          "float_parsing": "a number", "float_type": "a number", "finite_number": "a finite number",
+          "string_type": "a string", "bool_parsing": "true or false", "bool_type": "true or false",
+          "list_type": "a list", "dict_type": "a mapping", "model_type": "a mapping", "model_attributes_type": "a mapping"}
 
 
 def _message(err: dict) -> str:

@@ -103,6 +103,7 @@ def shape_mismatched_teacher(tmp_path) -> str:
     (lambda p: bad(p, **{"train.learning_rate": 1}), "train.learning_rate: unknown key"),
     (lambda p: bad(p, **{"train.max_steps": "lots"}), "train.max_steps: must be an integer (got 'lots')"),
     (lambda p: bad(p, **{"train.lr": -1}), "train.lr: must be > 0 (got -1)"),
+    (lambda p: bad(p, **{"train.lr": float("inf")}), "train.lr: must be a finite number (got inf)"),
     (lambda p: bad(p, **{"train.compile": "maybe"}), "train.compile: must be 'auto' or true or false (got 'maybe')"),
     (lambda p: bad(p, teachers=[]), "teachers: needs at least one teacher"),
     (lambda p: bad(p, teachers=[TOY_TEACHERS[0], dict(TOY_TEACHERS[1], name="night")]), "duplicate style name 'night'"),

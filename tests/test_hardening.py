@@ -72,6 +72,19 @@ BAD_CONFIGS = {  # file, what to write there (text, or a change to its JSON), wh
     "huge sample size": ("unet/config.json", _set("sample_size", 10**9), "sample_size must be"),
     "scheduler not JSON": ("scheduler/scheduler_config.json", "{bad", "not valid JSON"),
     "vae config a number": ("vae/config.json", "7", "must be a JSON object (got int)"),
+    # a config that the weights do not match: diffusers would first try to allocate 149 GiB
+    "widths not the weights'": ("unet/config.json", _set("block_out_channels", [100000, 200000, 200000]),
+                                "block_out_channels[0] is 100000, but its weights have 32"),
+    "depth not the weights'": ("text_encoder/config.json", _set("num_hidden_layers", 5),
+                               "num_hidden_layers is 5, but its weights have 2"),
+    "vae latents not the weights'": ("vae/config.json", _set("latent_channels", 16), "latent_channels is 16"),
+    # scheduler entries that diffusers takes in and fails on only when sampling starts
+    "unknown prediction": ("scheduler/scheduler_config.json", _set("prediction_type", "flow"),
+                           "prediction_type must be one of epsilon, v_prediction, sample"),
+    "no training steps": ("scheduler/scheduler_config.json", _set("num_train_timesteps", 0),
+                          "num_train_timesteps must be a whole number"),
+    "betas of another length": ("scheduler/scheduler_config.json", _set("trained_betas", [0.1, 0.2]),
+                                "trained_betas has 2 values for num_train_timesteps 1000"),
 }
 
 

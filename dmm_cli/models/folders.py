@@ -8,7 +8,8 @@ from pathlib import Path
 
 from .. import console
 from ..errors import ModelError
-from ..files.safetensors_header import check_component
+from ..files.safetensors_header import component_shapes
+from .config_rules import check_entries, check_matches_weights
 
 PIPELINE_CLASS_NAMES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -35,35 +36,6 @@ def read_config(path: Path) -> dict:
     return config
 
 
-def _positive_int(value, most: int = 1 << 20) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= most
-
-
-def _ints(value) -> bool:
-    return isinstance(value, list) and len(value) > 0 and all(_positive_int(v) for v in value)
-
-
-# What a UNet config's shape-giving entries must be (diffusers fails on a bad one with an unrelated message, or,
-# for a huge size, only once it tries to allocate it); a latent side past 1024 is 8192 px.
-UNET_ENTRIES = {
-    "sample_size": ("a latent side of 1 to 1024, or two", lambda v: v is None or _positive_int(v, 1024)
-                    or isinstance(v, list) and len(v) == 2 and all(_positive_int(x, 1024) for x in v)),
-    "in_channels": ("a positive integer", _positive_int),
-    "out_channels": ("a positive integer", _positive_int),
-    "block_out_channels": ("a list of positive integers", _ints),
-    "layers_per_block": ("a positive integer or a list of them", lambda v: _positive_int(v) or _ints(v)),
-    "cross_attention_dim": ("a positive integer or a list of them", lambda v: _positive_int(v) or _ints(v)),
-    "attention_head_dim": ("a positive integer or a list of them", lambda v: v is None or _positive_int(v) or _ints(v)),
-}
-
-
-def _check_unet_config(path: Path) -> None:
-    config = read_config(path)
-    for key, (what, ok) in UNET_ENTRIES.items():
-        if key in config and not ok(config[key]):
-            raise ModelError(f"{path}: {key} must be {what} (got {json.dumps(config[key])[:60]})")
-
-
 def check_pipeline_folder(folder: Path) -> str:
     """The pipeline class a model folder declares, after checking it is a complete SD-family folder whose configs
     read and whose weights' headers are sound."""
@@ -78,18 +50,19 @@ def check_pipeline_folder(folder: Path) -> str:
     for part in REQUIRED_PARTS:
         if not (folder / part).is_dir():
             raise ModelError(f"{folder}: model folder has no {part}/")
-    for config in sorted([*folder.glob("*/config.json"), *folder.glob("scheduler/scheduler_config.json")]):
-        if config.parent.name == "unet":
-            _check_unet_config(config)
-        else:
-            read_config(config)
+    configs = {path.parent.name: (path, read_config(path))
+               for path in sorted([*folder.glob("*/config.json"), *folder.glob("scheduler/scheduler_config.json")])}
+    for path, config in configs.values():
+        check_entries(path, config)
     for part in ("unet", "vae", "text_encoder", *XL_PARTS[:1]):
         if (folder / part).is_dir() and not any((folder / part).glob("*.safetensors")):
             pickles = any(f.suffix.lower() in PICKLE_SUFFIXES for f in (folder / part).iterdir())
             why = " (only pickle weights, which a model folder may not use: save it with safetensors)"
             raise ModelError(f"{folder / part}: no .safetensors weights{why if pickles else ''}")
     for part in sorted(p for p in folder.iterdir() if p.is_dir() and any(p.glob("*.safetensors"))):
-        check_component(part)
+        shapes = component_shapes(part)
+        if part.name in configs:
+            check_matches_weights(*configs[part.name], shapes)
     return name
 
 

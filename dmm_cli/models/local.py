@@ -8,8 +8,8 @@ from ..errors import ModelError
 from ..files import state
 from ..files.hashing import cached_sha256
 from ..files.safetensors_header import read_header
+from .config_rules import PREDICTION_TYPES
 from .folders import PICKLE_SUFFIXES, check_pipeline_folder, reusable
-from .schedule import PREDICTION_TYPES
 
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 

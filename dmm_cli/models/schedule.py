@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ModelError
+from .config_rules import PREDICTION_TYPES
 from .folders import read_config
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # scheduler_config.json entries that fix ᾱ_t; sampling settings (timestep spacing, solver) do not matter here
 SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                  "rescale_betas_zero_snr")
