@@ -85,6 +85,9 @@ BAD_CONFIGS = {  # file, what to write there (text, or a change to its JSON), wh
                           "num_train_timesteps must be a whole number"),
     "betas of another length": ("scheduler/scheduler_config.json", _set("trained_betas", [0.1, 0.2]),
                                 "trained_betas has 2 values for num_train_timesteps 1000"),
+    # transformers pads every prompt to model_max_length: 10**9 tokens killed the process for its memory
+    "prompts past the positions": ("tokenizer/tokenizer_config.json", _set("model_max_length", 10**9),
+                                   "model_max_length must be a whole number of 1 to 8"),
 }
 
 
@@ -101,6 +104,17 @@ def test_a_bad_config_is_refused_in_one_sentence_naming_it(dmm, tmp_path, kind):
         r = dmm(*args)
         assert_one_sentence_error(r, 2, str(path), said)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+@pytest.mark.parametrize("left, said", [(None, "has neither tokenizer.json nor vocab.json and merges.txt"),
+                                         ("tokenizer.json", "has no tokenizer_config.json")])
+def test_a_tokenizer_that_would_load_broken_is_refused(dmm, tmp_path, left, said):
+    model = copy_model("night", tmp_path / "model")
+    for f in (model / "tokenizer").iterdir():
+        if f.name != left:
+            f.unlink()
+    r = dmm("generate", "a red circle", "--model", model, "-o", tmp_path / "out", *FAST)
+    assert_one_sentence_error(r, 2, str(model / "tokenizer"), said)
 
 
 @pytest.mark.parametrize("left, said", [(None, "no .safetensors weights"), ("weights.bin", "only pickle weights")])

@@ -118,3 +118,19 @@ def check_matches_weights(path: Path, config: dict, shapes: dict[str, list[int]]
             if shape is not None and len(shape) > dim and shape[dim] != width:
                 which = f"{key}[{i}]" if isinstance(wanted, list) else key
                 raise ModelError(f"{path}: {which} is {width}, but its weights have {shape[dim]} ({weight.format(i=i)})")
+
+
+def check_tokenizer(tokenizer: Path, config: dict | None, encoder_config: dict | None) -> None:
+    """Refuse a tokenizer folder that transformers would load into a broken tokenizer: without its vocabulary, or
+    padding prompts to more tokens than its text encoder has positions (transformers' default, when the config does
+    not say, is 10³⁰ tokens, which overflows; 10⁹ exhausts the memory)."""
+    if not (tokenizer / "tokenizer.json").is_file() and not all((tokenizer / f).is_file()
+                                                                 for f in ("vocab.json", "merges.txt")):
+        raise ModelError(f"{tokenizer}: has neither tokenizer.json nor vocab.json and merges.txt")
+    if config is None:
+        raise ModelError(f"{tokenizer}: has no tokenizer_config.json to say how many tokens a prompt takes")
+    length = config.get("model_max_length")
+    positions = (encoder_config or {}).get("max_position_embeddings", 1 << 20)
+    if not _positive_int(length, positions):
+        raise ModelError(f"{tokenizer / 'tokenizer_config.json'}: model_max_length must be a whole number of 1 to "
+                         f"{positions}, the text encoder's positions (got {json.dumps(length)[:60]})")

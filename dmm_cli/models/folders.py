@@ -9,7 +9,7 @@ from pathlib import Path
 from .. import console
 from ..errors import ModelError
 from ..files.safetensors_header import component_shapes
-from .config_rules import check_entries, check_matches_weights
+from .config_rules import check_entries, check_matches_weights, check_tokenizer
 
 PIPELINE_CLASS_NAMES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -54,6 +54,11 @@ def check_pipeline_folder(folder: Path) -> str:
                for path in sorted([*folder.glob("*/config.json"), *folder.glob("scheduler/scheduler_config.json")])}
     for path, config in configs.values():
         check_entries(path, config)
+    for tokenizer, encoder in (("tokenizer", "text_encoder"), XL_PARTS[::-1]):
+        if (folder / tokenizer).is_dir():
+            config_file = folder / tokenizer / "tokenizer_config.json"
+            config = read_config(config_file) if config_file.is_file() else None
+            check_tokenizer(folder / tokenizer, config, configs.get(encoder, (None, None))[1])
     for part in ("unet", "vae", "text_encoder", *XL_PARTS[:1]):
         if (folder / part).is_dir() and not any((folder / part).glob("*.safetensors")):
             pickles = any(f.suffix.lower() in PICKLE_SUFFIXES for f in (folder / part).iterdir())
