@@ -66,6 +66,11 @@ def _set(key, value):
 BAD_CONFIGS = {  # file, what to write there (text, or a change to its JSON), what the error says
     "index not JSON": ("model_index.json", "{not json", "not valid JSON"),
     "index a list": ("model_index.json", "[1, 2]", "must be a JSON object (got list)"),
+    # diffusers builds a part with the class the index names, whatever the weights are
+    "vae built as a UNet": ("model_index.json", _set("vae", ["diffusers", "UNet2DConditionModel"]),
+                            'vae must be ["diffusers", "AutoencoderKL"]'),
+    "text encoder of images": ("model_index.json", _set("text_encoder", ["transformers", "CLIPVisionModel"]),
+                               'text_encoder must be ["transformers", "CLIPTextModel"]'),
     "unet config not JSON": ("unet/config.json", "{not json", "not valid JSON"),
     "unet config empty": ("unet/config.json", "", "not valid JSON"),
     "channels a string": ("unet/config.json", _set("block_out_channels", "abc"), "block_out_channels must be"),

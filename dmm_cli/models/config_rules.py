@@ -2,8 +2,9 @@
 
 Both libraries build a part exactly as its config says before they read a weight. A config entry of the wrong
 kind fails there with an unrelated message, a huge width only once it is allocated, and a scheduler entry they
-do not know only at the first sampling step. So the shape-giving entries are checked for kind and size, the
-widths and depths against the weights' headers, and the scheduler's entries against what its classes take.
+do not know only at the first sampling step. So the classes model_index.json names are checked, the
+shape-giving entries for kind and size, the widths and depths against the weights' headers, the scheduler's
+entries against what its classes take, and the tokenizer against its text encoder.
 """
 from __future__ import annotations
 
@@ -56,6 +57,25 @@ SCHEDULER_ENTRIES = {
                       lambda v: v is None or isinstance(v, list) and len(v) > 0 and all(_probability(b) for b in v)),
 }
 ENTRIES = {"unet/config.json": UNET_ENTRIES, "scheduler/scheduler_config.json": SCHEDULER_ENTRIES}
+
+# The classes diffusers builds each part with, as model_index.json names them; the scheduler may be any of
+# diffusers' (a name ending in Scheduler). Another class loads the wrong model from the part's weights, or fails
+# in a library's internals.
+PART_CLASSES = {"unet": ("UNet2DConditionModel",), "vae": ("AutoencoderKL",), "text_encoder": ("CLIPTextModel",),
+                "text_encoder_2": ("CLIPTextModelWithProjection",), "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
+                "tokenizer_2": ("CLIPTokenizer", "CLIPTokenizerFast")}
+PART_LIBRARIES = {"unet": "diffusers", "vae": "diffusers", "scheduler": "diffusers"}
+
+
+def check_part_classes(path: Path, index: dict) -> None:
+    """Refuse a model_index.json that names another class for a part than the one its weights are for."""
+    for part, declared in index.items():
+        if part in PART_CLASSES or part == "scheduler":
+            library, classes = PART_LIBRARIES.get(part, "transformers"), PART_CLASSES.get(part)
+            if not (isinstance(declared, list) and len(declared) == 2 and declared[0] == library
+                    and (declared[1] in classes if classes else str(declared[1]).endswith("Scheduler"))):
+                wanted = " or ".join(f'["{library}", "{c}"]' for c in classes or ("...Scheduler",))
+                raise ModelError(f"{path}: {part} must be {wanted} (got {json.dumps(declared)[:60]})")
 
 
 def check_entries(path: Path, config: dict) -> None:

@@ -9,12 +9,13 @@ from pathlib import Path
 from .. import console
 from ..errors import ModelError
 from ..files.safetensors_header import component_shapes
-from .config_rules import check_entries, check_matches_weights, check_tokenizer
+from .config_rules import check_entries, check_matches_weights, check_part_classes, check_tokenizer
 
 PIPELINE_CLASS_NAMES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 XL_PARTS = ("text_encoder_2", "tokenizer_2")
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")  # weights that can run code when loaded
+
 
 
 def parts_besides_unet(folder: Path) -> tuple[str, ...]:
@@ -44,9 +45,11 @@ def check_pipeline_folder(folder: Path) -> str:
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise ModelError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
-    name = read_config(index_file).get("_class_name")
+    index = read_config(index_file)
+    name = index.get("_class_name")
     if name not in PIPELINE_CLASS_NAMES:
         raise ModelError(f"{index_file}: pipeline class {name!r} is not a Stable Diffusion family pipeline")
+    check_part_classes(index_file, index)
     for part in REQUIRED_PARTS:
         if not (folder / part).is_dir():
             raise ModelError(f"{folder}: model folder has no {part}/")
