@@ -188,6 +188,15 @@ def foreign_layers(path: Path) -> Path:
     return path
 
 
+def ranks_apart(path: Path) -> Path:
+    """The toy LoRA with one layer's up a rank wider than its down."""
+    tensors = load_file(KOHYA)
+    up = next(k for k in tensors if k.endswith("lora_up.weight"))
+    tensors[up] = torch.zeros(tensors[up].shape[0], tensors[up].shape[1] + 1, *tensors[up].shape[2:])
+    save_file(tensors, path)
+    return path
+
+
 def pickled(path: Path) -> Path:
     torch.save(load_file(KOHYA), path)
     return path
@@ -196,13 +205,15 @@ def pickled(path: Path) -> Path:
 @pytest.mark.parametrize("make, lora_arg, fragments", [
     (sdxl_lora, "{path}", ("sdxl.safetensors", "SDXL", "SD1.x", "toy:base")),
     (foreign_layers, "{path}", ("foreign.safetensors", "0 of its 3 LoRA layers")),
+    (ranks_apart, "{path}", ("ranks.safetensors", "pairs a down of rank 8 with an up of rank 9")),
     (None, "toy:night-lora:0.5x", ("scale '0.5x' is not a number",)),
     (None, "toy:night-lora:-0.5", ("finite number >= 0",)),
     (pickled, "{path}", ("lora.pt", "pickle", "--allow-pickle")),
     (None, "toy:nothing-lora", ("toy:nothing-lora", "no such toy model")),
 ])
 def test_bad_loras_get_one_sentence(dmm, tmp_path, make, lora_arg, fragments):
-    names = {sdxl_lora: "sdxl.safetensors", foreign_layers: "foreign.safetensors", pickled: "lora.pt"}
+    names = {sdxl_lora: "sdxl.safetensors", foreign_layers: "foreign.safetensors", ranks_apart: "ranks.safetensors",
+             pickled: "lora.pt"}
     path = make(tmp_path / names[make]) if make else None
     r = dmm("generate", "a red circle", "--model", "toy:base", "--lora", lora_arg.format(path=path), "--steps", "2",
             "-o", tmp_path / "out")

@@ -320,6 +320,9 @@ def load_lora(spec: LoraSpec, model: Path, model_ref: str, allow_pickle: bool = 
                 unmatched.append(f"{part}.{layer}")
                 continue
             down, up = pair["down"], pair["up"]
+            if up.flatten(1).shape[1] != down.shape[0]:
+                raise BadInput(f"{spec.ref}: its layer {part}.{layer} pairs a down of rank {down.shape[0]} with an up "
+                               f"of rank {up.flatten(1).shape[1]}")
             if up.shape[0] != shapes[name][0] or up.shape[0] * down[0].numel() != math.prod(shapes[name]):
                 raise BadInput(f"{spec.ref}: its layer {part}.{layer} does not fit {model_ref} "
                                f"({list(up.shape[:1]) + list(down.shape[1:])} against {shapes[name]}): a LoRA for "
