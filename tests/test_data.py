@@ -24,13 +24,14 @@ def picture(k: int) -> bytes:
     return buffer.getvalue()
 
 
-def parquet_dataset(folder: Path, rows: int = 24, shards: int = 2, caption: str = "text") -> Path:
-    """Shards as the `datasets` library writes them: an Image struct column and a caption column."""
+def parquet_dataset(folder: Path, rows: int = 24, shards: int = 2, caption: str = "text", broken: int = -1) -> Path:
+    """Shards as the `datasets` library writes them: an Image struct column and a caption column; picture number
+    `broken` does not decode."""
     (folder / "data").mkdir(parents=True, exist_ok=True)
     per = rows // shards
     for s in range(shards):
         ks = range(s * per, (s + 1) * per)
-        table = pa.table({"image": [{"bytes": picture(k), "path": None} for k in ks],
+        table = pa.table({"image": [{"bytes": b"not a png" if k == broken else picture(k), "path": None} for k in ks],
                           caption: [f"a red circle number {k}" for k in ks]})
         pq.write_table(table, folder / "data" / f"train-{s:05d}-of-{shards:05d}.parquet")
     return folder
@@ -84,8 +85,11 @@ def test_pictures_that_do_not_decode_are_skipped_then_counted_against_a_share(dm
     assert "skipped 1 of 40 pictures" in r.err and "encoding 40 images" in r.err
     every = image_folder(tmp_path / "every", rows=6, broken=6)
     r = dmm("distill", recipe(tmp_path / "b", str(every)))
-    assert_one_sentence_error(r, 2, "6 of 6 pictures do not decode")
+    assert_one_sentence_error(r, 2, "6 of 6 pictures do not decode", f"(the first: {every / '000.png'})")
     assert not (tmp_path / "b" / "run").exists()
+    shards = parquet_dataset(tmp_path / "set", rows=24, broken=14)
+    r = dmm("distill", recipe(tmp_path / "c", str(shards), max_bad_fraction=0.0))
+    assert_one_sentence_error(r, 2, f"(the first: {shards / 'data' / 'train-00001-of-00002.parquet'} row 2)")
 
 
 def dmm_with_hub(tmp_path: Path, hub: FakeHub, *args: str) -> subprocess.CompletedProcess:

@@ -126,6 +126,10 @@ class CaptionedImages:
     def __iter__(self) -> Iterator[tuple[Image.Image | None, str]]:
         raise NotImplementedError
 
+    def name_of(self, index: int) -> str:
+        """Where the stream's picture number `index` comes from, for a message."""
+        raise NotImplementedError
+
     def fingerprint(self) -> str:
         raise NotImplementedError
 
@@ -144,6 +148,9 @@ class FolderImages(CaptionedImages):
         for path, caption in self.items:
             yield _decoded(path=path), caption
 
+    def name_of(self, index: int) -> str:
+        return str(self.items[index][0])
+
     def fingerprint(self) -> str:
         h = hashlib.sha256()
         for path, text in self.items:
@@ -161,7 +168,7 @@ class ParquetImages(CaptionedImages):
 
         self.folder, self.shards, self.columns = folder, shards, (image_column, caption_column)
         self.description = f"data {folder}"
-        self.rows = 0
+        self.shard_rows = []
         for shard in shards:
             try:
                 meta = pq.ParquetFile(shard).metadata
@@ -172,10 +179,17 @@ class ParquetImages(CaptionedImages):
                 if column not in names:
                     raise BadInput(f"{shard}: no column {column!r} for data.{field} (its columns: "
                                    f"{', '.join(names)})")
-            self.rows += meta.num_rows
+            self.shard_rows.append(meta.num_rows)
 
     def __len__(self) -> int:
-        return self.rows
+        return sum(self.shard_rows)
+
+    def name_of(self, index: int) -> str:
+        for shard, rows in zip(self.shards, self.shard_rows):
+            if index < rows:
+                return f"{shard} row {index}"
+            index -= rows
+        raise IndexError(index)
 
     def __iter__(self):
         import pyarrow.parquet as pq

@@ -99,7 +99,7 @@ def encode_items(images: CaptionedImages, vae, vae_sha256: str, resolution: int,
     kind = f"{len(shapes)} aspect-ratio buckets of about {resolution}px" if bucket_multiple else f"{resolution}px"
     console.say(f"data: encoding {len(images)} images at {kind} into the latent cache")
     found: dict[tuple[int, int], dict] = {}  # per shape: encoded chunks, captions, sizes, and the pending batch
-    bad = 0
+    bad, first_bad = 0, None
     param = next(vae.parameters())
 
     def encode(group):
@@ -107,10 +107,10 @@ def encode_items(images: CaptionedImages, vae, vae_sha256: str, resolution: int,
         group["chunks"].append((mean.float() * vae.config.scaling_factor).cpu())
         group["batch"].clear()
 
-    for picture, caption in tqdm(images, total=len(images), desc="encode", disable=console.progress_disabled(),
-                                 leave=False):
+    for index, (picture, caption) in enumerate(tqdm(images, total=len(images), desc="encode",
+                                                    disable=console.progress_disabled(), leave=False)):
         if picture is None:
-            bad += 1
+            bad, first_bad = bad + 1, first_bad or images.name_of(index)
             continue
         shape = nearest_bucket(picture.height, picture.width, shapes)
         group = found.setdefault(shape, {"chunks": [], "captions": [], "sizes": [], "batch": []})
@@ -124,10 +124,11 @@ def encode_items(images: CaptionedImages, vae, vae_sha256: str, resolution: int,
     if not total:
         raise BadInput(f"{images.description}: no pictures")
     if bad and (bad == total or bad / total > max_bad_fraction):
-        raise BadInput(f"{images.description}: {bad} of {total} pictures do not decode, more than "
-                       f"data.max_bad_fraction ({max_bad_fraction:.0%})")
+        raise BadInput(f"{images.description}: {bad} of {total} pictures do not decode (the first: {first_bad}), "
+                       f"more than data.max_bad_fraction ({max_bad_fraction:.0%})")
     if bad:
-        console.warn(f"{images.description}: skipped {bad} of {total} pictures that do not decode")
+        console.warn(f"{images.description}: skipped {bad} of {total} pictures that do not decode (the first: "
+                     f"{first_bad})")
     sets = []
     for shape in sorted(found):
         group = found[shape]
