@@ -57,6 +57,16 @@ def test_a_bad_weights_file_is_refused_in_one_sentence_naming_it(dmm, tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool])
+def test_weights_that_are_not_floating_point_are_refused(dmm, tmp_path, dtype):
+    """diffusers casts them to the model's dtype without a word: int8 weights drew noise, booleans NaN."""
+    model = copy_model("night", tmp_path / "model")
+    save_file({k: v.to(dtype) for k, v in load_file(model / UNET).items()}, model / UNET)
+    for args in (["generate", "a red circle", "--model", model, "-o", tmp_path / "out", *FAST],
+                 ["baseline-merge", "toy:outline", model, "-o", tmp_path / "merged"]):
+        assert_one_sentence_error(dmm(*args), 2, str(model / "unet"), "a model's weights must be floating point")
+
+
 def _set(key, value):
     def change(config: dict) -> dict:
         return {**config, key: value}

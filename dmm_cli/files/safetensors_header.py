@@ -99,8 +99,13 @@ def check_component(component: Path) -> None:
         read_header(f)
 
 
-def component_shapes(component: Path) -> dict[str, list[int]]:
-    shapes: dict[str, list[int]] = {}
+def component_header(component: Path) -> dict[str, dict]:
+    """The checked headers of a component's weights files as one: name -> dtype, shape, data_offsets."""
+    tensors: dict[str, dict] = {}
     for f in weight_files(component):
-        shapes.update({k: v["shape"] for k, v in read_header(f).items()})
-    return shapes
+        tensors.update(read_header(f))
+    return tensors
+
+
+def component_shapes(component: Path) -> dict[str, list[int]]:
+    return {k: v["shape"] for k, v in component_header(component).items()}

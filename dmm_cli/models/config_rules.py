@@ -154,3 +154,11 @@ def check_tokenizer(tokenizer: Path, config: dict | None, encoder_config: dict |
     if not _positive_int(length, positions):
         raise ModelError(f"{tokenizer / 'tokenizer_config.json'}: model_max_length must be a whole number of 1 to "
                          f"{positions}, the text encoder's positions (got {json.dumps(length)[:60]})")
+
+
+def check_float_weights(part: Path, tensors: dict[str, dict]) -> None:
+    """Refuse a part whose weights (header entries) are integers or booleans: diffusers casts them to the model's
+    dtype without a word, drawing noise or NaN. Only position ids, which older CLIP saves keep, are integers."""
+    for name, entry in tensors.items():
+        if not entry["dtype"].startswith(("F", "BF")) and not name.endswith("position_ids"):
+            raise ModelError(f"{part}: tensor {name} is {entry['dtype']}; a model's weights must be floating point")

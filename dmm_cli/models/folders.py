@@ -8,8 +8,9 @@ from pathlib import Path
 
 from .. import console
 from ..errors import ModelError
-from ..files.safetensors_header import component_shapes
-from .config_rules import check_entries, check_matches_weights, check_part_classes, check_tokenizer
+from ..files.safetensors_header import component_header
+from .config_rules import (check_entries, check_float_weights, check_matches_weights, check_part_classes,
+                           check_tokenizer)
 
 PIPELINE_CLASS_NAMES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -68,9 +69,10 @@ def check_pipeline_folder(folder: Path) -> str:
             why = " (only pickle weights, which a model folder may not use: save it with safetensors)"
             raise ModelError(f"{folder / part}: no .safetensors weights{why if pickles else ''}")
     for part in sorted(p for p in folder.iterdir() if p.is_dir() and any(p.glob("*.safetensors"))):
-        shapes = component_shapes(part)
+        tensors = component_header(part)
         if part.name in configs:
-            check_matches_weights(*configs[part.name], shapes)
+            check_matches_weights(*configs[part.name], {k: v["shape"] for k, v in tensors.items()})
+        check_float_weights(part, tensors)
     return name
 
 
