@@ -180,14 +180,32 @@ def nan_teacher(tmp_path: Path) -> Path:
     return teacher
 
 
-def test_nan_weights_are_named_by_merge_and_distill(dmm, tmp_path):
+def test_nan_weights_are_named_by_merge_distill_and_generate(dmm, tmp_path):
     teacher = nan_teacher(tmp_path)
     r = dmm("baseline-merge", "toy:outline", teacher, "-o", tmp_path / "out")
     assert_one_sentence_error(r, 2, str(teacher / UNET), "conv_in.weight", "NaN or Inf")
+    r = dmm("generate", "a red circle", "--model", teacher, "-o", tmp_path / "out.png", *FAST)
+    assert_one_sentence_error(r, 2, str(teacher), "unet weight conv_in.weight holds NaN or Inf")  # not a black picture
+    assert not (tmp_path / "out.png").exists()
     recipe = tiny_recipe(tmp_path, teachers=[TOY_TEACHERS[0], {"name": "broken", "model": str(teacher)}])
     r = dmm("distill", recipe)
     assert_one_sentence_error(r, 2, str(teacher / "unet"), "conv_in.weight", "NaN or Inf")
     assert not (tmp_path / "run" / "model_index.json").exists()
+
+
+def test_pictures_that_overflow_fp16_say_so_and_draw_in_fp32(dmm, tmp_path):
+    """A VAE whose activations pass fp16's range (65,504) decodes NaN in fp16: said, where diffusers draws black."""
+    model = copy_model("night", tmp_path / "model")
+    vae = model / "vae" / "diffusion_pytorch_model.safetensors"
+    weights = {k: v.float() for k, v in load_file(vae).items()}
+    for name in ("decoder.conv_in.weight", "decoder.conv_in.bias"):
+        weights[name] *= 3e4
+    save_file(weights, vae)
+    r = dmm("generate", "a red circle", "--model", model, "-o", tmp_path / "half.png", "--dtype", "fp16", *FAST)
+    assert_one_sentence_error(r, 2, "came out NaN", "overflowed float16", "--dtype fp32")
+    assert not (tmp_path / "half.png").exists()
+    assert dmm("generate", "a red circle", "--model", model, "-o", tmp_path / "full.png", "--dtype", "fp32",
+               *FAST).code == 0
 
 
 def test_a_nan_lora_is_named_by_generate_merge_and_distill(dmm, tmp_path):

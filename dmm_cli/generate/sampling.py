@@ -5,10 +5,11 @@ import contextlib
 import math
 from typing import Iterator
 
+import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import BadInput
+from ..errors import BadInput, ModelError
 
 
 @contextlib.contextmanager
@@ -73,8 +74,24 @@ def batches(
                 width=width or size,
                 height=height or size,
                 generator=generators,
+                output_type="np",
             )
-        yield out.images
+        _check_finite(pipe, out.images)
+        yield pipe.numpy_to_pil(out.images)
+
+
+def _check_finite(pipe, pictures: np.ndarray) -> None:
+    """diffusers turns a NaN picture into a black one without a word; say why it is NaN instead."""
+    if np.isfinite(pictures).all():
+        return
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, part, None)
+        for name, weight in module.named_parameters() if module is not None else ():
+            if not torch.isfinite(weight).all():
+                raise ModelError(f"{pipe.name_or_path}: its {part} weight {name} holds NaN or Inf, so every picture "
+                                 "it draws is NaN")
+    raise BadInput(f"the pictures came out NaN: a value overflowed {str(pipe.unet.dtype).removeprefix('torch.')} "
+                   "while sampling; draw them with --dtype fp32 (or bf16)")
 
 
 def generate(pipe, prompts: list[str], **kwargs) -> list[Image.Image]:
