@@ -137,6 +137,25 @@ def test_resume_without_checkpoint_and_foreign_output(dmm, tmp_path):
     assert sorted(os.listdir(tmp_path / "run")) == ["notes.txt"]
 
 
+def test_resume_skips_a_damaged_checkpoint_and_a_damaged_run_file_is_one_sentence(dmm, tmp_path):
+    recipe = tiny_recipe(tmp_path, **{"train.max_steps": 4, "train.checkpoint_every": 2})
+    assert dmm("distill", recipe).code == 0
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (checkpoints / "step-0000004" / "student.safetensors").write_bytes(b"cut")
+    r = dmm("distill", tiny_recipe(tmp_path, **{"train.max_steps": 6, "train.checkpoint_every": 2}), "--resume")
+    assert r.code == 0, r
+    assert "checkpoint " + str(checkpoints / "step-0000004") + " is damaged" in r.err
+    assert f"resuming from {checkpoints / 'step-0000002'} (step 2)" in r.err
+    assert "Trained for 6 steps" in (tmp_path / "run" / "README.md").read_text()
+    for kept in checkpoints.iterdir():
+        (kept / "state.pt").write_bytes(b"cut")
+    r = dmm("distill", recipe, "--resume")
+    assert_one_sentence_error(r, 2, "every checkpoint under", "is damaged", "--overwrite")
+    (tmp_path / "run" / "run.json").write_text("{cut")
+    assert_one_sentence_error(dmm("distill", recipe, "--resume"), 2, "run.json: damaged", "--overwrite")
+    assert dmm("distill", recipe, "--overwrite").code == 0
+
+
 def test_rerun_needs_resume_or_overwrite_and_other_recipes_are_refused(dmm, tmp_path):
     recipe = tiny_recipe(tmp_path, **{"train.max_steps": 2})
     assert dmm("distill", recipe).code == 0

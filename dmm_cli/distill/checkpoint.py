@@ -5,6 +5,7 @@ in. They hold whole tensors, so a run resumes on any number of processes."""
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import ModelError
 from ..files.atomic import atomic_folder
+from ..files.safetensors_header import read_header
 from . import sharding
 from .placement import LAYOUT_FILE
 
@@ -49,6 +51,29 @@ def save(trainer, folder: Path, step: int, write: bool) -> None:
         (tmp / LAYOUT_FILE).write_text(json.dumps(trainer.layout()))
         torch.save({"step": step, "optimizer": optimizer, "lr_schedule": trainer.lr_schedule.state_dict(),
                     "rng": torch.get_rng_state(), **extra}, tmp / "state.pt")
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with a checkpoint folder (a file missing, cut short or not what it should be), or None when
+    it is whole. It is written atomically, so this is a disk's or a hand's doing."""
+    for name in (STUDENT_FILE, LAYOUT_FILE, "state.pt"):
+        if not (folder / name).is_file():
+            return f"it has no {name}"
+    try:
+        for name in (STUDENT_FILE, "ema.safetensors", "discriminator.safetensors"):
+            if (folder / name).is_file():
+                read_header(folder / name)
+    except ModelError as e:
+        return str(e)
+    try:
+        layout = json.loads((folder / LAYOUT_FILE).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        layout = None
+    if not isinstance(layout, dict):
+        return f"its {LAYOUT_FILE} is not a JSON object"
+    if not zipfile.is_zipfile(folder / "state.pt"):  # torch.save's format: a zip, its index at the end
+        return "its state.pt is cut short or not a torch checkpoint"
+    return None
 
 
 def load_trainable(student, checkpoint: Path) -> None:

@@ -21,6 +21,7 @@ from ..models.folders import (check_links, check_pipeline_folder, check_text_to_
 from ..models.schedule import read_schedule
 from ..models.styles import STYLES_FILE, StyleTable
 from ..recipe import Recipe, Synthesize, load_recipe
+from .checkpoint import damage
 
 
 RUN_FILE = "run.json"
@@ -145,7 +146,15 @@ def _check_output(output: Path, recipe: Recipe, resume: bool, overwrite: bool) -
     if output.is_dir() and any(output.iterdir()):
         if not run_file.is_file():
             raise BadInput(f"output {output}: exists and is not a dmm run; choose another --output or remove it")
-        previous = json.loads(run_file.read_text())
+        try:
+            previous = json.loads(run_file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            previous = None
+        if not isinstance(previous, dict):
+            if overwrite:
+                return None
+            raise BadInput(f"{run_file}: damaged (not a JSON object), so the run cannot be checked against this "
+                           "recipe; start over with --overwrite")
         if previous.get("fingerprint") != recipe.fingerprint():
             raise BadInput(f"output {output}: holds a run of another recipe ({previous.get('name')!r}, different "
                            "base, teachers or data); choose another --output")
@@ -157,8 +166,14 @@ def _check_output(output: Path, recipe: Recipe, resume: bool, overwrite: bool) -
             _warn_changed_training(previous.get("recipe", {}).get("train", {}), recipe)
     if resume:
         found = checkpoints(output) if output.is_dir() else []
+        for newest in reversed(found):
+            why = damage(newest)
+            if why is None:
+                return newest
+            console.warn(f"--resume: checkpoint {newest} is damaged ({why}); trying the one before")
         if found:
-            return found[-1]
+            raise BadInput(f"--resume: every checkpoint under {output / CHECKPOINTS} is damaged; start over with "
+                           "--overwrite")
         if not run_file.is_file():
             raise BadInput(f"--resume: no checkpoint under {output / CHECKPOINTS}")
         console.say(f"distill: {output} has no checkpoint yet; starting from the beginning")
