@@ -114,6 +114,7 @@ def test_fetch_export_single_file_still_works_and_says_it_moved(dmm, tmp_path):
     (["STUDENT"], "nothing to export"),
     (["STUDENT", "--format", "onnx"], "unknown format 'onnx'"),
     (["STUDENT", "--style", "night", "--single-file", "-o", "OUT/x.ckpt"], "must end in .safetensors"),
+    (["STUDENT", "--style", "all", "--single-file", "-o", "OUT/x.safetensors"], "one file per style, into a folder"),
     (["STUDENT", "--single-file", "-o", "OUT/x.safetensors"], "no single-file form that A1111, ComfyUI or Forge"),
     (["STUDENT", "--format", "dmm-official", "--style", "night"], "leave out --style"),
 ])

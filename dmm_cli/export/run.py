@@ -116,6 +116,9 @@ def export(ref: str, *, style: str | None = None, output: Path | None = None, si
         styles = parse_style(style, table.names)
         if style.strip() == "all":
             base = Path(output or f"{stem}-{'loras' if fmt in LORA_FORMATS else 'styles'}")
+            if base.suffix == ".safetensors":
+                raise BadInput(f"--output {base}: --style all writes one file per style, into a folder; give a "
+                               "folder name")
             targets = [(base / f"{slug(label)}{suffix}", label, vector) for label, vector in styles]
         else:
             (label, vector), = styles
