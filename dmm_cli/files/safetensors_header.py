@@ -93,12 +93,6 @@ def read_metadata(path: Path) -> dict[str, str]:
     return read_header_and_start(path)[1]
 
 
-def check_component(component: Path) -> None:
-    """Check the header of every weights file of a component folder (unet/, vae/...)."""
-    for f in weight_files(component):
-        read_header(f)
-
-
 def component_header(component: Path) -> dict[str, dict]:
     """The checked headers of a component's weights files as one: name -> dtype, shape, data_offsets."""
     tensors: dict[str, dict] = {}

@@ -18,7 +18,6 @@ XL_PARTS = ("text_encoder_2", "tokenizer_2")
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")  # weights that can run code when loaded
 
 
-
 def parts_besides_unet(folder: Path) -> tuple[str, ...]:
     """The parts a model derived from `folder` (a student, a baked style) copies: all but the UNet and SD1.x's
     safety checker."""
@@ -40,7 +39,7 @@ def read_config(path: Path) -> dict:
 
 def check_pipeline_folder(folder: Path) -> str:
     """The pipeline class a model folder declares, after checking it is a complete SD-family folder whose configs
-    read and whose weights' headers are sound."""
+    read and say what `config_rules` asks, and whose weights' headers are sound and agree with them."""
     if not folder.is_dir():
         raise ModelError(f"{folder}: no such model folder")
     index_file = folder / "model_index.json"
