@@ -128,11 +128,14 @@ def test_a_student_is_never_evaluated_on_its_synthesized_training_pictures(dmm, 
     record = StyleTable.read(student).lineage[-1]["synthesis"]
     assert len(record["prompts_sha256"]) == 2
 
-    # eval refuses the prompts the student's synthesized data used, in any spelling
-    mine = tmp_path / "mine.txt"
-    mine.write_text("a blue triangle\nA RED circle\n")
-    assert_one_sentence_error(dmm("eval", student, "--recipe", path, "--prompts", mine, "-k", "2"), 2,
+    # eval refuses the prompts the student's synthesized data used, in any spelling; they come through a pipe,
+    # as from `--prompts <(grep circle prompts.txt)`
+    read, write = os.pipe()
+    os.write(write, b"a blue triangle\nA RED circle\n")
+    os.close(write)
+    assert_one_sentence_error(dmm("eval", student, "--recipe", path, "--prompts", f"/dev/fd/{read}", "-k", "2"), 2,
                               str(student), "'A RED circle'")
+    os.close(read)
     assert_one_sentence_error(dmm("eval", student, "--recipe", path, "-k", "4", "--seed", str(2**62 - 10)), 2,
                               "--seed")
 

@@ -32,8 +32,8 @@ def read_prompts(path: Path | None, teacher_refs: list[str], purpose: str = "eva
             if kind == purpose and applies(teacher_refs):
                 return prompts()
         path = SHIPPED[purpose]
-    if not Path(path).is_file():
-        raise BadInput(f"{where} {path}: no such file")
+    if Path(path).is_dir() or not Path(path).exists():  # a pipe (`--prompts <(grep cat all.txt)`) reads too
+        raise BadInput(f"{where} {path}: {'a folder, not a file' if Path(path).is_dir() else 'no such file'}")
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
