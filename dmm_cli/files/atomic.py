@@ -49,8 +49,8 @@ def _disk_full(error: BaseException, where: Path) -> bool:
 
 
 def _no_space(path: Path, error: BaseException) -> DMMError:
-    return DMMError(f"{path}: no space left on the device while writing it; free some space or choose another "
-                    f"output ({error.__class__.__name__})")
+    return DMMError(f"{path}: no space left on the device while writing it ({error.__class__.__name__}); free some "
+                    "space, or write elsewhere: another output, or another $DMM_HOME for dmm's caches")
 
 
 @contextlib.contextmanager
