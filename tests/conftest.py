@@ -5,8 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import diffusers.utils.logging
 import pytest
 import torch
+import transformers.utils.logging
 import yaml
 
 from dmm_cli.main import main
@@ -37,6 +39,23 @@ def tiny_recipe(folder: Path, **changes) -> Path:
 
 # Tests run on whatever cores CI has; pinning the thread count keeps CPU numerics repeatable.
 torch.set_num_threads(2)
+
+
+class _CurrentStderr:
+    """diffusers' and transformers' log handlers bind sys.stderr when first used; in-process CLI runs swap it for
+    each test (capsys), so a later warning went to a closed stream as a 'Logging error' traceback. They write
+    through this to whichever stream is current, as in a real process."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+for _logs in (diffusers.utils.logging, transformers.utils.logging):
+    for _handler in _logs.get_logger().handlers:
+        _handler.setStream(_CurrentStderr())
 
 
 @pytest.fixture(autouse=True)

@@ -173,8 +173,9 @@ def cli(*args: str, **kw) -> subprocess.Popen:
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Until `path` exists, and holds something when it is a file (metrics.jsonl is opened before the first step)."""
     end = time.monotonic() + timeout
-    while not path.exists():
+    while not path.exists() or path.is_file() and path.stat().st_size == 0:
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < end, f"{path} never appeared"
         time.sleep(0.02)

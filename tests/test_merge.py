@@ -264,11 +264,13 @@ def test_merged_folder_is_a_pipeline_with_metadata(dmm, tmp_path):
 def odd_teacher(tmp_path, what: str) -> Path:
     folder = tmp_path / f"odd-{what}"
     shutil.copytree(resolve("toy:outline"), folder, symlinks=False)
-    if what == "shape":
+    if what == "shape":  # a UNet of 2 input channels, its config saying so
         weights = load_file(folder / UNET_FILE)
         weights["conv_in.weight"] = weights["conv_in.weight"][:, :2].contiguous()
         from safetensors.torch import save_file
         save_file(weights, folder / UNET_FILE)
+        config = json.loads((folder / "unet" / "config.json").read_text())
+        (folder / "unet" / "config.json").write_text(json.dumps({**config, "in_channels": 2}))
     else:
         index = json.loads((folder / "model_index.json").read_text())
         index["_class_name"] = "StableDiffusionXLPipeline"

@@ -157,8 +157,9 @@ def check_tokenizer(tokenizer: Path, config: dict | None, encoder_config: dict |
 
 
 def check_float_weights(part: Path, tensors: dict[str, dict]) -> None:
-    """Refuse a part whose weights (header entries) are integers or booleans: diffusers casts them to the model's
-    dtype without a word, drawing noise or NaN. Only position ids, which older CLIP saves keep, are integers."""
+    """Refuse a part whose weights or biases (header entries) are integers or booleans: diffusers casts them to the
+    model's dtype without a word, drawing noise or NaN. Other tensors may be integer buffers (CLIP's position_ids,
+    counters), which merges copy."""
     for name, entry in tensors.items():
-        if not entry["dtype"].startswith(("F", "BF")) and not name.endswith("position_ids"):
+        if name.endswith((".weight", ".bias")) and not entry["dtype"].startswith(("F", "BF")):
             raise ModelError(f"{part}: tensor {name} is {entry['dtype']}; a model's weights must be floating point")
