@@ -129,7 +129,8 @@ def generate(
                                             help="ddim, ddpm, pndm, euler, euler-a, dpm++ or dpm++-karras. "
                                                  "Default: the model's own."),
     output: Path = typer.Option(Path("dmm-out"), "--output", "-o",
-                                help="Folder for the PNGs, or a .png file name for a single picture."),
+                                help="Folder for the PNGs, or a .png file name for a single picture, or - to "
+                                     "write a single picture's PNG to stdout."),
     device: str = typer.Option("auto", "--device", help="auto (cuda if available), cpu, cuda, cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16."),
     attention: str = typer.Option("auto", "--attention",
@@ -155,6 +156,7 @@ def generate(
       dmm generate --style all "a red circle"          # after dmm distill: one picture per style
       dmm generate --style night:0.7,outline:0.3 "a blue square" --model runs/toy_styles
       dmm generate "a cat" --model ./sd15 --steps 25 --scheduler dpm++ -o cat.png
+      dmm generate "a cat" --model ./sd15 -o - | convert - -resize 50% small-cat.jpg   # the PNG on stdout
       dmm generate "a red circle" --model toy:base --lora toy:night-lora:0.8 --lora toy:stripes-lora:0.5
     """
     from .generate.run import run

@@ -31,6 +31,18 @@ def test_generate_writes_pngs_and_prints_their_paths(dmm, tmp_path):
     assert "attention:" in r.err
 
 
+def test_dash_writes_the_png_to_stdout_for_a_pipeline(dmm, tmp_path):
+    env = dict(os.environ, DMM_HOME=str(tmp_path / "home"))
+    p = subprocess.run([sys.executable, "-m", "dmm_cli", "generate", "a red circle", "--model", "toy:night", "-o", "-",
+                        *FAST], capture_output=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    r = dmm("generate", "a red circle", "--model", "toy:night", "-o", tmp_path / "file.png", *FAST)
+    assert r.code == 0, r
+    assert p.stdout == (tmp_path / "file.png").read_bytes()  # the same picture, and nothing else on stdout
+    r = dmm("generate", "a red circle", "--model", "toy:night", "-n", "2", "-o", "-", *FAST)
+    assert_one_sentence_error(r, 2, "--output -: writes one picture to stdout, and 2 will be made")
+
+
 def test_same_seed_same_image_whatever_the_batch(dmm, tmp_path):
     a = dmm("generate", "a green square", "--model", "toy:night", "--seed", "5", "-n", "2", "--batch-size", "2",
             "-o", tmp_path / "a", *FAST)

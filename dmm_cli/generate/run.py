@@ -8,8 +8,10 @@ one batch in memory.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -39,8 +41,19 @@ def default_model() -> tuple[str, str]:
     return last, "the last model dmm distill wrote"
 
 
+STDOUT = Path("-")
+
+
 def output_paths(output: Path, names: list[str], overwrite: bool = False) -> list[Path]:
-    """Where pictures go: `output` itself if it names a .png (one picture only), else `names` inside it."""
+    """Where pictures go: `output` itself if it names a .png (one picture only) or is `-` (stdout, one picture
+    only), else `names` inside it."""
+    if output == STDOUT:
+        if len(names) != 1:
+            raise BadInput(f"--output -: writes one picture to stdout, and {len(names)} will be made; give a folder")
+        if sys.stdout.isatty():
+            raise BadInput("--output -: stdout is a terminal; send it to a file or a program (> cat.png, | display), "
+                           "or give -o cat.png")
+        return [STDOUT]
     if output.suffix.lower() == ".png":
         if len(names) != 1:
             raise BadInput(f"--output {output} names one file, but {len(names)} pictures will be made; give a folder")
@@ -112,8 +125,15 @@ def run(prompt: str, *, model: str | None, style: str | None = None, negative: s
         for batch in batches(pipe, [prompt] * num_images, negative=negative, steps=steps, guidance=guidance,
                              seed=seed, width=width, height=height, style=vector, batch_size=batch_size):
             for image in batch:
+                target = next(targets)
+                if target == STDOUT:  # the PNG's bytes are the output, so no path is reported
+                    png = io.BytesIO()
+                    image.save(png, format="PNG")
+                    sys.stdout.buffer.write(png.getvalue())
+                    sys.stdout.flush()
+                    continue
                 with deferred():  # a picture on disk is a picture reported
-                    written.append(save_png(image, next(targets)))
+                    written.append(save_png(image, target))
                     if on_written is not None:
                         on_written(written[-1])
             kept += batch[:max(0, GRID_ROWS - len(kept))]
