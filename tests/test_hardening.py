@@ -67,6 +67,14 @@ def test_weights_that_are_not_floating_point_are_refused(dmm, tmp_path, dtype):
         assert_one_sentence_error(dmm(*args), 2, str(model / "unet"), "a model's weights must be floating point")
 
 
+@pytest.mark.parametrize("given, said", [("loras/night-lora.safetensors", "it holds LoRA weights: give it with --lora"),
+                                         ("night/unet", "it is the unet/ part of a model: give the folder above it")])
+def test_a_lora_or_a_part_given_as_a_model_says_what_to_give(dmm, tmp_path, given, said):
+    model = resolve("toy:night").parent / given
+    r = dmm("generate", "a red circle", "--model", model, "-o", tmp_path / "out.png", *FAST)
+    assert_one_sentence_error(r, 2, str(model), said)
+
+
 def _set(key, value):
     def change(config: dict) -> dict:
         return {**config, key: value}

@@ -44,7 +44,9 @@ def check_pipeline_folder(folder: Path) -> str:
         raise ModelError(f"{folder}: no such model folder")
     index_file = folder / "model_index.json"
     if not index_file.is_file():
-        raise ModelError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
+        above = f"; it is the {folder.name}/ part of a model: give the folder above it" if (
+            (folder / "config.json").is_file() and (folder.parent / "model_index.json").is_file()) else ""
+        raise ModelError(f"{folder}: not a diffusers pipeline folder (no model_index.json){above}")
     index = read_config(index_file)
     name = index.get("_class_name")
     if name not in PIPELINE_CLASS_NAMES:

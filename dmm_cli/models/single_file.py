@@ -176,7 +176,9 @@ def _inspect(path: Path) -> tuple[str, dict[str, torch.dtype]]:
     """The checkpoint's family (sd15, sd2 or sdxl) and the dtype each component is stored in."""
     header = read_header(path)
     if not any(k.startswith(UNET_PREFIX) for k in header):
-        raise ModelError(f"{path}: not a Stable Diffusion checkpoint (no {UNET_PREFIX}* tensors)")
+        lora = any(".lora_" in k or "lora_A" in k or "lora_down" in k for k in header)
+        hint = "; it holds LoRA weights: give it with --lora, or as MODEL+LORA" if lora else ""
+        raise ModelError(f"{path}: not a Stable Diffusion checkpoint (no {UNET_PREFIX}* tensors){hint}")
     prefixes = COMPONENT_PREFIXES
     if any(k.startswith("conditioner.embedders.1") for k in header):
         kind, prefixes = "sdxl", dict(COMPONENT_PREFIXES, text_encoder="conditioner.embedders.0.")
