@@ -7,15 +7,23 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from tqdm import tqdm
+
+from .. import console
 from . import state
 from .safetensors_header import weight_files
+
+SHOWN_FROM = 1 << 30  # hashing a file this large takes seconds: it gets a progress bar
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=f"sha256 {Path(path).name}",
+                                     leave=False, disable=console.progress_disabled() or size < SHOWN_FROM) as bar:
         while block := f.read(chunk):
             digest.update(block)
+            bar.update(len(block))
     return digest.hexdigest()
 
 
