@@ -207,8 +207,8 @@ def whole_and_killed_then_resumed(tmp_path: Path, **train) -> tuple[dict, dict]:
 
 def test_sigkill_then_resume_is_bit_identical_with_ema_and_a_cosine_schedule_and_saves_the_average(tmp_path):
     """The weights, optimizer, RNG, EMA (kept in each checkpoint) and the schedule's place come back on --resume;
-    the saved student is the average, not the last weights. (Resuming without an EMA is exact too: the LoRA
-    student, SDXL, adversarial and multi-process tests resume that way.)"""
+    the saved student is the average, not the last weights. The SDXL and adversarial-loss tests resume exactly
+    without an EMA."""
     a, b = whole_and_killed_then_resumed(tmp_path, **{"train.lr_schedule": "cosine", "train.warmup_steps": 2,
                                                       "train.ema": {"decay": 0.8, "start_step": 3}})
     assert all(torch.equal(a[k], b[k]) for k in a)
