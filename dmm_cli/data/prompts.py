@@ -32,10 +32,11 @@ def read_prompts(path: Path | None, teacher_refs: list[str], purpose: str = "eva
             if kind == purpose and applies(teacher_refs):
                 return prompts()
         path = SHIPPED[purpose]
-    if Path(path).is_dir() or not Path(path).exists():  # a pipe (`--prompts <(grep cat all.txt)`) reads too
-        raise BadInput(f"{where} {path}: {'a folder, not a file' if Path(path).is_dir() else 'no such file'}")
+    path = Path(path)
+    if path.is_dir() or not path.exists():  # a pipe (`--prompts <(grep cat all.txt)`) reads too
+        raise BadInput(f"{where} {path}: {'a folder, not a file' if path.is_dir() else 'no such file'}")
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
         raise BadInput(f"{where} {path}: not UTF-8 text") from None
     prompts = [line.strip() for line in lines if line.strip()]

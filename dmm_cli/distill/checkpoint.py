@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from ..errors import ModelError
 from ..files.atomic import atomic_folder
 from ..files.safetensors_header import read_header
+from ..models.folders import read_config
 from . import sharding
 from .placement import LAYOUT_FILE
 
@@ -66,10 +67,8 @@ def damage(folder: Path) -> str | None:
     except ModelError as e:
         return str(e)
     try:
-        layout = json.loads((folder / LAYOUT_FILE).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        layout = None
-    if not isinstance(layout, dict):
+        read_config(folder / LAYOUT_FILE)
+    except ModelError:
         return f"its {LAYOUT_FILE} is not a JSON object"
     if not zipfile.is_zipfile(folder / "state.pt"):  # torch.save's format: a zip, its index at the end
         return "its state.pt is cut short or not a torch checkpoint"

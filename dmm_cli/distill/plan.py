@@ -17,7 +17,7 @@ from ..files.safetensors_header import component_shapes
 from ..generate.sampling import SYNTHESIS_SEEDS
 from ..models import lora, references
 from ..models.folders import (check_links, check_pipeline_folder, check_text_to_image, model_family, model_root,
-                              parts_besides_unet)
+                              parts_besides_unet, read_config)
 from ..models.schedule import read_schedule
 from ..models.styles import STYLES_FILE, StyleTable
 from ..recipe import Recipe, Synthesize, load_recipe
@@ -147,10 +147,8 @@ def _check_output(output: Path, recipe: Recipe, resume: bool, overwrite: bool) -
         if not run_file.is_file():
             raise BadInput(f"output {output}: exists and is not a dmm run; choose another --output or remove it")
         try:
-            previous = json.loads(run_file.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            previous = None
-        if not isinstance(previous, dict):
+            previous = read_config(run_file)
+        except ModelError:
             if overwrite:
                 return None
             raise BadInput(f"{run_file}: damaged (not a JSON object), so the run cannot be checked against this "

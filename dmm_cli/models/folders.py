@@ -59,7 +59,7 @@ def check_pipeline_folder(folder: Path) -> str:
                for path in sorted([*folder.glob("*/config.json"), *folder.glob("scheduler/scheduler_config.json")])}
     for path, config in configs.values():
         check_entries(path, config)
-    for tokenizer, encoder in (("tokenizer", "text_encoder"), XL_PARTS[::-1]):
+    for tokenizer, encoder in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
         if (folder / tokenizer).is_dir():
             config_file = folder / tokenizer / "tokenizer_config.json"
             config = read_config(config_file) if config_file.is_file() else None

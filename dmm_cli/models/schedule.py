@@ -8,8 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ModelError
-from .config_rules import PREDICTION_TYPES
 from .folders import read_config
 
 # scheduler_config.json entries that fix ᾱ_t; sampling settings (timestep spacing, solver) do not matter here
@@ -29,9 +27,6 @@ class Schedule:
 
 
 def read_schedule(folder: Path) -> Schedule:
-    path = Path(folder) / "scheduler" / "scheduler_config.json"
-    config = read_config(path)
-    prediction = config.get("prediction_type", "epsilon")
-    if prediction not in PREDICTION_TYPES:
-        raise ModelError(f"{path}: prediction_type {prediction!r} is not one of {', '.join(PREDICTION_TYPES)}")
-    return Schedule(prediction, tuple(config.get(k, DEFAULTS[k]) for k in SCHEDULE_KEYS))
+    """The schedule of a checked model folder (`check_pipeline_folder` has refused an unknown prediction type)."""
+    config = read_config(Path(folder) / "scheduler" / "scheduler_config.json")
+    return Schedule(config.get("prediction_type", "epsilon"), tuple(config.get(k, DEFAULTS[k]) for k in SCHEDULE_KEYS))
