@@ -314,13 +314,33 @@ def _is_tag(part) -> bool:
     return isinstance(part, str) and (part in ("bool", "int", "float", "str") or part.startswith("literal["))
 
 
-def set_override(data: dict, assignment: str, source: str) -> None:
-    """Apply one `--set a.b.c=value` (value parsed as YAML) to the raw recipe dict."""
+class _UniqueKeysLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping: YAML forbids it, and PyYAML lets the last one win
+    without a word. Keys merged in with `<<` may still be overridden, as YAML intends."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = (key_node.tag, key_node.value)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        problem=f"the key {key_node.value!r} is given twice", problem_mark=key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_UniqueKeysLoader)  # a SafeLoader: plain data only
+
+
+def set_override(data: dict, assignment: str, source: str) -> tuple[str, ...]:
+    """Apply one `--set a.b.c=value` (value parsed as YAML) to the raw recipe dict; returns the key path it set."""
     path, sep, raw = assignment.partition("=")
     if not sep or not path:
         raise RecipeError(f"--set {assignment!r}: expected key.path=value")
     try:
-        value = yaml.safe_load(raw)
+        value = _load_yaml(raw)
     except yaml.YAMLError:
         value = raw
     keys = path.split(".")
@@ -333,6 +353,7 @@ def set_override(data: dict, assignment: str, source: str) -> None:
             raise RecipeError(f"{source}: --set {path}: {k} is not a section")
         node = child
     node[keys[-1]] = value
+    return tuple(keys)
 
 
 MAX_BYTES = 1 << 20
@@ -365,7 +386,7 @@ def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:
     if path.stat().st_size > MAX_BYTES:
         raise RecipeError(f"{path}: {path.stat().st_size} bytes is too large for a recipe (at most {MAX_BYTES})")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _load_yaml(path.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
@@ -380,9 +401,10 @@ def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:
     if _expanded_size(data) > MAX_NODES:
         raise RecipeError(f"{path}: too large or too deeply nested once its YAML aliases are expanded (at most "
                           f"{MAX_NODES} values, {MAX_DEPTH} levels)")
-    for assignment in overrides:
-        set_override(data, assignment, str(path))
+    overridden = [set_override(data, assignment, str(path)) for assignment in overrides]
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        raise RecipeError(f"{path}: {_first_error(e.errors())}") from None
+        loc = tuple(str(part) for part in e.errors()[0]["loc"])
+        source = "--set" if any(loc[:len(keys)] == keys for keys in overridden) else f"{path}:"
+        raise RecipeError(f"{source} {_first_error(e.errors())}") from None

@@ -100,6 +100,8 @@ def shape_mismatched_teacher(tmp_path) -> str:
     (lambda p: (p / "recipes.yaml").mkdir() or p / "recipes.yaml", "recipes.yaml: a folder, not a recipe file"),
     (lambda p: (p / "r.yaml", (p / "r.yaml").write_text("name: x\nteachers: [\n  {name: a\nbase: b\n"))[0],
      "malformed YAML at line"),
+    (lambda p: (p / "r.yaml", (p / "r.yaml").write_text(Path(bad(p)).read_text() + "base: toy:night\n"))[0],
+     "the key 'base' is given twice"),
     (lambda p: bad(p, **{"train.learning_rate": 1}), "train.learning_rate: unknown key"),
     (lambda p: bad(p, **{"train.max_steps": "lots"}), "train.max_steps: must be an integer (got 'lots')"),
     (lambda p: bad(p, **{"train.lr": -1}), "train.lr: must be > 0 (got -1)"),
@@ -123,6 +125,27 @@ def test_bad_recipes(dmm, tmp_path, make, fragment):
     r = dmm("distill", recipe)
     assert_one_sentence_error(r, 2, fragment)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_set_value_is_blamed_on_set_not_the_file(dmm, tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    r = dmm("distill", recipe, "--set", "train.lr=abc")
+    assert_one_sentence_error(r, 2, "--set train.lr: must be a number (got 'abc')")
+    assert str(recipe) not in r.err
+    r = dmm("distill", recipe, "--set", "train.lr=1e-4", "--set", "train.nope=1")
+    assert_one_sentence_error(r, 2, "--set train.nope: unknown key")
+    r = dmm("distill", tiny_recipe(tmp_path, **{"train.max_steps": "lots"}), "--set", "train.lr=1e-4")
+    assert_one_sentence_error(r, 2, f"{recipe}: train.max_steps: must be an integer")
+
+
+def test_keys_merged_in_from_a_yaml_anchor_may_be_overridden(dmm, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("name: m\nbase: toy:base\ndata: {folder: toy:shapes}\noutput: run\nteachers:\n"
+                      "  - &night {name: night, model: toy:night}\n  - <<: *night\n    name: night2\n")
+    r = dmm("distill", recipe, "--dry-run", "--json")
+    assert r.code == 0, r.err
+    assert [(t["name"], t["ref"]) for t in json.loads(r.out)["teachers"]] == [("night", "toy:night"),
+                                                                             ("night2", "toy:night")]
 
 
 def test_resume_without_checkpoint_and_foreign_output(dmm, tmp_path):
