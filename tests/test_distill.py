@@ -114,6 +114,8 @@ def shape_mismatched_teacher(tmp_path) -> str:
     (lambda p: (p / "empty").mkdir() or bad(p, data={"folder": str(p / "empty")}), "no captioned images"),
     (lambda p: bad(p, teachers=[{"name": "x", "model": "toy:nope"}]), "teacher 'x': toy:nope: no such toy model"),
     (lambda p: bad(p, base="toy:nope"), "base: toy:nope: no such toy model"),
+    (lambda p: bad(p, data={"folder": "toy:shapes", "synthesize": {"images_per_teacher": 2, "steps": 1001}}),
+     "data.synthesize.steps: 1001 is more than the 1000 timesteps the base toy:base was trained on"),
     (lambda p: bad(p, **{"train.ema": {"decay": 1.0}}), "train.ema.decay: must be between 0 and 1, exclusive"),
     (lambda p: bad(p, **{"train.ema": {"decay": 0}}), "train.ema.decay: must be between 0 and 1, exclusive"),
     (lambda p: bad(p, **{"train.ema": {"start_step": 6}}), "ema.start_step (6) is not before max_steps (6)"),

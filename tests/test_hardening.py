@@ -256,9 +256,17 @@ def within_memory(tmp_path: Path, limit_gib: float, *args) -> subprocess.Complet
 
 def test_running_out_of_memory_is_one_sentence_that_says_what_needs_less(tmp_path):
     p = within_memory(tmp_path, 3, "generate", "a cat", "--model", "toy:night", "-o", tmp_path / "big.png",
-                      "--width", "400000", "--height", "400000", *FAST)
+                      "--width", "4096", "--height", "4096", *FAST)
     one_sentence(p, 1, "the host ran out of memory in `dmm generate` (an allocation of")
     assert "--batch-size" in p.stderr and not (tmp_path / "big.png").exists()
+    # Pictures that cannot fit in the host's memory are refused before sampling: past a cap like this one, the
+    # kernel would kill the process while it touched the memory, with no sentence at all.
+    for many in ([], ["-n", "2", "-o", tmp_path / "big"]):
+        p = within_memory(tmp_path, 3, "generate", "a cat", "--model", "toy:night", "-o", tmp_path / "big.png",
+                          "--width", "100000", "--height", "100000", *FAST, *many)
+        one_sentence(p, 1, f"decoding {'2 pictures' if many else '1 picture'} of 100000x100000 at once needs at "
+                     f"least {'4768.4' if many else '2384.2'} GiB of host memory")
+        assert ("--batch-size" in p.stderr) == bool(many) and not (tmp_path / "big.png").exists()
 
     for compile, doing in ((False, "at step 1"), (True, "in the compile stage")):  # not taken for a compiler bug
         recipe = tiny_recipe(tmp_path, **{"train.batch_size": 65536,  # gigabytes of activations
@@ -373,6 +381,7 @@ def test_many_pictures_stream_in_constant_memory(tmp_path):
     (["--guidance", "inf"], "--guidance must be a finite number"),
     (["--seed", str(2**63)], "--seed must be between 0 and"),
     (["--seed", "-1"], "--seed must be between 0 and"),
+    (["--steps", "1001"], "--steps 1001 is more than the 1000 timesteps"),  # diffusers fails at the first step
 ])
 def test_bad_numbers_for_generate(dmm, tmp_path, args, fragment):
     r = dmm("generate", "a red circle", "--model", "toy:base", *args, "-o", tmp_path / "out")

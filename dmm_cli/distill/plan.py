@@ -236,6 +236,10 @@ def _check_teachers(recipe: Recipe, base: Path, teachers: list[Path | None]) -> 
     if any(k.startswith("class_embedding.") for k in base_shapes):
         raise ModelError(f"base {recipe.base}: is already a style student; a base must be a plain model")
     schedule = read_schedule(base)
+    synth = recipe.data.synthesize
+    if synth is not None and synth.steps > schedule.num_train_timesteps:
+        raise RecipeError(f"data.synthesize.steps: {synth.steps} is more than the {schedule.num_train_timesteps} "
+                          f"timesteps the base {recipe.base} was trained on")
     for spec, folder in zip(recipe.teachers, teachers):
         if folder is None:
             continue

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import BadInput, ModelError
+from ..errors import BadInput, ModelError, OutOfMemory
 
 
 @contextlib.contextmanager
@@ -59,7 +59,11 @@ def batches(
 ) -> Iterator[list[Image.Image]]:
     """The pictures of one prompt each, a batch at a time; picture i is seeded with seeds[i] (default seed + i),
     whatever the batch size."""
+    trained = pipe.scheduler.config.num_train_timesteps
+    if steps > trained:  # past it, diffusers fails at the first step or repeats timesteps
+        raise BadInput(f"--steps {steps} is more than the {trained} timesteps {pipe.name_or_path} was trained on")
     size = default_size(pipe)
+    _check_host_memory(pipe, width or size, height or size, min(batch_size, len(prompts)))
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         chunk_seeds = seeds[start:start + batch_size] if seeds is not None else range(seed + start, seed + start
@@ -78,6 +82,31 @@ def batches(
             )
         _check_finite(pipe, out.images)
         yield pipe.numpy_to_pil(out.images)
+
+
+def _host_memory_available() -> int | None:
+    """Bytes the kernel can still hand out (MemAvailable), or None where /proc/meminfo is not there."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def _check_host_memory(pipe, width: int, height: int, pictures: int) -> None:
+    """On the CPU, the kernel kills a process that touches more memory than there is before torch can fail
+    cleanly (a GPU's allocator just fails, and that is said in one sentence elsewhere). So refuse pictures that
+    cannot fit. A lower bound of what decoding needs: the VAE decoder's last upsampler holds its input, enlarged to
+    full size, and its convolution's output at once, each as wide as the encoder's second block."""
+    if pipe.device.type != "cpu" or (available := _host_memory_available()) is None:
+        return
+    widths = pipe.vae.config.block_out_channels
+    needs = 2 * widths[min(1, len(widths) - 1)] * width * height * pictures * pipe.vae.dtype.itemsize
+    if needs > available:
+        fewer = " or fewer at once (--batch-size)" if pictures > 1 else ""
+        raise OutOfMemory(f"decoding {pictures} picture{'s' if pictures > 1 else ''} of {width}x{height} at once "
+                          f"needs at least {needs / 2**30:.1f} GiB of host memory, and {available / 2**30:.1f} GiB is "
+                          f"available; draw smaller pictures (--width, --height){fewer}")
 
 
 def _check_finite(pipe, pictures: np.ndarray) -> None:

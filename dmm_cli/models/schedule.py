@@ -22,6 +22,10 @@ class Schedule:
     prediction_type: str
     training: tuple  # the SCHEDULE_KEYS values, in order
 
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.training[0]
+
     def describe(self) -> str:
         return ", ".join(f"{k} {v}" for k, v in zip(SCHEDULE_KEYS, self.training) if v not in (None, False))
 
