@@ -23,6 +23,16 @@ toy_app = typer.Typer(help="The offline toy zoo: a tiny SD-shaped model family f
 app.add_typer(toy_app, name="toy")
 
 
+def _output_path(value: str) -> Path:
+    """An output path; an empty one (`-o "$UNSET"`) is refused rather than taken for the current folder."""
+    if not value:
+        raise typer.BadParameter("is empty")
+    return Path(value)
+
+
+OUTPUT_PATH = {"parser": _output_path, "metavar": "<path>"}
+
+
 def _version(value: bool) -> None:
     if value:
         console.result(__version__)
@@ -44,13 +54,13 @@ def fetch(
                                      help="toy:<name>, a local folder or .safetensors file, org/name[@revision], "
                                           "or org/name/sub/file.safetensors; MODEL+LORA[:SCALE] fuses the LoRAs "
                                           "into a cached folder."),
-    store: Optional[Path] = typer.Option(None, "--store", help="Download into this folder instead of the Hugging "
-                                                               "Face cache."),
+    store: Optional[Path] = typer.Option(None, "--store", **OUTPUT_PATH,
+                                         help="Download into this folder instead of the Hugging Face cache."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit for refs without @rev."),
     variant: Optional[str] = typer.Option(None, "--variant", help="Prefer this weights variant, e.g. fp16."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept .bin/.ckpt weights (loaded with "
                                                                     "weights_only=True, then kept as safetensors)."),
-    export_single_file: Optional[Path] = typer.Option(None, "--export-single-file",
+    export_single_file: Optional[Path] = typer.Option(None, "--export-single-file", **OUTPUT_PATH,
                                                       help="Also write the (one) model as a single original-layout "
                                                            ".safetensors file for A1111 / ComfyUI."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON manifest (ref, folder, source, commit)."),
@@ -128,7 +138,7 @@ def generate(
     scheduler: Optional[str] = typer.Option(None, "--scheduler",
                                             help="ddim, ddpm, pndm, euler, euler-a, dpm++ or dpm++-karras. "
                                                  "Default: the model's own."),
-    output: Path = typer.Option(Path("dmm-out"), "--output", "-o",
+    output: Path = typer.Option(Path("dmm-out"), "--output", "-o", **OUTPUT_PATH,
                                 help="Folder for the PNGs, or a .png file name for a single picture, or - to "
                                      "write a single picture's PNG to stdout."),
     device: str = typer.Option("auto", "--device", help="auto (cuda if available), cpu, cuda, cuda:N."),
@@ -170,7 +180,8 @@ def generate(
 @app.command()
 def distill(
     recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder. Default: the recipe's output."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", **OUTPUT_PATH,
+                                          help="Run folder. Default: the recipe's output."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over in a run folder of this recipe."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Shorthand for --set train.max_steps=N."),
@@ -249,7 +260,8 @@ def baseline_merge(
     dtype: str = typer.Option("auto", "--dtype", help="Output dtype: auto (per tensor, the widest of the inputs'), "
                                                       "fp32, fp16, bf16."),
     device: str = typer.Option("cpu", "--device", help="Compute on cpu or cuda."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder. Default: merged-METHOD."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", **OUTPUT_PATH,
+                                          help="Output folder. Default: merged-METHOD."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder that dmm "
                                                               "baseline-merge wrote (never any other folder)."),
 ) -> None:
@@ -294,7 +306,7 @@ def export_(
     style: Optional[str] = typer.Option(None, "--style", "-s", help="Bake this style into a plain checkpoint: a name, "
                                                                     "an index, a mix (a:0.7,b:0.3), or `all` (one "
                                                                     "checkpoint per style)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o",
+    output: Optional[Path] = typer.Option(None, "--output", "-o", **OUTPUT_PATH,
                                           help="Folder (or .safetensors with --single-file; a folder of them for "
                                                "--style all). Default: named after the model and style."),
     single_file: bool = typer.Option(False, "--single-file", help="Write one original-layout .safetensors file, as "
@@ -360,7 +372,7 @@ def eval_(
                                                            "reference org/name[@revision] (fetched and verified like "
                                                            "models), or none. Default: openai/clip-vit-large-patch14 "
                                                            "when the Hub can be reached or it is cached."),
-    output: Path = typer.Option(Path("eval-out"), "--output", "-o", help="Report folder."),
+    output: Path = typer.Option(Path("eval-out"), "--output", "-o", **OUTPUT_PATH, help="Report folder."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, fp16, bf16."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Sampler for every model (default: each own)."),
@@ -403,7 +415,7 @@ def eval_(
 @app.command()
 def grid(
     images: list[Path] = typer.Argument(..., help="PNG files, in order."),
-    output: Path = typer.Option(..., "--output", "-o", help="The grid PNG to write."),
+    output: Path = typer.Option(..., "--output", "-o", **OUTPUT_PATH, help="The grid PNG to write."),
     columns: Optional[int] = typer.Option(None, "--columns", help="Pictures per row. Default: all in one row."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated labels, one per picture."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output file."),
@@ -421,7 +433,7 @@ def grid(
 
 @toy_app.command("build")
 def toy_build(
-    output: Path = typer.Option(..., "--output", "-o", help="Folder to build the zoo in."),
+    output: Path = typer.Option(..., "--output", "-o", **OUTPUT_PATH, help="Folder to build the zoo in."),
     seed: int = typer.Option(0, "--seed", help="Seed; the same seed on the same machine gives the same zoo."),
     reduced: bool = typer.Option(False, "--reduced", help="A few steps of everything (a smoke test)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a toy zoo already in --output (never any "

@@ -662,6 +662,28 @@ def test_an_empty_model_reference_is_not_the_current_folder(dmm, tmp_path, ref):
     assert_one_sentence_error(r, 2, "an empty model reference")
 
 
+@pytest.mark.parametrize("args", [
+    ["generate", "a cat", "--model", "toy:night", "--steps", "1"],
+    ["distill", "RECIPE"],
+    ["baseline-merge", "toy:night", "toy:outline"],
+    ["export", "toy:night"],
+    ["eval", "toy:night", "--recipe", "RECIPE"],
+    ["toy", "build"],
+    ["fetch", "toy:night", "--store", ""],
+    ["fetch", "toy:night", "--export-single-file", ""],
+])
+def test_an_empty_output_is_not_the_current_folder(dmm, tmp_path, monkeypatch, args):
+    """`-o "$UNSET"` would have written into, or refused, whatever folder the shell was in."""
+    recipe = tiny_recipe(tmp_path / "recipe")
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    args = [str(recipe) if a == "RECIPE" else a for a in args]
+    r = dmm(*args, *([] if args[0] == "fetch" else ["-o", ""]))
+    assert_one_sentence_error(r, 2, "is empty")
+    assert os.listdir(work) == []
+
+
 # --- help and merge options say what they do ---------------------------------------------------------------
 
 def test_help_examples_keep_their_lines(dmm):
