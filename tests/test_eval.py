@@ -128,6 +128,12 @@ def test_styles_are_paired_with_teachers_by_name(dmm, student, tmp_path):
     assert json.loads(r.out)["models"][1]["M"] == original
     r = dmm("eval", converted, "--recipe", recipe, "--style-map", "style-9=night", "-o", tmp_path / "bad", *FAST)
     assert_one_sentence_error(r, 2, "--style-map", "no style 'style-9'")
+    r = dmm("eval", converted, "--recipe", recipe, "--style-map", "style-0=night,style-1=night", "-o", tmp_path / "bad",
+            *FAST)
+    assert_one_sentence_error(r, 2, "styles 'style-0' and 'style-1' both pair with the teacher 'night'")
+    r = dmm("eval", converted, "--recipe", recipe, "--style-map", "style-0=checker,style-0=night,style-1=night",
+            "-o", tmp_path / "bad", *FAST)
+    assert_one_sentence_error(r, 2, "--style-map", "style 'style-0' is paired twice")
 
 
 def test_weight_merge_gets_one_row_against_every_teacher(dmm, student, tmp_path):

@@ -79,6 +79,10 @@ def parse_style_map(spec: str | None) -> dict[str, str]:
     pairs = [part.partition("=") for part in spec.split(",")]
     if any(not a.strip() or not sep or not b.strip() for a, sep, b in pairs):
         raise BadInput(f"--style-map {spec!r}: expected style=teacher pairs separated by commas")
+    styles = [a.strip() for a, _, _ in pairs]
+    twice = next((a for a in styles if styles.count(a) > 1), None)
+    if twice:
+        raise BadInput(f"--style-map {spec!r}: style {twice!r} is paired twice")
     return {a.strip(): b.strip() for a, _, b in pairs}
 
 
@@ -89,6 +93,11 @@ def style_order(ref: str, styles: list[str], teachers: list[str], recipe: Path, 
     if unknown:
         raise BadInput(f"--style-map: {ref} has no style {unknown[0]!r} (its styles: {', '.join(styles)})")
     named = [style_map.get(s, s) for s in styles]
+    shared = next((n for n in named if named.count(n) > 1), None)
+    if shared:
+        pair = [s for s, n in zip(styles, named) if n == shared]
+        raise BadInput(f"{ref}: its styles {pair[0]!r} and {pair[1]!r} both pair with the teacher {shared!r}; each "
+                       "teacher takes one style (--style-map style=teacher,...)")
     if sorted(named) != sorted(teachers):
         raise BadInput(f"{ref}: its styles ({', '.join(named)}) are not {recipe}'s teachers ({', '.join(teachers)}); "
                        "pair them by name with --style-map style=teacher,...")
