@@ -126,3 +126,17 @@ def test_sdxl_single_file_round_trip_is_exact_through_diffusers_loader(dmm, tmp_
         assert ours.keys() == theirs.keys(), part
         for key in ours:
             assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key]), (part, key)
+
+
+@pytest.mark.parametrize("drop, fragment", [
+    ("first_stage_model.", "holds no vae weights (first_stage_model.*)"),
+    ("cond_stage_model.", "holds no text_encoder weights (cond_stage_model.*)"),
+    ("model.diffusion_model.input_blocks.", "are not a Stable Diffusion 1.x/2.x/XL UNet"),  # SD3, Flux
+])
+def test_a_file_without_a_whole_model_is_one_sentence(dmm, tmp_path, drop, fragment):
+    """diffusers' own loader fails on these deep inside, with advice on how to call it."""
+    whole = tmp_path / "night.safetensors"
+    assert dmm("export", "toy:night", "--single-file", "-o", whole).code == 0
+    part = tmp_path / "part.safetensors"
+    save_file({k: v for k, v in load_file(whole).items() if not k.startswith(drop)}, part)
+    assert_one_sentence_error(dmm("fetch", part), 2, str(part), fragment)

@@ -179,16 +179,21 @@ def _inspect(path: Path) -> tuple[str, dict[str, torch.dtype]]:
         lora = any(".lora_" in k or "lora_A" in k or "lora_down" in k for k in header)
         hint = "; it holds LoRA weights: give it with --lora, or as MODEL+LORA" if lora else ""
         raise ModelError(f"{path}: not a Stable Diffusion checkpoint (no {UNET_PREFIX}* tensors){hint}")
-    prefixes = COMPONENT_PREFIXES
+    if UNET_PREFIX + "input_blocks.0.0.weight" not in header:  # SD3's and Flux's transformers share the prefix
+        raise ModelError(f"{path}: its {UNET_PREFIX}* tensors are not a Stable Diffusion 1.x/2.x/XL UNet (no "
+                         "input_blocks)")
     if any(k.startswith("conditioner.embedders.1") for k in header):
         kind, prefixes = "sdxl", dict(COMPONENT_PREFIXES, text_encoder="conditioner.embedders.0.")
     else:
         kind = "sd2" if OPEN_CLIP_PREFIX + "token_embedding.weight" in header else "sd15"
+        prefixes = {part: prefix for part, prefix in COMPONENT_PREFIXES.items() if part != "text_encoder_2"}
     dtypes = {}
     for part, prefix in prefixes.items():
         stored = [STORED.get(v["dtype"]) for k, v in header.items() if k.startswith(prefix) and v["dtype"] in STORED]
-        if stored:
-            dtypes[part] = max(stored, key=lambda d: d.itemsize)
+        if not stored:  # diffusers fails on it only deep inside from_single_file
+            raise ModelError(f"{path}: holds no {part} weights ({prefix}*); dmm reads whole checkpoints, with the "
+                             "UNet, VAE and text encoder" + ("s" if kind == "sdxl" else "") + " in one file")
+        dtypes[part] = max(stored, key=lambda d: d.itemsize)
     return kind, dtypes
 
 
