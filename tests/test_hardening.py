@@ -232,6 +232,21 @@ def test_a_nan_lora_is_named_by_generate_merge_and_distill(dmm, tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "pic.png").exists()
 
 
+def test_a_lora_scale_that_overflows_the_weights_is_named(dmm, tmp_path):
+    """Fused in memory (generate) or into a cached folder (fetch, teachers): a scale of 1e40 is finite, and so is
+    the LoRA, but their update is not; the pictures would only have come out NaN, blamed on the model."""
+    ref = "toy:base+toy:night-lora:1e40"
+    r = dmm("generate", "a red circle", "--model", ref, *FAST, "-o", tmp_path / "pic.png")
+    assert_one_sentence_error(r, 2, "toy:night-lora:1e40: fused into unet.", "the update overflows float")
+    r = dmm("fetch", ref)
+    assert_one_sentence_error(r, 2, "toy:night-lora:1e40: fused into unet.", "the update overflows float")
+    fused = Path(os.environ["DMM_HOME"]) / "fused"
+    assert not (tmp_path / "pic.png").exists() and not any(fused.iterdir())
+    # 1e20 fits fp32's weights, and sampling overflows: no --dtype cures that
+    r = dmm("generate", "a red circle", "--model", "toy:base+toy:night-lora:1e20", *FAST, "-o", tmp_path / "pic.png")
+    assert_one_sentence_error(r, 2, "overflowed float32 while sampling; the weights (or a LoRA's scale) are too large")
+
+
 def test_a_non_finite_loss_stops_distillation_and_writes_no_student(dmm, tmp_path):
     recipe = tiny_recipe(tmp_path, **{"train.lr": 1e30, "train.checkpoint_every": 1, "train.max_steps": 20})
     r = dmm("distill", recipe)

@@ -119,8 +119,10 @@ def _check_finite(pipe, pictures: np.ndarray) -> None:
             if not torch.isfinite(weight).all():
                 raise ModelError(f"{pipe.name_or_path}: its {part} weight {name} holds NaN or Inf, so every picture "
                                  "it draws is NaN")
-    raise BadInput(f"the pictures came out NaN: a value overflowed {str(pipe.unet.dtype).removeprefix('torch.')} "
-                   "while sampling; draw them with --dtype fp32 (or bf16)")
+    dtype = str(pipe.unet.dtype).removeprefix("torch.")
+    cure = ("draw them with --dtype fp32 (or bf16)" if pipe.unet.dtype == torch.float16 else
+            "the weights (or a LoRA's scale) are too large to sample with")
+    raise BadInput(f"the pictures came out NaN: a value overflowed {dtype} while sampling; {cure}")
 
 
 def generate(pipe, prompts: list[str], **kwargs) -> list[Image.Image]:

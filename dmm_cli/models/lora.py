@@ -41,8 +41,8 @@ class LoraSpec:
     ref: str
     scale: float = 1.0
 
-    def __str__(self) -> str:
-        return f"{self.ref}:{self.scale!r}"
+    def __str__(self) -> str:  # parses back, also inside MODEL+LORA:SCALE, so never a "+" in the exponent
+        return f"{self.ref}:{self.scale!r}".replace("e+", "e")
 
 
 def parse_lora(text: str, where: str = "--lora") -> LoraSpec:
@@ -362,6 +362,17 @@ def delta(loras: list[Lora], part: str, name: str, shape) -> torch.Tensor | None
     return total
 
 
+def _fused(weight: torch.Tensor, update: torch.Tensor, part: str, name: str, loras: list[Lora]) -> torch.Tensor:
+    """weight + update, in the weight's dtype. A sum past the dtype's range (a huge scale) is named here; drawn,
+    it would only show as NaN pictures blamed on the model."""
+    out = (weight.float() + update.to(weight.device)).to(weight.dtype)
+    if not torch.isfinite(out).all() and torch.isfinite(weight).all():
+        given = ", ".join(str(lora.spec) for lora in loras if name in lora.updates.get(part, {}))
+        raise BadInput(f"{given}: fused into {part}.{name}, the update overflows "
+                       f"{str(weight.dtype).removeprefix('torch.')}; use a smaller scale")
+    return out
+
+
 @torch.no_grad()
 def fuse(module: torch.nn.Module, part: str, loras: list[Lora]) -> None:
     """Add the LoRAs' updates into a loaded component's weights, once."""
@@ -374,7 +385,7 @@ def fuse(module: torch.nn.Module, part: str, loras: list[Lora]) -> None:
             raise ModelError(f"{owner}: no weight {part}.{name} in the loaded model")
         update = delta(loras, part, name, param.shape)
         if update is not None:
-            param.copy_((param.float() + update.to(param.device)).to(param.dtype))
+            param.copy_(_fused(param, update, part, name, loras))
 
 
 def fuse_pipeline(pipe, loras: list[Lora]) -> None:
@@ -394,7 +405,7 @@ def _fuse_part(source: Path, target: Path, part: str, loras: list[Lora]) -> None
                 for name, (dtype, shape) in specs.items():
                     tensor = reader.get(name)
                     update = delta(loras, part, name, shape)
-                    writer.write(name, tensor if update is None else (tensor.float() + update).to(dtype))
+                    writer.write(name, tensor if update is None else _fused(tensor, update, part, name, loras))
         finally:
             reader.close()
 
