@@ -75,6 +75,14 @@ def test_a_lora_or_a_part_given_as_a_model_says_what_to_give(dmm, tmp_path, give
     assert_one_sentence_error(r, 2, str(model), said)
 
 
+def test_a_model_given_as_a_lora_says_what_to_give(dmm, tmp_path):
+    whole = tmp_path / "night.safetensors"
+    assert dmm("export", "toy:night", "--single-file", "-o", whole).code == 0
+    for lora, said in ((whole, "is a whole checkpoint, not a LoRA"), ("toy:night", "is a whole model, not a LoRA")):
+        r = dmm("generate", "a red circle", "--model", f"toy:base+{lora}", "-o", tmp_path / "out.png", *FAST)
+        assert_one_sentence_error(r, 2, f"{lora}: {said}; give it as the model")
+
+
 def _set(key, value):
     def change(config: dict) -> dict:
         return {**config, key: value}

@@ -299,10 +299,14 @@ def load_lora(spec: LoraSpec, model: Path, model_ref: str, allow_pickle: bool = 
             raw = _tensors(path / DIFFUSERS_FILE)
         elif all((path / f).is_file() for f in PEFT_FILES):
             raw = _peft_adapter(path)
+        elif (path / "model_index.json").is_file():
+            raise ModelError(f"{spec.ref}: is a whole model, not a LoRA; give it as the model")
         else:
             raise ModelError(f"{path}: no LoRA weights ({DIFFUSERS_FILE}, or {' and '.join(PEFT_FILES)})")
     else:
         raw = _tensors(path)
+        if "model.diffusion_model.input_blocks.0.0.weight" in raw:
+            raise ModelError(f"{spec.ref}: is a whole checkpoint, not a LoRA; give it as the model")
     unet_config = json.loads((model / "unet" / "config.json").read_text())
     raw, biases = _bias_updates(raw, path, component_shapes(model / "unet"))
     table = _layer_table(raw, path, pipeline_class(model), unet_config)
