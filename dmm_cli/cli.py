@@ -184,7 +184,7 @@ def distill(
                                           help="Run folder. Default: the recipe's output."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over in a run folder of this recipe."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Shorthand for --set train.max_steps=N."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Shorthand for --set train.max_steps=N."),
     overrides: list[str] = typer.Option([], "--set", help="Override a recipe field: --set train.lr=2e-5 (repeatable)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate recipe, models and data; print the plan; train nothing."),
     as_json: bool = typer.Option(False, "--json", help="With --dry-run: print the plan as JSON."),

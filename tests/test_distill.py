@@ -134,6 +134,7 @@ def test_a_bad_set_value_is_blamed_on_set_not_the_file(dmm, tmp_path):
     r = dmm("distill", recipe, "--set", "train.lr=abc")
     assert_one_sentence_error(r, 2, "--set train.lr: must be a number (got 'abc')")
     assert str(recipe) not in r.err
+    assert_one_sentence_error(dmm("distill", recipe, "--max-steps", "0"), 2, "'--max-steps'", "greater than or equal to 1")
     r = dmm("distill", recipe, "--set", "train.lr=1e-4", "--set", "train.nope=1")
     assert_one_sentence_error(r, 2, "--set train.nope: unknown key")
     r = dmm("distill", tiny_recipe(tmp_path, **{"train.max_steps": "lots"}), "--set", "train.lr=1e-4")
