@@ -70,6 +70,15 @@ def test_model_from_environment_and_local_folder(dmm, tmp_path, monkeypatch):
     r = dmm("generate", "a cyan square", "-o", tmp_path, *FAST)
     assert r.code == 0, r
     assert f"model: {folder}" in r.err
+    monkeypatch.setenv("DMM_MODEL", str(tmp_path / "gone"))
+    r = dmm("generate", "a cyan square", "-o", tmp_path, *FAST)
+    assert_one_sentence_error(r, 2, str(tmp_path / "gone"), "(from $DMM_MODEL)")
+    monkeypatch.delenv("DMM_MODEL")
+    from dmm_cli.files import state
+
+    state.remember_last_model(tmp_path / "deleted-run")
+    r = dmm("generate", "a cyan square", "-o", tmp_path, *FAST)
+    assert_one_sentence_error(r, 2, "deleted-run", "(the last model dmm distill wrote)")
 
 
 def test_no_model_is_a_clear_error(dmm, tmp_path):

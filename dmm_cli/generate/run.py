@@ -90,7 +90,10 @@ def run(prompt: str, *, model: str | None, style: str | None = None, negative: s
     ref, source = (model, "") if model else default_model()
     ref, specs = lora.split_ref(ref)
     specs += [lora.parse_lora(text) for text in loras]
-    folder = references.resolve(ref)
+    try:
+        folder = references.resolve(ref)
+    except BadInput as e:  # a model the user did not type here says where it came from
+        raise e if not source else type(e)(f"{e} ({source})") from None
     notes = [n for n in (source, str(folder) if str(folder) != ref else "") if n]
     console.say(f"model: {ref}" + (f" ({'; '.join(notes)})" if notes else ""))
     table = StyleTable.read(folder)
