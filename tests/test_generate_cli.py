@@ -81,6 +81,15 @@ def test_model_from_environment_and_local_folder(dmm, tmp_path, monkeypatch):
     assert_one_sentence_error(r, 2, "deleted-run", "(the last model dmm distill wrote)")
 
 
+def test_a_prompt_past_the_text_encoders_length_is_said_to_be_cut(dmm, tmp_path):
+    """The toy zoo's text encoder reads 8 tokens (SD's, 77); diffusers cuts the rest with a log line."""
+    r = dmm("generate", "a red circle", "--negative", "a blue square on a green ground", "--model", "toy:night",
+            "-o", tmp_path, *FAST)
+    assert r.code == 0, r
+    assert "warning: the prompt" not in r.err
+    assert "warning: the --negative prompt is 17 tokens long, and the text encoder reads the first 8" in r.err
+
+
 def test_no_model_is_a_clear_error(dmm, tmp_path):
     r = dmm("generate", "a cat", "-o", tmp_path / "x")
     assert_one_sentence_error(r, 2, "no model given")

@@ -26,7 +26,7 @@ from ..models.devices import pick_device, pick_dtype
 from ..models.pipeline import load_pipeline
 from ..models.student import num_styles
 from ..models.styles import StyleTable, parse_style
-from .sampling import batches, check_generation_args
+from .sampling import batches, check_generation_args, warn_if_cut
 
 GRID_ROWS = 8  # the `--style all` grid shows the first pictures of each style
 
@@ -118,6 +118,8 @@ def run(prompt: str, *, model: str | None, style: str | None = None, negative: s
     torch_dtype = pick_dtype(dtype, torch_device)
     pipe = load_pipeline(folder, torch_device, torch_dtype, scheduler=scheduler, attention=attention)
     lora.fuse_pipeline(pipe, added)
+    warn_if_cut(pipe, "prompt", prompt)
+    warn_if_cut(pipe, "--negative prompt", negative)
     if table is not None and num_styles(pipe.unet) != len(table.names):
         raise BadInput(f"{folder}: styles.json lists {len(table.names)} styles but the UNet takes "
                        f"{num_styles(pipe.unet)}")

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .. import console
 from ..errors import BadInput, ModelError, OutOfMemory
 
 
@@ -82,6 +83,15 @@ def batches(
             )
         _check_finite(pipe, out.images)
         yield pipe.numpy_to_pil(out.images)
+
+
+def warn_if_cut(pipe, what: str, text: str | None) -> None:
+    """diffusers cuts a prompt to the text encoder's length with a log line that dmm keeps quiet: say so."""
+    limit = pipe.tokenizer.model_max_length
+    tokens = len(pipe.tokenizer(text).input_ids) if text else 0
+    if tokens > limit:
+        console.warn(f"the {what} is {tokens} tokens long, and the text encoder reads the first {limit}; the rest "
+                     "is left out")
 
 
 def _host_memory_available() -> int | None:
