@@ -201,3 +201,21 @@ def test_pictures_read_as_they_look(tmp_path):
     assert np.asarray(pictures["grey16.png"]).mean() == pytest.approx(40000 / 257, abs=1)
     assert np.asarray(pictures["float.tif"]).mean() == pytest.approx(0.25 * 255, abs=1)
     assert pictures["turned.jpg"].size == (20, 40)
+
+
+def test_a_picture_past_pils_warning_size_reads_without_a_raw_warning(tmp_path):
+    """PIL warns of pictures past 89 megapixels as a Python warning, printed with its source line; dmm reads them
+    (and refuses, as a picture that does not decode, those past twice that)."""
+    import warnings
+
+    from dmm_cli.data.sources import open_images
+
+    folder = tmp_path / "set"
+    folder.mkdir()
+    Image.new("L", (10_000, 9_000), 128).save(folder / "large.png")  # 90 megapixels
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "large.png", "text": "large"}) + "\n")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        [(picture, caption)] = list(open_images(folder))
+    assert picture.size == (10_000, 9_000) and caption == "large"
+    assert not [w for w in said if issubclass(w.category, Image.DecompressionBombWarning)]

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -97,8 +98,11 @@ def _text(path: Path) -> str:
 def _decoded(data: bytes | None = None, path: Path | None = None) -> Image.Image | None:
     """An 8-bit RGB picture the right way up (its EXIF orientation applied), or None when it does not decode."""
     try:
-        with Image.open(io.BytesIO(data) if data is not None else path) as image:
-            return _eight_bit(ImageOps.exif_transpose(image)).convert("RGB")
+        with warnings.catch_warnings():
+            # PIL warns, as a raw Python warning, of pictures past 89 megapixels, and refuses those past twice that
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data) if data is not None else path) as image:
+                return _eight_bit(ImageOps.exif_transpose(image)).convert("RGB")
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
         return None
 
