@@ -386,14 +386,14 @@ def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:
     if path.stat().st_size > MAX_BYTES:
         raise RecipeError(f"{path}: {path.stat().st_size} bytes is too large for a recipe (at most {MAX_BYTES})")
     try:
-        data = _load_yaml(path.read_text())
+        data = _load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
         problem = getattr(e, "problem", None) or "invalid YAML"
         raise RecipeError(f"{path}: malformed YAML at {where}: {problem}") from None
     except UnicodeDecodeError:
-        raise RecipeError(f"{path}: not a text file") from None
+        raise RecipeError(f"{path}: not UTF-8 text") from None
     except RecursionError:  # the YAML parser recurses once per nested bracket
         raise RecipeError(f"{path}: nested too deeply to be a recipe (at most {MAX_DEPTH} levels)") from None
     if not isinstance(data, dict):

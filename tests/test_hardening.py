@@ -446,6 +446,9 @@ def test_text_that_is_not_utf8_is_named(dmm, tmp_path, student):
     (broken / "styles.json").write_bytes(b'{"styles": "\xff"}')
     r = dmm("generate", "a red circle", "--model", broken, "--style", "night", "-o", tmp_path / "out")
     assert_one_sentence_error(r, 2, "styles.json: not a valid styles table (not UTF-8 text)")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_bytes(b"name: caf\xe9\n")
+    assert_one_sentence_error(dmm("distill", recipe), 2, f"{recipe}: not UTF-8 text")
 
 
 def test_a_styles_table_that_does_not_fit_its_unet_is_refused_before_any_work(dmm, tmp_path, student):
