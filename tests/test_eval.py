@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -138,14 +139,20 @@ def test_styles_are_paired_with_teachers_by_name(dmm, student, tmp_path):
 
 def test_weight_merge_gets_one_row_against_every_teacher(dmm, student, tmp_path):
     _, recipe = student
-    merged = dmm("baseline-merge", "--recipe", recipe, "-o", tmp_path / "avg")
+    merged = dmm("baseline-merge", "--recipe", recipe, "-o", tmp_path / "a-b")
     assert merged.code == 0, merged
-    r = dmm("eval", tmp_path / "avg", "--recipe", recipe, "-o", tmp_path / "report", "--json", *FAST)
+    shutil.copytree(tmp_path / "a-b", tmp_path / "a" / "b")  # another model whose name makes the same file stem
+    r = dmm("eval", tmp_path / "a-b", tmp_path / "a" / "b", "--recipe", recipe, "-o", tmp_path / "report", "--json",
+            *FAST)
     assert r.code == 0, r
     entry = json.loads(r.out)["models"][1]
     assert entry["kind"] == "model" and len(entry["M"]) == 1 and entry["diag"] == entry["M"][0]
     assert entry["fid_t"] == pytest.approx(sum(entry["M"][0]))
     assert 0 <= entry["style_accuracy"] <= 1 and 0 <= entry["colour_accuracy"] <= 1
+    shown = re.findall(r"!\[M\]\((.+)\)", (tmp_path / "report" / "report.md").read_text())
+    assert len(set(shown)) == 3 and all((tmp_path / "report" / name).is_file() for name in shown)
+    r = dmm("eval", tmp_path / "a-b", f"{tmp_path}/a/../a-b", "--recipe", recipe, "-o", tmp_path / "again", *FAST)
+    assert_one_sentence_error(r, 2, f"{tmp_path}/a/../a-b: the same model as {tmp_path / 'a-b'}, given twice")
 
 
 def test_bad_input(dmm, student, tmp_path):

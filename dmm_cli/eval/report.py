@@ -58,7 +58,8 @@ def _fmt(value, spec=".2f") -> str:
     return "–" if value is None else format(value, spec)
 
 
-def markdown(metrics: dict, pictures: dict, output: Path) -> str:
+def markdown(metrics: dict, pictures: list[dict], output: Path) -> str:
+    """The report; `pictures[i]` holds the heatmap and sample grid paths of `metrics["models"][i]`."""
     s = metrics["settings"]
     teachers = ", ".join(f"{t['name']} (`{t['ref']}`)" for t in metrics["teachers"])
     lines = [
@@ -85,8 +86,7 @@ def markdown(metrics: dict, pictures: dict, output: Path) -> str:
                      f"{e['kid_t']:.4f} | {_fmt(e['style_accuracy'], '.1%')} | {_fmt(e['colour_accuracy'], '.1%')} | "
                      f"{_fmt(e['clip_score'])} |")
     lines += ["", "## Per model", ""]
-    for e in metrics["models"]:
-        pics = pictures[e["name"]]
+    for e, pics in zip(metrics["models"], pictures):
         diag = ", ".join(f"{v:.2f}" for v in e["diag"])
         lines += [f"### {e['name']}", "", f"diag(M): {diag}", "",
                   f"![M]({os.path.relpath(pics['heatmap'], output)})",

@@ -143,6 +143,10 @@ def evaluate(models: list[str], recipe_path: Path, *, prompts_file: Path | None 
     space = feature_space(features, teacher_refs, torch_device)
 
     model_dirs = [lora.resolve(m) for m in models]
+    for k, folder in enumerate(model_dirs):  # two rows of one model would only share their picture files
+        earlier = next((m for m, d in zip(models, model_dirs[:k]) if d.resolve() == folder.resolve()), None)
+        if earlier is not None:
+            raise BadInput(f"{models[k]}: the same model as {earlier}, given twice")
     tables = [StyleTable.read(d) for d in model_dirs]
     orders = [None if t is None else style_order(ref, t.names, names, recipe_path, style_map or {})
               for ref, t in zip(models, tables)]
@@ -222,11 +226,16 @@ def write_report(metrics: dict, rows: list[Row], names: list[str], output: Path)
     from .report import heatmap, markdown, sample_grid
 
     output.mkdir(parents=True, exist_ok=True)
-    pictures = {}
+    pictures, stems = [], set()
     for row, entry in zip(rows, metrics["models"]):
-        stem = "".join(c if c.isalnum() else "-" for c in row.name).strip("-") or "model"
-        pictures[row.name] = {"heatmap": heatmap(entry, names, output / f"heatmap-{stem}.png"),
-                              "grid": sample_grid(row, names, output / f"samples-{stem}.png")}
+        base = stem = "".join(c if c.isalnum() else "-" for c in row.name).strip("-") or "model"
+        copy = 1
+        while stem in stems:  # runs/a-b and runs/a/b, say
+            copy += 1
+            stem = f"{base}-{copy}"
+        stems.add(stem)
+        pictures.append({"heatmap": heatmap(entry, names, output / f"heatmap-{stem}.png"),
+                         "grid": sample_grid(row, names, output / f"samples-{stem}.png")})
     with atomic_file(output / "metrics.json") as tmp:
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     report = output / "report.md"
