@@ -451,6 +451,22 @@ def test_text_that_is_not_utf8_is_named(dmm, tmp_path, student):
     assert_one_sentence_error(dmm("distill", recipe), 2, f"{recipe}: not UTF-8 text")
 
 
+def test_styles_whose_names_make_one_file_name_each_get_their_own_file(dmm, tmp_path, student):
+    """"Night" and "night" (or "a b" and "a-b") are two styles; one file name for both kept only the last."""
+    renamed = shutil.copytree(student, tmp_path / "renamed", symlinks=True)
+    table = json.loads((renamed / "styles.json").read_text())
+    for style, name in zip(table["styles"], ["Night", "night", "a b", "a-b"]):
+        style["name"] = name
+    (renamed / "styles.json").write_text(json.dumps(table))
+    r = dmm("export", renamed, "--style", "all", "--single-file", "-o", tmp_path / "files")
+    assert r.code == 0, r
+    assert sorted(p.name for p in (tmp_path / "files").iterdir()) == [
+        "a-b-2.safetensors", "a-b.safetensors", "night-2.safetensors", "night.safetensors"]
+    r = dmm("generate", "a red circle", "--model", renamed, "--style", "all", *FAST, "-o", tmp_path / "pictures")
+    assert r.code == 0, r
+    assert len(set(r.lines)) == 5 and all(Path(line).is_file() for line in r.lines)  # 4 styles and the grid
+
+
 def test_a_styles_table_that_does_not_fit_its_unet_is_refused_before_any_work(dmm, tmp_path, student):
     broken = shutil.copytree(student, tmp_path / "broken", symlinks=True)
     table = json.loads((broken / "styles.json").read_text())

@@ -18,6 +18,7 @@ from .. import console
 from ..data.prompts import read_prompts, shared_prompts
 from ..errors import BadInput
 from ..files.atomic import atomic_file, writable_folder
+from ..files.images import unique_slugs
 from ..generate.samples import SampleSet, SamplerSettings, sample_set
 from ..models import lora
 from ..models.folders import check_text_to_image
@@ -226,14 +227,8 @@ def write_report(metrics: dict, rows: list[Row], names: list[str], output: Path)
     from .report import heatmap, markdown, sample_grid
 
     output.mkdir(parents=True, exist_ok=True)
-    pictures, stems = [], set()
-    for row, entry in zip(rows, metrics["models"]):
-        base = stem = "".join(c if c.isalnum() else "-" for c in row.name).strip("-") or "model"
-        copy = 1
-        while stem in stems:  # runs/a-b and runs/a/b, say
-            copy += 1
-            stem = f"{base}-{copy}"
-        stems.add(stem)
+    pictures = []
+    for row, entry, stem in zip(rows, metrics["models"], unique_slugs([row.name for row in rows])):
         pictures.append({"heatmap": heatmap(entry, names, output / f"heatmap-{stem}.png"),
                          "grid": sample_grid(row, names, output / f"samples-{stem}.png")})
     with atomic_file(output / "metrics.json") as tmp:

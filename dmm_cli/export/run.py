@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from .. import console
 from ..errors import BadInput
 from ..files.atomic import atomic_file, atomic_folder, check_replaceable, output_lock, remove_leftovers
-from ..files.images import slug
+from ..files.images import slug, unique_slugs
 from ..files.safetensors_io import read_component
 from ..models import lora, references
 from ..models.folders import copy_part, derived_model_index, model_family, model_root, parts_besides_unet
@@ -119,7 +119,8 @@ def export(ref: str, *, style: str | None = None, output: Path | None = None, si
             if base.suffix == ".safetensors":
                 raise BadInput(f"--output {base}: --style all writes one file per style, into a folder; give a "
                                "folder name")
-            targets = [(base / f"{slug(label)}{suffix}", label, vector) for label, vector in styles]
+            targets = [(base / f"{name}{suffix}", label, vector)
+                       for name, (label, vector) in zip(unique_slugs([label for label, _ in styles]), styles)]
         else:
             (label, vector), = styles
             targets = [(Path(output or f"{stem}-{slug(label)}{'-lora' * (fmt in LORA_FORMATS)}{suffix}"), label,

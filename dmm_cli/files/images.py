@@ -17,6 +17,19 @@ def slug(text: str, limit: int = 48) -> str:
     return s[:limit].rstrip("-") or "image"
 
 
+def unique_slugs(texts: list[str]) -> list[str]:
+    """`slug` of each text, with -2, -3, ... added where two would name one file ("Night" and "night")."""
+    slugs = []
+    for text in texts:
+        base = name = slug(text)
+        copy = 1
+        while name in slugs:
+            copy += 1
+            name = f"{base}-{copy}"
+        slugs.append(name)
+    return slugs
+
+
 def save_png(image: Image.Image, path: Path) -> Path:
     with atomic_file(path) as tmp:
         image.save(tmp, format="PNG")

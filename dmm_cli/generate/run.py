@@ -19,7 +19,7 @@ from .. import console
 from ..errors import BadInput
 from ..files import state
 from ..files.atomic import writable_folder
-from ..files.images import grid, save_png, slug
+from ..files.images import grid, save_png, slug, unique_slugs
 from ..interrupts import deferred
 from ..models import lora, references
 from ..models.devices import pick_device, pick_dtype
@@ -109,7 +109,8 @@ def run(prompt: str, *, model: str | None, style: str | None = None, negative: s
                             negative=negative, steps=steps, guidance=guidance, scheduler=scheduler, width=width,
                             height=height)
     stem, width_k = f"{slug(prompt)}-{digest}", max(3, len(str(num_images - 1)))
-    names = [f"{stem}{'-' + slug(label) if label else ''}-s{seed}-{k:0{width_k}d}.png" for label, _ in styles
+    labels = unique_slugs([label for label, _ in styles]) if table is not None else [None]
+    names = [f"{stem}{'-' + label if label else ''}-s{seed}-{k:0{width_k}d}.png" for label in labels
              for k in range(num_images)]
     want_grid = style is not None and style.strip() == "all"
     paths = output_paths(Path(output), names + ([f"{stem}-s{seed}-styles.png"] if want_grid else []), overwrite)
