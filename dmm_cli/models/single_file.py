@@ -189,11 +189,13 @@ def _inspect(path: Path) -> tuple[str, dict[str, torch.dtype]]:
         prefixes = {part: prefix for part, prefix in COMPONENT_PREFIXES.items() if part != "text_encoder_2"}
     dtypes = {}
     for part, prefix in prefixes.items():
-        stored = [STORED.get(v["dtype"]) for k, v in header.items() if k.startswith(prefix) and v["dtype"] in STORED]
-        if not stored:  # diffusers fails on it only deep inside from_single_file
+        entries = [v for k, v in header.items() if k.startswith(prefix)]
+        if not entries:  # diffusers fails on it only deep inside from_single_file
             raise ModelError(f"{path}: holds no {part} weights ({prefix}*); dmm reads whole checkpoints, with the "
                              "UNet, VAE and text encoder" + ("s" if kind == "sdxl" else "") + " in one file")
-        dtypes[part] = max(stored, key=lambda d: d.itemsize)
+        stored = [STORED[v["dtype"]] for v in entries if v["dtype"] in STORED]
+        if stored:
+            dtypes[part] = max(stored, key=lambda d: d.itemsize)
     return kind, dtypes
 
 
