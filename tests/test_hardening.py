@@ -279,17 +279,15 @@ def within_memory(tmp_path: Path, limit_gib: float, *args) -> subprocess.Complet
 
 def test_running_out_of_memory_is_one_sentence_that_says_what_needs_less(tmp_path):
     p = within_memory(tmp_path, 3, "generate", "a cat", "--model", "toy:night", "-o", tmp_path / "big.png",
-                      "--width", "4096", "--height", "4096", *FAST)
+                      "--width", "4096", "--height", "4096", "--steps", "1")
     one_sentence(p, 1, "the host ran out of memory in `dmm generate` (an allocation of")
     assert "--batch-size" in p.stderr and not (tmp_path / "big.png").exists()
     # Pictures that cannot fit in the host's memory are refused before sampling: past a cap like this one, the
     # kernel would kill the process while it touched the memory, with no sentence at all.
-    for many in ([], ["-n", "2", "-o", tmp_path / "big"]):
-        p = within_memory(tmp_path, 3, "generate", "a cat", "--model", "toy:night", "-o", tmp_path / "big.png",
-                          "--width", "100000", "--height", "100000", *FAST, *many)
-        one_sentence(p, 1, f"decoding {'2 pictures' if many else '1 picture'} of 100000x100000 at once needs at "
-                     f"least {'4768.4' if many else '2384.2'} GiB of host memory")
-        assert ("--batch-size" in p.stderr) == bool(many) and not (tmp_path / "big.png").exists()
+    p = within_memory(tmp_path, 3, "generate", "a cat", "--model", "toy:night", "-o", tmp_path / "big", "-n", "2",
+                      "--width", "100000", "--height", "100000", *FAST)
+    one_sentence(p, 1, "decoding 2 pictures of 100000x100000 at once needs at least 4768.4 GiB of host memory")
+    assert "--batch-size" in p.stderr and not (tmp_path / "big").exists()
 
     for compile, doing in ((False, "at step 1"), (True, "in the compile stage")):  # not taken for a compiler bug
         recipe = tiny_recipe(tmp_path, **{"train.batch_size": 65536,  # gigabytes of activations
