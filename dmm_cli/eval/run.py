@@ -144,10 +144,11 @@ def evaluate(models: list[str], recipe_path: Path, *, prompts_file: Path | None 
     space = feature_space(features, teacher_refs, torch_device)
 
     model_dirs = [lora.resolve(m) for m in models]
-    for k, folder in enumerate(model_dirs):  # two rows of one model would only share their picture files
-        earlier = next((m for m, d in zip(models, model_dirs[:k]) if d.resolve() == folder.resolve()), None)
-        if earlier is not None:
-            raise BadInput(f"{models[k]}: the same model as {earlier}, given twice")
+    given: dict[Path, str] = {}
+    for ref, folder in zip(models, model_dirs):  # two rows of one model would only share their picture files
+        if folder.resolve() in given:
+            raise BadInput(f"{ref}: the same model as {given[folder.resolve()]}, given twice")
+        given[folder.resolve()] = ref
     tables = [StyleTable.read(d) for d in model_dirs]
     orders = [None if t is None else style_order(ref, t.names, names, recipe_path, style_map or {})
               for ref, t in zip(models, tables)]

@@ -27,6 +27,7 @@ from ..files.safetensors_io import TORCH_DTYPES, StreamingWriter, TensorReader, 
 from .folders import (PICKLE_SUFFIXES, check_pipeline_folder, copy_part, derived_model_index, model_family,
                       model_root, reusable)
 from .hub import Fetched
+from .single_file import FIRST_UNET_WEIGHT
 from .references import HUB_REF, SCHEMES, fetch, resolve as resolve_model, scheme_of
 from .references import shareable as shareable_model
 
@@ -305,7 +306,7 @@ def load_lora(spec: LoraSpec, model: Path, model_ref: str, allow_pickle: bool = 
             raise ModelError(f"{path}: no LoRA weights ({DIFFUSERS_FILE}, or {' and '.join(PEFT_FILES)})")
     else:
         raw = _tensors(path)
-        if "model.diffusion_model.input_blocks.0.0.weight" in raw:
+        if FIRST_UNET_WEIGHT in raw:
             raise ModelError(f"{spec.ref}: is a whole checkpoint, not a LoRA; give it as the model")
     unet_config = json.loads((model / "unet" / "config.json").read_text())
     raw, biases = _bias_updates(raw, path, component_shapes(model / "unet"))

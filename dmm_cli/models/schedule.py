@@ -24,7 +24,7 @@ class Schedule:
 
     @property
     def num_train_timesteps(self) -> int:
-        return self.training[0]
+        return self.training[SCHEDULE_KEYS.index("num_train_timesteps")]
 
     def describe(self) -> str:
         return ", ".join(f"{k} {v}" for k, v in zip(SCHEDULE_KEYS, self.training) if v not in (None, False))

@@ -29,6 +29,7 @@ from ..files.safetensors_io import read_component
 from .folders import is_open_clip
 
 UNET_PREFIX = "model.diffusion_model."
+FIRST_UNET_WEIGHT = UNET_PREFIX + "input_blocks.0.0.weight"  # an SD UNet's, not SD3's or Flux's transformer
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
@@ -179,7 +180,7 @@ def _inspect(path: Path) -> tuple[str, dict[str, torch.dtype]]:
         lora = any(".lora_" in k or "lora_A" in k or "lora_down" in k for k in header)
         hint = "; it holds LoRA weights: give it with --lora, or as MODEL+LORA" if lora else ""
         raise ModelError(f"{path}: not a Stable Diffusion checkpoint (no {UNET_PREFIX}* tensors){hint}")
-    if UNET_PREFIX + "input_blocks.0.0.weight" not in header:  # SD3's and Flux's transformers share the prefix
+    if FIRST_UNET_WEIGHT not in header:
         raise ModelError(f"{path}: its {UNET_PREFIX}* tensors are not a Stable Diffusion 1.x/2.x/XL UNet (no "
                          "input_blocks)")
     if any(k.startswith("conditioner.embedders.1") for k in header):
