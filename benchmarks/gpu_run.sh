@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the distillation step in one go, sized for a short turn on a bare H200 (<= 8 min,
+# Every GPU measurement of the distillation step in one go, sized for a short turn on a bare H100 or H200 (<= 8 min,
 # installs and compiles included): the released step against dmm's at 1, 4 and 8 teachers (b16, b32), compile
 # off and on (cold, then warm from the same $DMM_HOME), generation parity, the CLI's peak memory against the
 # dry run's plan (run twice into one work folder, then as a LoRA student), and the SDXL step with and without
-# checkpointing.
+# checkpointing (a configuration that does not fit the card is measured at half its batch).
 # Each step has its own time limit and the script goes on past a failure; a compile stage past its --compile-budget
 # times the step eagerly (its row says compiled: false) rather than leave no row. Results land in $OUT (or ./gpu-out) as
 # three files, refreshed after every step so that a run cut short still leaves them: steps.tgz (one JSON-lines file
@@ -60,7 +60,7 @@ step sd15_cli 40 python3 benchmarks/sd15_distill_smoke.py --work "$work/sd15" --
 step sd15_cli_again 30 python3 benchmarks/sd15_distill_smoke.py --work "$work/sd15" --teachers 2 --steps 10
 step sd15_lora_cli 30 python3 benchmarks/sd15_distill_smoke.py --work "$work/sd15" --teachers 2 --steps 10 \
   --student lora
-step sdxl_step 45 python3 benchmarks/sdxl_memory.py --measure --teachers 2 --batch 4 --checkpointing on off --steps 2
+step sdxl_step 60 python3 benchmarks/sdxl_memory.py --measure --teachers 2 --batch 4 --checkpointing on off --steps 2
 step scale 500 python3 benchmarks/scale.py --work "$work/scale" --processes 1 2 4 --teachers 4 --steps 20 --timeout 150
 step merge_bench 300 python3 benchmarks/merge_bench.py --work "$work/merge-bench" --devices cpu cuda
 pack && cat "$out/summary.json"

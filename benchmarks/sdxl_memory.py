@@ -13,6 +13,7 @@ samples/s. Prints JSON lines.
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import sys
@@ -141,13 +142,21 @@ def main() -> None:
     if not torch.cuda.is_available() and not a.tiny:
         sys.exit("--measure needs a CUDA GPU (or --tiny for a CPU smoke run)")
     for n, batch, checkpointing in itertools.product(a.teachers, a.batch, a.checkpointing):
-        try:
-            print(json.dumps(measure(n, batch, a.steps, a.offload, a.optimizer, a.tiny, checkpointing == "on")),
-                  flush=True)
-        except torch.OutOfMemoryError:
-            print(json.dumps({"teachers": n, "batch": batch, "offload": a.offload, "optimizer": a.optimizer,
-                              "gradient_checkpointing": checkpointing == "on", "error": "out of memory"}), flush=True)
-        torch.cuda.empty_cache()
+        # a batch that does not fit this card (an 80 GB one without checkpointing, say) is measured at half the
+        # batch instead, so that every configuration still has a peak to set against its estimate
+        tried, row = batch, None
+        while row is None:
+            try:
+                row = measure(n, tried, a.steps, a.offload, a.optimizer, a.tiny, checkpointing == "on")
+            except torch.OutOfMemoryError:
+                if tried == 1:
+                    row = {"teachers": n, "batch": tried, "offload": a.offload, "optimizer": a.optimizer,
+                           "gradient_checkpointing": checkpointing == "on", "error": "out of memory"}
+            gc.collect()  # outside the except block: the failed attempt's tensors are free by now
+            torch.cuda.empty_cache()
+            if row is None:
+                tried //= 2
+        print(json.dumps(row | ({"out_of_memory_at_batch": batch} if tried != batch else {})), flush=True)
 
 if __name__ == "__main__":
     main()
