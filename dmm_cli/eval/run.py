@@ -146,9 +146,10 @@ def evaluate(models: list[str], recipe_path: Path, *, prompts_file: Path | None 
     model_dirs = [lora.resolve(m) for m in models]
     given: dict[Path, str] = {}
     for ref, folder in zip(models, model_dirs):  # two rows of one model would only share their picture files
-        if folder.resolve() in given:
-            raise BadInput(f"{ref}: the same model as {given[folder.resolve()]}, given twice")
-        given[folder.resolve()] = ref
+        real = folder.resolve()
+        if real in given:
+            raise BadInput(f"{ref}: the same model as {given[real]}, given twice")
+        given[real] = ref
     tables = [StyleTable.read(d) for d in model_dirs]
     orders = [None if t is None else style_order(ref, t.names, names, recipe_path, style_map or {})
               for ref, t in zip(models, tables)]
