@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import BadInput
+from ..errors import BadInput, DMMError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -16,13 +16,14 @@ def pick_device(requested: str = "auto") -> torch.device:
             device = None
         if device is None or device.type not in ("cpu", "cuda", "mps"):
             raise BadInput(f"--device: unknown device {requested!r} (use auto, cpu, cuda, cuda:N or mps)")
+        # A well-formed device this machine lacks is the environment's failure (exit 1), not the user's.
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise BadInput(f"--device {requested}: no CUDA GPU is visible to torch")
+            raise DMMError(f"--device {requested}: no CUDA GPU is visible to torch")
         if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-            raise BadInput(f"--device {requested}: torch sees {torch.cuda.device_count()} CUDA GPU(s), "
+            raise DMMError(f"--device {requested}: torch sees {torch.cuda.device_count()} CUDA GPU(s), "
                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
         if device.type == "mps" and not torch.backends.mps.is_available():
-            raise BadInput(f"--device {requested}: this torch has no Apple GPU (MPS) to use")
+            raise DMMError(f"--device {requested}: this torch has no Apple GPU (MPS) to use")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
