@@ -123,3 +123,28 @@ def test_importing_the_core_loads_no_plugin():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "[]"
+
+
+def locale_text_io(tree: ast.AST) -> list[int]:
+    """Lines that read or write text in the locale's encoding: Path.read_text/write_text or a text-mode open()
+    that names no encoding."""
+    lines = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call) or any(k.arg == "encoding" for k in node.keywords):
+            continue
+        if isinstance(node.func, ast.Attribute) and node.func.attr in ("read_text", "write_text"):
+            lines.append(node.lineno)
+        elif isinstance(node.func, ast.Name) and node.func.id == "open":
+            mode = node.args[1] if len(node.args) > 1 else next((k.value for k in node.keywords if k.arg == "mode"),
+                                                                   None)
+            if not (isinstance(mode, ast.Constant) and "b" in mode.value):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_text_files_are_utf8_whatever_the_locale():
+    sample = "Path('a').write_text(s)\nopen(p)\nopen(p, 'rb')\np.read_text(encoding='utf-8')"
+    assert locale_text_io(ast.parse(sample)) == [1, 2]  # the check finds what it should, and only that
+    found = [f"{path.relative_to(ROOT)}:{line}" for path in PACKAGE.rglob("*.py")
+             for line in locale_text_io(ast.parse(path.read_text(encoding="utf-8")))]
+    assert not found, found

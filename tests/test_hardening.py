@@ -498,6 +498,35 @@ def test_a_device_that_is_not_here_is_one_sentence(dmm, tmp_path, device, code, 
     assert not any(tmp_path.iterdir())
 
 
+def test_non_ascii_style_names_where_the_locale_is_not_utf8(tmp_path):
+    """Cards, style tables and reports are UTF-8 whatever the locale: here ASCII, as a Windows code page is not
+    UTF-8. Accents fold into file names; a name with no ASCII left still gets a file of its own."""
+    names = ["nuit étoilée", "夜の線"]
+    teachers = [{"name": n, "model": m} for n, m in zip(names, ("toy:night", "toy:outline"))]
+    recipe = tiny_recipe(tmp_path, teachers=teachers, **{"train.max_steps": 2, "train.checkpoint_every": 2})
+    env = dict(os.environ, LC_ALL="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")  # no coercion to C.UTF-8
+
+    def dmm_ascii(*args):
+        p = subprocess.run([sys.executable, "-m", "dmm_cli", *map(str, args)], capture_output=True, text=True,
+                           env=env, timeout=300)
+        assert p.returncode == 0, p.stderr
+        return p
+
+    encoding = subprocess.run([sys.executable, "-c", "import locale; print(locale.getpreferredencoding(False))"],
+                              capture_output=True, text=True, env=env).stdout.strip()
+    assert encoding.lower().replace("-", "") not in ("utf8", ""), encoding  # else this test would prove nothing
+    run = tmp_path / "run"
+    dmm_ascii("-q", "distill", recipe)
+    assert [s["name"] for s in json.loads((run / "styles.json").read_text(encoding="utf-8"))["styles"]] == names
+    assert all(n in (run / "README.md").read_text(encoding="utf-8") for n in names)
+    dmm_ascii("-q", "export", run, "--style", "all", "-o", tmp_path / "export")
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["image", "nuit-etoilee"]
+    assert names[0] in (tmp_path / "export" / "nuit-etoilee" / "README.md").read_text(encoding="utf-8")
+    p = dmm_ascii("eval", run, "--recipe", recipe, "-k", "2", "--steps", "2", "-o", tmp_path / "eval")
+    assert all(n in (tmp_path / "eval" / "report.md").read_text(encoding="utf-8") for n in names)
+    assert "missing from font" not in p.stderr and p.stderr.count("plotting font") <= 1, p.stderr
+
+
 def test_bad_seed_for_eval_and_merge(dmm, tmp_path):
     recipe = tiny_recipe(tmp_path)
     r = dmm("eval", "toy:night", "--recipe", recipe, "--seed", str(2**63), "-o", tmp_path / "report")

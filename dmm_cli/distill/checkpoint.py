@@ -49,7 +49,7 @@ def save(trainer, folder: Path, step: int, write: bool) -> None:
             save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
                       tmp / "discriminator.safetensors")
             extra["discriminator_optimizer"] = trainer.d_optimizer.state_dict()
-        (tmp / LAYOUT_FILE).write_text(json.dumps(trainer.layout()))
+        (tmp / LAYOUT_FILE).write_text(json.dumps(trainer.layout()), encoding="utf-8")
         torch.save({"step": step, "optimizer": optimizer, "lr_schedule": trainer.lr_schedule.state_dict(),
                     "rng": torch.get_rng_state(), **extra}, tmp / "state.pt")
 

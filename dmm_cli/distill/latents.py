@@ -23,6 +23,7 @@ from ..data.sources import CaptionedImages
 from ..errors import BadInput, DMMError
 from ..files import state
 from ..files.atomic import atomic_file
+from ..files.text import read_json
 
 
 def buckets(resolution: int, multiple: int) -> list[tuple[int, int]]:
@@ -68,7 +69,7 @@ def _from_cache(path: Path) -> list[LatentSet] | None:
     """The latent sets cached at `path`, or None, with a warning, when the cache does not read whole (it is then
     made again)."""
     try:
-        cached, captions = load_file(path), json.loads(path.with_suffix(".json").read_text())
+        cached, captions = load_file(path), read_json(path.with_suffix(".json"))
         sets = [LatentSet(cached[f"latents.{i}"], group, cached[f"time_ids.{i}"]) for i, group in enumerate(captions)]
         if not sets or any(len(s.latents) != len(s.captions) or len(s.time_ids) != len(s.captions) for s in sets):
             raise ValueError("its latents and captions do not pair up")
@@ -141,7 +142,7 @@ def encode_items(images: CaptionedImages, vae, vae_sha256: str, resolution: int,
                                                  for s in sets))
     try:  # a cache: a read-only or full $DMM_HOME costs a warning, not the run
         with atomic_file(path.with_suffix(".json")) as tmp:
-            tmp.write_text(json.dumps([s.captions for s in sets]))
+            tmp.write_text(json.dumps([s.captions for s in sets]), encoding="utf-8")
         with atomic_file(path) as tmp:
             save_file({name: tensor.contiguous() for i, s in enumerate(sets)
                        for name, tensor in ((f"latents.{i}", s.latents), (f"time_ids.{i}", s.time_ids))}, tmp)

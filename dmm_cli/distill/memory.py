@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import re
 import weakref
@@ -42,6 +41,7 @@ from torch.nn import functional as F
 
 from ..files.hashing import component_sha256
 from ..files.safetensors_header import component_shapes
+from ..files.text import read_json
 from ..models.lora_student import adapter_parameters
 
 CARDS_GB = (24, 48, 80)
@@ -91,7 +91,7 @@ def _saved(unet_config: Path, side: int, precision: str, checkpointing: bool, ba
     from ..models.meta import meta_inputs, meta_unet
 
     low = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    unet = meta_unet(json.loads(unet_config.read_text())).train()
+    unet = meta_unet(read_json(unet_config)).train()
     if lora is not None:
         from peft import LoraConfig, inject_adapter_in_model
 

@@ -1,7 +1,6 @@
 """`dmm distill`, first half: check the recipe, the output folder, every model and the data, and write nothing."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -14,6 +13,7 @@ from ..data.sources import open_images, resolve_data
 from ..errors import BadInput, ModelError, RecipeError
 from ..files.hashing import component_sha256
 from ..files.safetensors_header import component_shapes
+from ..files.text import read_json
 from ..generate.sampling import SYNTHESIS_SEEDS
 from ..models import lora, references
 from ..models.folders import (check_links, check_pipeline_folder, check_text_to_image, model_family, model_root,
@@ -364,7 +364,7 @@ def _check_layout(plan: RunPlan) -> str:
         if n == 1:
             console.say("distill: train.student_sharding fsdp on one process: the student trains unsharded")
     if plan.resume_from is not None and (plan.resume_from / LAYOUT_FILE).is_file():
-        was = json.loads((plan.resume_from / LAYOUT_FILE).read_text())
+        was = read_json(plan.resume_from / LAYOUT_FILE)
         now = {"teacher_placement": placement, "student_sharding": "fsdp" if plan.sharded else "none"}
         for key, value in now.items():
             if was[key] != value:
@@ -434,12 +434,12 @@ def _plan_data(recipe: Recipe, base: Path, teachers: int) -> DataPlan:
 
 def _downscaling(base: Path, part: str) -> int:
     """How many times smaller a VAE or UNet makes its input's sides: 2 per block after the first."""
-    return 2 ** (len(json.loads((base / part / "config.json").read_text())["block_out_channels"]) - 1)
+    return 2 ** (len(read_json(base / part / "config.json")["block_out_channels"]) - 1)
 
 
 def latent_side(recipe: Recipe, base: Path) -> int:
     """The side of the run's latents: its picture side over the VAE's downscaling."""
-    side = recipe.data.resolution or json.loads((base / "vae" / "config.json").read_text())["sample_size"]
+    side = recipe.data.resolution or read_json(base / "vae" / "config.json")["sample_size"]
     return side // _downscaling(base, "vae")
 
 

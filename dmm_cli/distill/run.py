@@ -67,7 +67,7 @@ def _train(plan: RunPlan, accelerator) -> Path:
             shutil.rmtree(out / CHECKPOINTS)
         with atomic_file(out / RUN_FILE) as tmp:
             tmp.write_text(json.dumps({"name": recipe.name, "fingerprint": recipe.fingerprint(),
-                                       "recipe": shared_recipe(recipe)}, indent=2))
+                                       "recipe": shared_recipe(recipe)}, indent=2), encoding="utf-8")
     placement = Placement(plan.placement, accelerator.process_index, accelerator.num_processes, len(plan.teachers),
                           cfg.batch_size)
     if main and accelerator.num_processes > 1:
@@ -277,11 +277,11 @@ class MetricsLog:
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / "metrics.jsonl"
         if self.path.is_file():  # drop lines past the checkpoint we resume from: they will be redone
-            kept = [line for line in self.path.read_text().splitlines()
+            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
             with atomic_file(self.path) as tmp:
-                tmp.write_text("".join(line + "\n" for line in kept))
-        self.file = open(self.path, "a")
+                tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        self.file = open(self.path, "a", encoding="utf-8")
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.tensorboard = SummaryWriter(str(folder / "tensorboard"), purge_step=resume_step + 1)

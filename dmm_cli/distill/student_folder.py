@@ -56,11 +56,11 @@ def write_student(plan: RunPlan, student, last: dict) -> None:
                      old_style_fraction=recipe.train.old_style_fraction)
     table = StyleTable(styles, lineage=(earlier.lineage if earlier else []) + [entry])
     with atomic_file(out / STYLES_FILE) as tmp:
-        tmp.write_text(table.to_json())
+        tmp.write_text(table.to_json(), encoding="utf-8")
     with atomic_file(out / "README.md") as tmp:
-        tmp.write_text(model_card(plan, last))
+        tmp.write_text(model_card(plan, last), encoding="utf-8")
     with atomic_file(out / "model_index.json") as tmp:
-        tmp.write_text(derived_model_index(plan.base))
+        tmp.write_text(derived_model_index(plan.base), encoding="utf-8")
 
 
 def shared_recipe(recipe: Recipe) -> dict:

@@ -7,7 +7,6 @@ the text-time embedding), and drops a caption by zeroing all of it, as SDXL was 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from ..errors import ModelError
 from ..files.hashing import component_sha256
+from ..files.text import read_json
 from ..models.folders import model_family
 from ..models.pipeline import load_component
 
@@ -99,7 +99,7 @@ def _zero_empty(folder: Path) -> bool:
     """Whether the pipeline conditions on zeros for an empty prompt (SDXL's force_zeros_for_empty_prompt)."""
     if model_family(folder) != "SDXL":
         return False
-    return json.loads((Path(folder) / "model_index.json").read_text()).get("force_zeros_for_empty_prompt", True)
+    return read_json(Path(folder) / "model_index.json").get("force_zeros_for_empty_prompt", True)
 
 
 def load_text_encoders(folders: dict[str, Path], device, dtype) -> tuple[dict[str, str], dict[str, TextEncoders]]:

@@ -3,13 +3,13 @@ and verified like models. By default the ViT-L/14 CLIP that text-to-image papers
 reached or it is cached; otherwise CLIP score is skipped, with a note (metrics.json records the CLIP used)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from .. import console
 from ..errors import BadInput, NetworkError
+from ..files.text import read_json
 from ..generate.samples import SampleSet
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
@@ -21,7 +21,7 @@ def check_clip_folder(folder: Path, ref: str) -> Path:
     """Refuse a folder that is not a transformers CLIP model with safetensors weights, naming what is wrong."""
     config = folder / "config.json"
     try:
-        model_type = json.loads(config.read_text()).get("model_type")
+        model_type = read_json(config).get("model_type")
     except (OSError, ValueError, AttributeError):  # ValueError: bad JSON, or not UTF-8
         raise BadInput(f"--clip {ref}: not a CLIP model (no readable config.json)") from None
     if model_type != "clip":

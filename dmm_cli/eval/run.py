@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -230,12 +231,21 @@ def write_report(metrics: dict, rows: list[Row], names: list[str], output: Path)
 
     output.mkdir(parents=True, exist_ok=True)
     pictures = []
-    for row, entry, stem in zip(rows, metrics["models"], unique_slugs([row.name for row in rows])):
-        pictures.append({"heatmap": heatmap(entry, names, output / f"heatmap-{stem}.png"),
-                         "grid": sample_grid(row, names, output / f"samples-{stem}.png")})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for row, entry, stem in zip(rows, metrics["models"], unique_slugs([row.name for row in rows])):
+            pictures.append({"heatmap": heatmap(entry, names, output / f"heatmap-{stem}.png"),
+                             "grid": sample_grid(row, names, output / f"samples-{stem}.png")})
+    glyphs = [w for w in caught if "missing from font" in str(w.message)]  # matplotlib's, once per character
+    for w in caught:
+        if w not in glyphs:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    if glyphs:
+        console.warn("eval: the plotting font has no glyphs for some characters of the style names; the heatmaps "
+                     "show them as boxes (report.md has the names)")
     with atomic_file(output / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     report = output / "report.md"
     with atomic_file(report) as tmp:
-        tmp.write_text(markdown(metrics, pictures, output))
+        tmp.write_text(markdown(metrics, pictures, output), encoding="utf-8")
     return report

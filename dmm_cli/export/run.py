@@ -13,6 +13,7 @@ from ..errors import BadInput
 from ..files.atomic import atomic_file, atomic_folder, check_replaceable, output_lock, remove_leftovers
 from ..files.images import slug, unique_slugs
 from ..files.safetensors_io import read_component
+from ..files.text import read_json
 from ..models import lora, references
 from ..models.folders import copy_part, derived_model_index, model_family, model_root, parts_besides_unet
 from ..models.lora_student import is_lora_student
@@ -37,7 +38,7 @@ def eval_figures(folder: Path, metrics: Path | None, index: int | None) -> dict:
             raise BadInput(f"--metrics {metrics}: no such file")
         return {}
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path)
         entry = next(m for m in data["models"] if m["kind"] == "student")
     except (ValueError, KeyError, TypeError, StopIteration):  # ValueError: bad JSON, or not UTF-8
         raise BadInput(f"--metrics {path}: not a dmm eval metrics.json with a student in it") from None
@@ -130,7 +131,7 @@ def export(ref: str, *, style: str | None = None, output: Path | None = None, si
                        ".safetensors")
     for path, _, _ in targets:
         check_replaceable(path, overwrite, "export", "dmm.source")
-    unet_config = json.loads((folder / "unet" / "config.json").read_text())
+    unet_config = read_json(folder / "unet" / "config.json")
     weights = read_component(folder / "unet") if fmt not in LORA_FORMATS else {}
     if dtype is not None:
         weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
@@ -209,14 +210,14 @@ def _write_folder(source: Path, target: Path, weights: dict, config: dict, *, me
         for part in parts_besides_unet(source):
             copy_part(source / part, tmp / part, model_root(source))
         (tmp / "unet").mkdir()
-        (tmp / "unet" / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "unet" / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "unet" / UNET_FILE,
                   metadata={"dmm.source": source.name, **(metadata or {})})
         if table is not None:
             (tmp / "model_index.json").write_text(derived_model_index(
-                source, _class_name=OFFICIAL_PIPELINE_CLASS, unet=["dmm_unet", OFFICIAL_UNET_CLASS]))
-            (tmp / STYLES_FILE).write_text(table.to_json())  # names, for dmm's own import
+                source, _class_name=OFFICIAL_PIPELINE_CLASS, unet=["dmm_unet", OFFICIAL_UNET_CLASS]), encoding="utf-8")
+            (tmp / STYLES_FILE).write_text(table.to_json(), encoding="utf-8")  # names, for dmm's own import
         else:
-            (tmp / "model_index.json").write_text(derived_model_index(source))
+            (tmp / "model_index.json").write_text(derived_model_index(source), encoding="utf-8")
         if card is not None:
-            (tmp / "README.md").write_text(card)
+            (tmp / "README.md").write_text(card, encoding="utf-8")

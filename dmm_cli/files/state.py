@@ -9,6 +9,7 @@ from pathlib import Path
 from .. import console
 from ..errors import DMMError
 from .atomic import atomic_file
+from .text import read_json
 
 
 def home() -> Path:
@@ -18,7 +19,7 @@ def home() -> Path:
 def read_record(name: str) -> dict:
     """The JSON object in $DMM_HOME/`name`; empty when missing or unreadable, since these are caches and records."""
     try:
-        return json.loads((home() / name).read_text())
+        return read_json(home() / name)
     except (OSError, json.JSONDecodeError):
         return {}
 
@@ -31,7 +32,7 @@ def write_record(name: str, record: dict) -> None:
     """Write a record; records are caches, so a read-only or full $DMM_HOME costs a warning, not the job."""
     try:
         with atomic_file(home() / name) as tmp:
-            tmp.write_text(json.dumps(record, indent=2))
+            tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
     except (OSError, DMMError) as e:
         _warn_once(f"{_unwritable(e)}; continuing without caching")
 
@@ -52,14 +53,14 @@ def remember_last_model(folder: Path) -> None:
     """Record the model `dmm distill` just wrote, so `dmm generate` can default to it."""
     try:
         with atomic_file(home() / "last_model") as tmp:
-            tmp.write_text(str(Path(folder).resolve()) + "\n")
+            tmp.write_text(str(Path(folder).resolve()) + "\n", encoding="utf-8")
     except (OSError, DMMError) as e:
         _warn_once(f"{_unwritable(e)}; `dmm generate` will not default to this model")
 
 
 def last_model() -> str | None:
     path = home() / "last_model"
-    return path.read_text().strip() or None if path.is_file() else None
+    return path.read_text(encoding="utf-8").strip() or None if path.is_file() else None
 
 
 _warned: set[str] = set()

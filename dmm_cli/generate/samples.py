@@ -95,5 +95,6 @@ def sample_set(pipe_for, model: Path, style: torch.Tensor | None, prompts: list[
             bar.update(len(chunk))
         bar.close()
     with atomic_file(done) as tmp:
-        tmp.write_text(json.dumps({"prompts": prompts, "settings": settings.__dict__, "label": label}))
+        record = {"prompts": prompts, "settings": settings.__dict__, "label": label}
+        tmp.write_text(json.dumps(record), encoding="utf-8")
     return result

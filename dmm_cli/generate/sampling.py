@@ -97,7 +97,7 @@ def warn_if_cut(pipe, what: str, text: str | None) -> None:
 def _host_memory_available() -> int | None:
     """Bytes the kernel can still hand out (MemAvailable), or None where /proc/meminfo is not there."""
     try:
-        with open("/proc/meminfo") as f:
+        with open("/proc/meminfo", encoding="utf-8") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError, IndexError):
         return None

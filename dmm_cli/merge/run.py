@@ -11,6 +11,7 @@ from .. import console
 from ..errors import BadInput
 from ..files.atomic import atomic_folder, check_replaceable, output_lock, remove_leftovers
 from ..files.hashing import component_sha256_many
+from ..files.text import read_json
 from ..models import lora, references
 from ..models.devices import pick_device
 from ..models.folders import check_links, copy_part, derived_model_index, model_family, model_root
@@ -86,7 +87,7 @@ def _merge(method, teachers, base, weights, density, lam, seed, dare_sign, outpu
     teacher_loras = [lora.load_loras(specs, folder, model) for (model, specs), folder in zip(split, teacher_dirs)]
     changed = set().union(*map(lora.parts_changed, teacher_loras))
     vae_dir = references.resolve(vae) if vae else None
-    classes = {json.loads((f / "model_index.json").read_text())["_class_name"]
+    classes = {read_json(f / "model_index.json")["_class_name"]
                for f in teacher_dirs + ([base_dir] if base_dir else [])}
     if len(classes) > 1:
         raise BadInput(f"teachers of different architectures ({', '.join(sorted(classes))}) cannot be merged")
@@ -125,10 +126,10 @@ def _merge(method, teachers, base, weights, density, lam, seed, dare_sign, outpu
                             loras=teacher_loras)
         for part, owner in copied.items():
             copy_part(owner / part, tmp / part, model_root(owner))
-        (tmp / "model_index.json").write_text(derived_model_index(template))
+        (tmp / "model_index.json").write_text(derived_model_index(template), encoding="utf-8")
         card = _card(method, params, base and lora.shareable(base), [lora.shareable(t) for t in teachers], parts,
                      vae and shared(vae))
-        (tmp / "README.md").write_text(card)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
     return output
 
 

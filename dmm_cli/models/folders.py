@@ -9,6 +9,7 @@ from pathlib import Path
 from .. import console
 from ..errors import ModelError
 from ..files.safetensors_header import component_header
+from ..files.text import read_json
 from .config_rules import (check_entries, check_float_weights, check_matches_weights, check_part_classes,
                            check_tokenizer)
 
@@ -27,7 +28,7 @@ def parts_besides_unet(folder: Path) -> tuple[str, ...]:
 def read_config(path: Path) -> dict:
     """A model's JSON config file, which must hold one object."""
     try:
-        config = json.loads(Path(path).read_text(encoding="utf-8"))
+        config = read_json(Path(path))
     except json.JSONDecodeError as e:
         raise ModelError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -108,14 +109,14 @@ def is_open_clip(text_config: dict) -> bool:
 
 def model_family(folder: Path) -> str:
     """SDXL by its pipeline; SD2.x by its OpenCLIP text encoder, else SD1.x."""
-    if json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline":
+    if read_json(folder / "model_index.json")["_class_name"] == "StableDiffusionXLPipeline":
         return "SDXL"
-    return "SD2.x" if is_open_clip(json.loads((folder / "text_encoder" / "config.json").read_text())) else "SD1.x"
+    return "SD2.x" if is_open_clip(read_json(folder / "text_encoder" / "config.json")) else "SD1.x"
 
 
 def derived_model_index(source: Path, **changes) -> str:
     """model_index.json for a folder made from `source`: the same parts (with `changes`), no safety checker."""
-    index = {**json.loads((source / "model_index.json").read_text()), **changes}
+    index = {**read_json(source / "model_index.json"), **changes}
     for optional in ("safety_checker", "feature_extractor", "image_encoder"):
         if optional in index:
             index[optional] = [None, None]

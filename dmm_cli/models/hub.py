@@ -4,7 +4,6 @@ against the Hub's sha256 of every LFS file."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from .. import console
 from ..errors import BadInput, ModelError, NetworkError
 from ..files import state
 from ..files.hashing import cached_sha256
+from ..files.text import read_json
 from .folders import PICKLE_SUFFIXES, copy_part, model_root
 from .local import single_file_folder, usable_folder
 
@@ -112,7 +112,7 @@ def _expected_digest(file: Path, store: Path | None) -> str | None:
         name = Path(os.path.realpath(file)).name
     else:
         meta = store / ".cache" / "huggingface" / "download" / f"{file.relative_to(store)}.metadata"
-        lines = meta.read_text(errors="replace").splitlines() if meta.is_file() else []
+        lines = meta.read_text(errors="replace", encoding="utf-8").splitlines() if meta.is_file() else []
         name = lines[1].strip() if len(lines) > 1 else ""
     return name if len(name) in (40, 64) and all(c in "0123456789abcdef" for c in name) else None
 
@@ -210,7 +210,7 @@ def fetch_hub(ref: str, repo: str, revision: str | None, path: str | None, *, al
                 hint = f"; name a file, e.g. {repo}/{singles[0]}" if singles else ""
                 raise ModelError(f"{ref}: not a diffusers repo (no model_index.json){hint}")
             # by revision name first, so the cache maps it to the commit and offline use finds it
-            index = json.loads(download(repo, "model_index.json", revision or "main", None, store).read_text())
+            index = read_json(download(repo, "model_index.json", revision or "main", None, store))
             parts = [p for p in PIPELINE_PARTS if p in index and index[p] and index[p][0] is not None]
             for name in select_files(files, parts, variant, allow_pickle, ref):
                 download(repo, name, info.sha, sha.get(name), store)

@@ -24,6 +24,7 @@ from ..files.atomic import atomic_file, atomic_folder
 from ..files.hashing import cached_sha256, component_sha256
 from ..files.safetensors_header import component_shapes, read_header, weight_files
 from ..files.safetensors_io import TORCH_DTYPES, StreamingWriter, TensorReader, check_finite
+from ..files.text import read_json
 from .folders import (PICKLE_SUFFIXES, check_pipeline_folder, copy_part, derived_model_index, model_family,
                       model_root, reusable)
 from .hub import Fetched
@@ -164,7 +165,7 @@ def _unpickled(path: Path, allow_pickle: bool) -> Path:
 def _peft_adapter(folder: Path) -> dict[str, torch.Tensor]:
     """A PEFT `save_pretrained` folder, as diffusers-format keys with α/r folded into lora_B."""
     try:
-        config = json.loads((folder / PEFT_FILES[1]).read_text())
+        config = read_json(folder / PEFT_FILES[1])
         r, alpha = int(config["r"]), float(config["lora_alpha"])
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         raise ModelError(f"{folder / PEFT_FILES[1]}: not a PEFT LoRA config (it needs r and lora_alpha)") from None
@@ -308,7 +309,7 @@ def load_lora(spec: LoraSpec, model: Path, model_ref: str, allow_pickle: bool = 
         raw = _tensors(path)
         if FIRST_UNET_WEIGHT in raw:
             raise ModelError(f"{spec.ref}: is a whole checkpoint, not a LoRA; give it as the model")
-    unet_config = json.loads((model / "unet" / "config.json").read_text())
+    unet_config = read_json(model / "unet" / "config.json")
     raw, biases = _bias_updates(raw, path, component_shapes(model / "unet"))
     table = _layer_table(raw, path, pipeline_class(model), unet_config)
     theirs, ours = _lora_family(table), model_family(model)
@@ -433,7 +434,7 @@ def fused_folder(model: Path, loras: list[Lora]) -> Path:
                 _fuse_part(part, tmp / part.name, part.name, loras)
             else:
                 copy_part(part, tmp / part.name, model_root(model))
-        (tmp / "model_index.json").write_text(derived_model_index(model))
+        (tmp / "model_index.json").write_text(derived_model_index(model), encoding="utf-8")
     check_pipeline_folder(folder)
     return folder
 

@@ -16,6 +16,7 @@ from diffusers import UNet2DConditionModel
 
 from ..errors import ModelError
 from ..files.safetensors_header import read_header
+from ..files.text import read_json
 from .student import styled_unet
 
 ADAPTER_FOLDER = "student_lora"
@@ -139,7 +140,7 @@ def save_adapter(student: torch.nn.Module, folder: Path, base_sha256: str, dtype
     config["dmm"] = {"base_unet_sha256": base_sha256, "styles": student.class_embedding.linear_1.in_features,
                      "extras": sorted(getattr(student, "extras_kinds", []))}
     save_file(weights, folder / WEIGHTS_FILE)
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def is_lora_student(folder: Path) -> bool:
@@ -150,7 +151,7 @@ def read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """A LoRA student's adapter config and weights, checked."""
     sub = Path(folder) / ADAPTER_FOLDER
     try:
-        config = json.loads((sub / CONFIG_FILE).read_text())
+        config = read_json(sub / CONFIG_FILE)
         complete = {"r", "lora_alpha", "target_modules"} <= config.keys() and "base_unet_sha256" in config["dmm"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         complete = False

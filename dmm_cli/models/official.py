@@ -18,6 +18,7 @@ from ..files import state
 from ..files.atomic import atomic_folder
 from ..files.hashing import component_sha256
 from ..files.safetensors_io import read_component
+from ..files.text import read_json
 from .folders import copy_part, derived_model_index, model_root, read_config
 from .styles import STYLES_FILE, Style, StyleTable
 
@@ -53,22 +54,23 @@ def student_folder(folder: Path) -> Path:
     if (target / "model_index.json").is_file():
         return target
     state.store("converted")
-    config = json.loads((folder / "unet" / "config.json").read_text())
+    config = read_json(folder / "unet" / "config.json")
     weights, config = convert_unet(read_component(folder / "unet"), config)
     n = config["projection_class_embeddings_input_dim"]
     with atomic_folder(target, keep_existing=True) as tmp:
         for part in ("vae", "text_encoder", "tokenizer", "scheduler"):
             copy_part(folder / part, tmp / part, model_root(folder))
         (tmp / "unet").mkdir()
-        (tmp / "unet" / "config.json").write_text(json.dumps(config, indent=2))
+        (tmp / "unet" / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
         save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "unet" / "diffusion_pytorch_model.safetensors")
-        (tmp / "model_index.json").write_text(derived_model_index(
-            folder, _class_name="StableDiffusionPipeline", unet=["diffusers", "UNet2DConditionModel"]))
+        index = derived_model_index(folder, _class_name="StableDiffusionPipeline",
+                                    unet=["diffusers", "UNet2DConditionModel"])
+        (tmp / "model_index.json").write_text(index, encoding="utf-8")
         known = StyleTable.read(folder)  # a dmm export keeps the style names beside the released layout
         table = known if known is not None and len(known.names) == n else StyleTable(
             [Style(f"style-{i}", folder.name) for i in range(n)],
             lineage=[{"converted_from": "MCG-NJU/DMM official layout", "source": folder.name}])
-        (tmp / STYLES_FILE).write_text(table.to_json())
+        (tmp / STYLES_FILE).write_text(table.to_json(), encoding="utf-8")
     return target
 
 

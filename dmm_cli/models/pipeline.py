@@ -1,7 +1,6 @@
 """Load any Stable Diffusion family folder as a ready diffusers pipeline: samplers, attention backend, components."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from .. import console
 from ..errors import BadInput, ModelError
 from ..files.safetensors_header import weight_files
 from ..files.safetensors_io import TensorReader, check_finite
+from ..files.text import read_json
 from .attention import use_attention
 from .folders import check_pipeline_folder, check_text_to_image
 from .student import holds_style_mlp, load_style_mlp
@@ -57,7 +57,7 @@ def load_pipeline(
     extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     if cls is StableDiffusionXLPipeline:
         extra = {}
-    if holds_style_mlp(json.loads((folder / "unet" / "config.json").read_text())):
+    if holds_style_mlp(read_json(folder / "unet" / "config.json")):
         extra["unet"] = load_component(UNet2DConditionModel, folder, "unet", dtype)
     try:
         pipe = cls.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True, **extra)

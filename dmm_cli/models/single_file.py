@@ -26,6 +26,7 @@ from ..errors import ModelError
 from ..files.atomic import atomic_file, atomic_folder
 from ..files.safetensors_header import read_header
 from ..files.safetensors_io import read_component
+from ..files.text import read_json
 from .folders import is_open_clip
 
 UNET_PREFIX = "model.diffusion_model."
@@ -122,12 +123,12 @@ def export_single_file(folder: Path, path: Path, dtype: torch.dtype | None = Non
     """Write an SD1.x/2.x/SDXL diffusers folder (a DMM student included) as one original-layout .safetensors file.
 
     `unet` (weights, config) stands in for the folder's own UNet (a style baked in); `metadata` is added."""
-    index = json.loads((folder / "model_index.json").read_text())
+    index = read_json(folder / "model_index.json")
     if index.get("_class_name") not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
         raise ModelError(f"{folder}: only Stable Diffusion 1.x/2.x/XL pipelines can be exported as one file")
     xl = index["_class_name"] == "StableDiffusionXLPipeline"
     out: dict[str, torch.Tensor] = {}
-    unet_weights, unet_config = unet or (read_component(folder / "unet"), json.loads((folder / "unet" / "config.json").read_text()))
+    unet_weights, unet_config = unet or (read_component(folder / "unet"), read_json(folder / "unet" / "config.json"))
     if xl and any(key.startswith("class_embedding.") for key in unet_weights):
         raise ModelError(f"{folder}: an SDXL student goes into one file a style at a time (export --style): the "
                          "file's label_emb is SDXL's text-time embedding, with no room for a style embedding")
@@ -135,12 +136,12 @@ def export_single_file(folder: Path, path: Path, dtype: torch.dtype | None = Non
     for key, tensor in unet_weights.items():
         verbatim = official and key.split(".")[0] in OFFICIAL_MODULES
         out[UNET_PREFIX + (key if verbatim else unet_key(key, unet_config))] = tensor
-    vae_config = json.loads((folder / "vae" / "config.json").read_text())
+    vae_config = read_json(folder / "vae" / "config.json")
     for key, tensor in read_component(folder / "vae").items():
         if ".mid_block.attentions." in key and tensor.dim() == 2:
             tensor = tensor[:, :, None, None]  # original VAE attention uses 1×1 convolutions
         out[VAE_PREFIX + vae_key(key, vae_config)] = tensor
-    text_config = json.loads((folder / "text_encoder" / "config.json").read_text())
+    text_config = read_json(folder / "text_encoder" / "config.json")
     text = {k.removeprefix("text_model."): v for k, v in read_component(folder / "text_encoder").items()}
     if is_open_clip(text_config) and not xl:
         out.update({OPEN_CLIP_PREFIX + k: v for k, v in open_clip_tensors(text, text_config).items()})
@@ -148,21 +149,21 @@ def export_single_file(folder: Path, path: Path, dtype: torch.dtype | None = Non
         prefix = XL_TEXT_PREFIX if xl else TEXT_PREFIX
         out.update({f"{prefix}text_model.{k}": v for k, v in text.items()})
     if xl:  # SDXL's second encoder is OpenCLIP's, its projection stored transposed
-        text_2_config = json.loads((folder / "text_encoder_2" / "config.json").read_text())
+        text_2_config = read_json(folder / "text_encoder_2" / "config.json")
         text_2 = {k.removeprefix("text_model."): v for k, v in read_component(folder / "text_encoder_2").items()}
         out.update({XL_OPEN_CLIP_PREFIX + k: v for k, v in open_clip_tensors(text_2, text_2_config).items()})
         out[XL_OPEN_CLIP_PREFIX + "text_projection"] = text_2["text_projection.weight"].T
     if dtype is not None:
         out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
     # The diffusers configs travel along, so a re-import rebuilds exactly this model (a toy or a student too).
-    configs = {part: json.loads((folder / part / "config.json").read_text())
+    configs = {part: read_json(folder / part / "config.json")
                for part in ("vae", "text_encoder", "text_encoder_2") if (folder / part / "config.json").is_file()}
-    configs["scheduler"] = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    configs["scheduler"] = read_json(folder / "scheduler" / "scheduler_config.json")
     metadata = {"dmm.source": folder.name, "dmm.configs": json.dumps({"unet": unet_config, **configs}),
                 **(metadata or {})}
     styles = folder / "styles.json"
     if styles.is_file() and unet is None:
-        metadata["dmm.styles"] = styles.read_text()
+        metadata["dmm.styles"] = styles.read_text(encoding="utf-8")
     with atomic_file(path) as tmp:
         save_file({k: v.contiguous() for k, v in out.items()}, tmp, metadata=metadata)
     return path
@@ -217,7 +218,7 @@ def prediction_from_yaml(path: Path) -> str | None:
     if not config_file.is_file():
         return None
     try:
-        params = yaml.safe_load(config_file.read_text())["model"]["params"]
+        params = yaml.safe_load(config_file.read_text(encoding="utf-8"))["model"]["params"]
     except (yaml.YAMLError, KeyError, TypeError, UnicodeDecodeError):
         raise ModelError(f"{config_file}: not an LDM model config (model.params)") from None
     return "v_prediction" if params.get("parameterization") == "v" else "epsilon"
@@ -235,15 +236,15 @@ def _config_folder(kind: str, metadata: dict, prediction_type: str | None, path:
                          f"with --prediction-type, or put its .yaml config beside it")
     folder = workdir / "config"
     shutil.copytree(template, folder, symlinks=False, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
-    scheduler = configs.pop("scheduler", None) or json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    scheduler = configs.pop("scheduler", None) or read_json(folder / "scheduler" / "scheduler_config.json")
     if prediction_type is not None:
         scheduler["prediction_type"] = prediction_type
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
-    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler), encoding="utf-8")
+    index = read_json(folder / "model_index.json")
     index["scheduler"] = ["diffusers", scheduler["_class_name"]]
-    (folder / "model_index.json").write_text(json.dumps(index))
+    (folder / "model_index.json").write_text(json.dumps(index), encoding="utf-8")
     for part, config in configs.items():
-        (folder / part / "config.json").write_text(json.dumps(config))
+        (folder / part / "config.json").write_text(json.dumps(config), encoding="utf-8")
     return folder
 
 
@@ -263,10 +264,10 @@ def convert_to_diffusers(path: Path, folder: Path, prediction_type: str | None =
     with atomic_folder(folder, keep_existing=True) as tmp, tempfile.TemporaryDirectory() as work:
         config = _config_folder(kind, metadata, prediction_type, path, Path(work))
         if official:  # diffusers builds the plain UNet; the style table and its MLP are added after
-            unet_config = json.loads((config / "unet" / "config.json").read_text())
+            unet_config = read_json(config / "unet" / "config.json")
             for key in ("addition_embed_type", "num_models", "_class_name"):
                 unet_config.pop(key, None)
-            (config / "unet" / "config.json").write_text(json.dumps(unet_config))
+            (config / "unet" / "config.json").write_text(json.dumps(unet_config), encoding="utf-8")
         try:
             pipe = cls.from_single_file(str(path), config=str(config), local_files_only=True, torch_dtype=widest,
                                         **extra)
@@ -279,9 +280,9 @@ def convert_to_diffusers(path: Path, folder: Path, prediction_type: str | None =
             getattr(pipe, part).to(dtype)
         pipe.save_pretrained(tmp, safe_serialization=True)
         if table is not None:
-            (tmp / "styles.json").write_text(table.to_json())
+            (tmp / "styles.json").write_text(table.to_json(), encoding="utf-8")
         elif "dmm.styles" in metadata:
-            (tmp / "styles.json").write_text(metadata["dmm.styles"])
+            (tmp / "styles.json").write_text(metadata["dmm.styles"], encoding="utf-8")
     return folder
 
 

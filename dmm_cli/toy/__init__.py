@@ -1,14 +1,15 @@
 """The toy zoo: a tiny, offline, SD-shaped model family shipped with the package (see build.py)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from ..files.text import read_json
 
 ZOO = Path(__file__).parent / "zoo"
 
 
 def manifest(zoo: Path = ZOO) -> dict:
-    return json.loads((zoo / "zoo.json").read_text())
+    return read_json(zoo / "zoo.json")
 
 
 def model_names(zoo: Path = ZOO, family: str | None = None) -> list[str]:

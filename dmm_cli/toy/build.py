@@ -193,5 +193,5 @@ def build(out: Path, seed: int = 0, plan: BuildPlan | None = None) -> dict:
             "torch_threads": torch.get_num_threads(),
         },
     }
-    (out / "zoo.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (out / "zoo.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest

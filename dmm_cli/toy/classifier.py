@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..files.atomic import atomic_folder
+from ..files.text import read_json
 
 FEATURES = 64
 
@@ -42,11 +43,12 @@ class StyleClassifier(nn.Module):
     def save(self, folder: Path) -> None:
         with atomic_folder(folder) as tmp:
             save_file({k: v.contiguous() for k, v in self.state_dict().items()}, tmp / "model.safetensors")
-            (tmp / "config.json").write_text(json.dumps({"styles": self.styles, "features": FEATURES}, indent=2))
+            config = {"styles": self.styles, "features": FEATURES}
+            (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
     @classmethod
     def load(cls, folder: Path) -> "StyleClassifier":
-        config = json.loads((folder / "config.json").read_text())
+        config = read_json(folder / "config.json")
         model = cls(config["styles"])
         model.load_state_dict(load_file(folder / "model.safetensors"))
         return model.eval()

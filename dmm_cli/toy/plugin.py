@@ -23,6 +23,7 @@ from ..eval.measures import register_measure
 from ..files import state
 from ..files.atomic import atomic_folder
 from ..files.hashing import sha256_file
+from ..files.text import read_json
 from ..models.references import register_scheme
 from ..models.single_file import register_config_template
 from . import ZOO, classifier_folder, lora_names, manifest, model_names
@@ -78,7 +79,7 @@ def shapes_folder() -> Path:
             name = f"{k:05d}.png"
             image.save(tmp / name)
             lines.append(json.dumps({"file_name": name, "text": text}))
-        (tmp / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+        (tmp / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return folder
 
 
@@ -144,5 +145,5 @@ def style_of(ref: str) -> str:
 def is_toy_config(configs: dict) -> bool:
     """A single file exported from a toy model: its text encoder has the toy vocabulary."""
     vocab = configs.get("text_encoder", {}).get("vocab_size")
-    toy_vocab = json.loads((ZOO / manifest()["base"] / "text_encoder" / "config.json").read_text())["vocab_size"]
+    toy_vocab = read_json(ZOO / manifest()["base"] / "text_encoder" / "config.json")["vocab_size"]
     return vocab == toy_vocab
