@@ -175,6 +175,17 @@ def test_bad_input(dmm, student, tmp_path):
     assert not out.exists()
 
 
+def test_prompts_past_the_text_encoder_are_noted_once(dmm, tmp_path):
+    recipe = write_recipe(tmp_path / "pair", ["night", "outline"])
+    prompts = tmp_path / "prompts.txt"  # the toy text encoder reads 8 tokens
+    prompts.write_text("a red circle\na big blue square with a thin red outline on a white ground\n")
+    r = dmm("eval", "toy:night", "--recipe", recipe, "--prompts", prompts, "-k", "4", "--steps", "2",
+            "--negative", "blurry dark noisy grainy washed out pale flat dull", "-o", tmp_path / "report")
+    assert r.code == 0, r
+    assert r.err.count("prompts runs past") == 1 and "1 of the 2 prompts runs past the text encoder's 8 tokens" in r.err
+    assert "'a big blue square" in r.err and "the --negative prompt runs past" in r.err
+
+
 @pytest.fixture
 def file_server(tmp_path):
     """A real HTTP server on 127.0.0.1 serving a folder, counting the requests for each file."""

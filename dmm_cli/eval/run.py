@@ -115,6 +115,23 @@ def check_not_trained_on(ref: str, table: StyleTable | None, prompts: list[str])
                        "--prompts")
 
 
+def warn_if_cut(teacher: Path, prompts: list[str], negative: str | None) -> None:
+    """Prompts past the text encoder's length are cut by every pipeline alike: fair to FID, but say so once."""
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(teacher / "tokenizer")
+    limit = tokenizer.model_max_length
+    distinct = list(dict.fromkeys(prompts))
+    cut = [p for p in distinct if len(tokenizer(p).input_ids) > limit]
+    if cut:
+        runs, are = ("runs", "is") if len(cut) == 1 else ("run", "are")
+        console.warn(f"eval: {len(cut)} of the {len(distinct)} prompts {runs} past the text encoder's {limit} "
+                     f"tokens and {are} read only that far, such as {cut[0]!r}")
+    if negative and len(tokenizer(negative).input_ids) > limit:
+        console.warn(f"eval: the --negative prompt runs past the text encoder's {limit} tokens and is read only that "
+                     "far")
+
+
 def evaluate(models: list[str], recipe_path: Path, *, prompts_file: Path | None = None, num_images: int = 50,
              seed: int = 0, steps: int = 25, guidance: float = 7.5, batch_size: int = 16, features: str = "auto",
              clip: str | None = None, output: Path = Path("eval-out"), device: str = "auto", dtype: str = "auto",
@@ -160,6 +177,7 @@ def evaluate(models: list[str], recipe_path: Path, *, prompts_file: Path | None 
     teacher_dirs = [lora.resolve(r) for r in teacher_refs]
     for folder in model_dirs + teacher_dirs:  # before any sampling
         check_text_to_image(folder)
+    warn_if_cut(teacher_dirs[0], prompts, negative)
 
     def loader(folder: Path):
         cache = {}
