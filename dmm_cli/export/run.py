@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from .. import console
 from ..errors import BadInput
 from ..files.atomic import atomic_file, atomic_folder, check_replaceable, output_lock, remove_leftovers
-from ..files.images import slug, unique_slugs
+from ..files.images import slug
 from ..files.safetensors_io import read_component
 from ..files.text import read_json
 from ..models import lora, references
@@ -19,7 +19,7 @@ from ..models.folders import copy_part, derived_model_index, model_family, model
 from ..models.lora_student import is_lora_student
 from ..models.official import OFFICIAL_PIPELINE_CLASS, OFFICIAL_UNET_CLASS, official_unet
 from ..models.single_file import export_single_file
-from ..models.styles import STYLES_FILE, Style, StyleTable, parse_style
+from ..models.styles import STYLES_FILE, Style, StyleTable, parse_style, style_slugs
 from .bake import bake
 from .lora_file import DIFFUSERS_FILE as LORA_DIFFUSERS_FILE
 from .lora_file import FORMATS as LORA_FORMATS
@@ -120,12 +120,12 @@ def export(ref: str, *, style: str | None = None, output: Path | None = None, si
             if base.suffix == ".safetensors":
                 raise BadInput(f"--output {base}: --style all writes one file per style, into a folder; give a "
                                "folder name")
-            targets = [(base / f"{name}{suffix}", label, vector)
-                       for name, (label, vector) in zip(unique_slugs([label for label, _ in styles]), styles)]
+            names = style_slugs([label for label, _ in styles], table.names)
+            targets = [(base / f"{name}{suffix}", label, vector) for name, (label, vector) in zip(names, styles)]
         else:
             (label, vector), = styles
-            targets = [(Path(output or f"{stem}-{slug(label)}{'-lora' * (fmt in LORA_FORMATS)}{suffix}"), label,
-                        vector)]
+            name = style_slugs([label], table.names)[0]
+            targets = [(Path(output or f"{stem}-{name}{'-lora' * (fmt in LORA_FORMATS)}{suffix}"), label, vector)]
     if (single_file or fmt == "lora") and any(path.suffix != ".safetensors" for path, _, _ in targets):
         raise BadInput(f"--output {targets[0][0]}: a single file{' (--format lora)' * (fmt == 'lora')} must end in "
                        ".safetensors")

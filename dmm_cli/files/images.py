@@ -13,18 +13,19 @@ from .atomic import atomic_file
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # pictures dmm reads
 
 
-def slug(text: str, limit: int = 48) -> str:
-    """A file name's worth of `text` in ASCII: accents dropped ("étoilée" is "etoilee"), anything else a dash."""
+def slug(text: str, limit: int = 48, fallback: str = "image") -> str:
+    """A file name's worth of `text` in ASCII, which any locale can spell: accents dropped ("étoilée" is
+    "etoilee"), anything else a dash; `fallback` where nothing is left ("夜")."""
     folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
     s = re.sub(r"[^a-z0-9]+", "-", folded.lower()).strip("-")
-    return s[:limit].rstrip("-") or "image"
+    return s[:limit].rstrip("-") or fallback
 
 
-def unique_slugs(texts: list[str]) -> list[str]:
+def unique_slugs(texts: list[str], fallbacks: list[str] | None = None) -> list[str]:
     """`slug` of each text, with -2, -3, ... added where two would name one file ("Night" and "night")."""
     slugs = []
-    for text in texts:
-        base = name = slug(text)
+    for text, fallback in zip(texts, fallbacks or ["image"] * len(texts)):
+        base = name = slug(text, fallback=fallback)
         copy = 1
         while name in slugs:
             copy += 1

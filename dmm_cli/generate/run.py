@@ -19,13 +19,13 @@ from .. import console
 from ..errors import BadInput
 from ..files import state
 from ..files.atomic import writable_folder
-from ..files.images import grid, save_png, slug, unique_slugs
+from ..files.images import grid, save_png, slug
 from ..interrupts import deferred
 from ..models import lora, references
 from ..models.devices import pick_device, pick_dtype
 from ..models.pipeline import load_pipeline
 from ..models.student import num_styles
-from ..models.styles import StyleTable, parse_style
+from ..models.styles import StyleTable, parse_style, style_slugs
 from .sampling import batches, check_generation_args, warn_if_cut
 
 GRID_ROWS = 8  # the `--style all` grid shows the first pictures of each style
@@ -109,7 +109,7 @@ def run(prompt: str, *, model: str | None, style: str | None = None, negative: s
                             negative=negative, steps=steps, guidance=guidance, scheduler=scheduler, width=width,
                             height=height)
     stem, width_k = f"{slug(prompt)}-{digest}", max(3, len(str(num_images - 1)))
-    labels = unique_slugs([label for label, _ in styles]) if table is not None else [None]
+    labels = style_slugs([label for label, _ in styles], table.names) if table is not None else [None]
     names = [f"{stem}{'-' + label if label else ''}-s{seed}-{k:0{width_k}d}.png" for label in labels
              for k in range(num_images)]
     want_grid = style is not None and style.strip() == "all"

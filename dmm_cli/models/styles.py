@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BadInput, ModelError
+from ..files.images import unique_slugs
 from ..files.safetensors_header import component_shapes
 
 STYLES_FILE = "styles.json"
@@ -109,6 +110,11 @@ def _index(token: str, names: list[str]) -> int:
     if token in names:
         return names.index(token)
     raise BadInput(f"--style: unknown style {token!r} (this model's styles: {', '.join(names)})")
+
+
+def style_slugs(labels: list[str], names: list[str]) -> list[str]:
+    """File-name parts for `parse_style`'s labels: a style whose name leaves no ASCII is `style-INDEX`."""
+    return unique_slugs(labels, [f"style-{names.index(x)}" if x in names else "mix" for x in labels])
 
 
 def parse_style(spec: str, names: list[str]) -> list[tuple[str, torch.Tensor]]:
