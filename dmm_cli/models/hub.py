@@ -112,7 +112,7 @@ def _expected_digest(file: Path, store: Path | None) -> str | None:
         name = Path(os.path.realpath(file)).name
     else:
         meta = store / ".cache" / "huggingface" / "download" / f"{file.relative_to(store)}.metadata"
-        lines = meta.read_text(errors="replace", encoding="utf-8").splitlines() if meta.is_file() else []
+        lines = meta.read_text(encoding="utf-8", errors="replace").splitlines() if meta.is_file() else []
         name = lines[1].strip() if len(lines) > 1 else ""
     return name if len(name) in (40, 64) and all(c in "0123456789abcdef" for c in name) else None
 
