@@ -53,6 +53,8 @@ ROWS = {
     "ema-cosine-5k-seed1": ("+ EMA + cosine LR, 5k steps, training seed 1", 5000,
                             {**ema(5000), "lr_schedule": "cosine", "seed": 1}),
     "ema-cosine-10k": ("+ EMA + cosine LR, 10k steps", 10000, {**ema(10000), "lr_schedule": "cosine"}),
+    "ema-cosine-10k-seed1": ("+ EMA + cosine LR, 10k steps, training seed 1", 10000,
+                             {**ema(10000), "lr_schedule": "cosine", "seed": 1}),
 }
 SECOND_EVAL_SEED = ("base-1k2", "ema-cosine-5k", "ema-cosine-10k")
 
