@@ -290,11 +290,7 @@ def tiny_clip(folder: Path) -> Path:
     return folder
 
 
-def test_clip_score_from_a_hub_reference_the_default_and_bad_references(student, tmp_path):
-    from conftest import dmm_cli, one_sentence
-    from dmm_cli.eval.clip import DEFAULT_CLIP
-    from hub_server import FakeHub
-
+def clip_setup(student, tmp_path):
     folder, recipe = student
     clip = tiny_clip(tmp_path / "clip")
     not_clip = tmp_path / "not-clip"
@@ -302,24 +298,42 @@ def test_clip_score_from_a_hub_reference_the_default_and_bad_references(student,
     config = json.loads((not_clip / "config.json").read_text())
     (not_clip / "config.json").write_text(json.dumps(dict(config, model_type="siglip")))
     args = ["eval", str(folder), "--recipe", str(recipe), "-k", "4", "--steps", "2", "--features", "pixels", "--json"]
+    return clip, not_clip, args
+
+
+def test_clip_score_from_the_hub_by_default_then_from_the_cache_offline(student, tmp_path):
+    from conftest import dmm_cli
+    from dmm_cli.eval.clip import DEFAULT_CLIP
+    from hub_server import FakeHub
+
+    clip, _, args = clip_setup(student, tmp_path)
     with FakeHub() as hub:
         hub.add(DEFAULT_CLIP, clip)
-        hub.add("someone/not-clip", not_clip)
         p = dmm_cli(tmp_path, hub.url, *args, "-o", str(tmp_path / "default"))  # online: the default CLIP
         assert p.returncode == 0, p.stderr
         metrics = json.loads(p.stdout)
         assert metrics["settings"]["clip"] == DEFAULT_CLIP
         scores = [m["clip_score"] for m in metrics["models"]]
         assert all(isinstance(s, float) and -100 <= s <= 100 for s in scores) and len(set(scores)) > 1
+    # offline: the cached copy serves, verified
+    p = dmm_cli(tmp_path, None, *args, "--clip", DEFAULT_CLIP, "-o", str(tmp_path / "offline"), offline=True)
+    assert p.returncode == 0, p.stderr
+    assert [m["clip_score"] for m in json.loads(p.stdout)["models"]] == scores  # same pictures, same weights
 
+
+@pytest.mark.slow  # 30 s of eval start-ups; the default suite keeps the scores, online and from the cache
+def test_clip_references_that_are_not_clip_or_not_there(student, tmp_path):
+    from conftest import dmm_cli, one_sentence
+    from hub_server import FakeHub
+
+    _, not_clip, args = clip_setup(student, tmp_path)
+    with FakeHub() as hub:
+        hub.add("someone/not-clip", not_clip)
         one_sentence(dmm_cli(tmp_path, hub.url, *args, "--clip", "someone/not-clip"), 2,
                      "--clip someone/not-clip: not a CLIP model (its config.json says model_type 'siglip')")
         one_sentence(dmm_cli(tmp_path, hub.url, *args, "--clip", "someone/missing"), 2,
                      "someone/missing: no such repo or file on the Hub")
-    # offline: the cached copy serves, verified, named or by default; an uncached default is skipped with a note
-    p = dmm_cli(tmp_path, None, *args, "--clip", DEFAULT_CLIP, "-o", str(tmp_path / "offline"), offline=True)
-    assert p.returncode == 0, p.stderr
-    assert [m["clip_score"] for m in json.loads(p.stdout)["models"]] == scores  # same pictures, same weights
+    # offline and uncached, the default is skipped with a note
     p = dmm_cli(tmp_path / "fresh", None, *args, "-o", str(tmp_path / "fresh-out"), offline=True)
     assert p.returncode == 0 and "CLIP score skipped" in p.stderr, p.stderr
     assert json.loads(p.stdout)["settings"]["clip"] is None
