@@ -249,12 +249,12 @@ def write_report(metrics: dict, rows: list[Row], names: list[str], output: Path)
 
     output.mkdir(parents=True, exist_ok=True)
     pictures = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings(record=True) as caught:  # other warnings keep their filters and are shown again
+        warnings.filterwarnings("always", "Glyph .* missing from font")
         for row, entry, stem in zip(rows, metrics["models"], unique_slugs([row.name for row in rows])):
             pictures.append({"heatmap": heatmap(entry, names, output / f"heatmap-{stem}.png"),
                              "grid": sample_grid(row, names, output / f"samples-{stem}.png")})
-    glyphs = [w for w in caught if "missing from font" in str(w.message)]  # matplotlib's, once per character
+    glyphs = [w for w in caught if "missing from font" in str(w.message)]  # matplotlib's, one per character
     for w in caught:
         if w not in glyphs:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
