@@ -115,7 +115,7 @@ def check_not_trained_on(ref: str, table: StyleTable | None, prompts: list[str])
                        "--prompts")
 
 
-def warn_if_cut(teacher: Path, prompts: list[str], negative: str | None) -> None:
+def warn_of_cut_prompts(teacher: Path, prompts: list[str], negative: str | None) -> None:
     """Prompts past the text encoder's length are cut by every pipeline alike: fair to FID, but say so once."""
     from transformers import CLIPTokenizer
 
@@ -177,7 +177,7 @@ def evaluate(models: list[str], recipe_path: Path, *, prompts_file: Path | None 
     teacher_dirs = [lora.resolve(r) for r in teacher_refs]
     for folder in model_dirs + teacher_dirs:  # before any sampling
         check_text_to_image(folder)
-    warn_if_cut(teacher_dirs[0], prompts, negative)
+    warn_of_cut_prompts(teacher_dirs[0], prompts, negative)
 
     def loader(folder: Path):
         cache = {}

@@ -28,7 +28,7 @@ def parts_besides_unet(folder: Path) -> tuple[str, ...]:
 def read_config(path: Path) -> dict:
     """A model's JSON config file, which must hold one object."""
     try:
-        config = read_json(Path(path))
+        config = read_json(path)
     except json.JSONDecodeError as e:
         raise ModelError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     except (OSError, UnicodeDecodeError) as e:
