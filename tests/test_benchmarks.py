@@ -1,4 +1,5 @@
-"""The GPU benchmarks run on the CPU with --tiny shapes: a smoke test of their code paths, no timing checked."""
+"""The GPU benchmarks run on the CPU with --tiny shapes: a smoke test of their code paths, no timing checked.
+The slow ones run in `make test-slow` and in benchmarks/gpu_prepare.sh, before a GPU turn is spent on them."""
 from __future__ import annotations
 
 import json
@@ -36,6 +37,7 @@ def test_generate_throughput_tiny():
     assert set(result["images_per_s"]) == {"diffusers", "dmm"} and result["dmm_over_diffusers_time"] > 0
 
 
+@pytest.mark.slow
 def test_sd15_distill_smoke_tiny_reports_the_memory_estimate_and_reruns_into_its_folder(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -56,6 +58,7 @@ def test_sd15_distill_smoke_tiny_reports_the_memory_estimate_and_reruns_into_its
     assert [m["cli"] for m in memory] == ["sd15_cli", "sd15_cli_again"] and all(m["rc"] == 0 for m in memory)
 
 
+@pytest.mark.slow
 def test_ties_profile_tiny():
     p = subprocess.run([sys.executable, "benchmarks/ties_profile.py", "--numel", "300000", "--repeats", "1"],
                        capture_output=True, text=True, cwd=ROOT, timeout=600)
@@ -65,12 +68,15 @@ def test_ties_profile_tiny():
     assert all(seconds > 0 for seconds in result["ties_stage_seconds"].values())
 
 
-def test_sdxl_memory_estimates_real_size_and_smoke_runs_its_gpu_step():
-    rows = run("benchmarks/sdxl_memory.py", "--teachers", "4", "--batch", "4")
-    row, = rows
+def test_sdxl_memory_estimates_real_size():
+    row, = run("benchmarks/sdxl_memory.py", "--teachers", "4", "--batch", "4")
     assert 2.5e9 < row["unet_parameters"] < 2.6e9  # SDXL 1.0's UNet, from its shipped config
     assert row["fits"]["24 GB"].startswith("does not fit") and "adamw-8bit" in row["fits"]["48 GB"]
     assert row["fits"]["80 GB"] == "train.gradient_checkpointing=True"
+
+
+@pytest.mark.slow
+def test_sdxl_memory_smoke_runs_its_gpu_step():
     for offload in ([], ["--offload"]):
         row, = run("benchmarks/sdxl_memory.py", "--measure", "--tiny", "--teachers", "2", "--batch", "2", *offload)
         assert row["samples_per_s"] > 0 and row["loss"] > 0 and row["offload"] == bool(offload)

@@ -244,7 +244,7 @@ sys.exit(main(["-q", "distill", sys.argv[1]]))
 
 
 @pytest.mark.parametrize("rerun", [["--resume"], []])
-def test_kill_during_the_first_checkpoint_leaves_a_run_that_continues(tmp_path, rerun):
+def test_kill_during_the_first_checkpoint_leaves_a_run_that_continues(dmm, tmp_path, rerun):
     """SIGKILL in the middle of writing the first checkpoint, where no cleanup code can run."""
     recipe = tiny_recipe(tmp_path)
     p = subprocess.run([sys.executable, "-c", KILL_MID_SAVE, str(recipe)], capture_output=True, text=True,
@@ -252,8 +252,7 @@ def test_kill_during_the_first_checkpoint_leaves_a_run_that_continues(tmp_path, 
     assert p.returncode == -signal.SIGKILL, p.stderr
     assert litter(tmp_path / "run"), "the kill should have left a half-written checkpoint behind"
     assert not list((tmp_path / "run" / "checkpoints").glob("step-*[0-9]"))
-    p = subprocess.run([sys.executable, "-m", "dmm_cli", "-q", "distill", str(recipe), *rerun],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr  # neither needs --overwrite
+    r = dmm("-q", "distill", recipe, *rerun)
+    assert r.code == 0, r  # neither needs --overwrite
     assert (tmp_path / "run" / "model_index.json").is_file()
     assert not litter(tmp_path / "run")

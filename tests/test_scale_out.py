@@ -45,11 +45,10 @@ def relative_difference(a: Path, b: Path) -> float:
 
 def test_one_seed_trains_one_student_whatever_the_placement_the_sharding_and_the_processes(dmm, tmp_path):
     """A step's batch is the same samples however it is spread: one process with batch 8 or two with 4 each
-    (five teachers: 2 and 3 a process when sharded; four processes: the slow test below); teachers replicated or
-    sharded, the student replicated or sharded."""
+    (five teachers: 2 and 3 a process when sharded; four processes: the slow test below); teachers replicated and
+    the student replicated, or both sharded. Sharded teachers with a replicated student: two machines, below."""
     assert dmm("distill", recipe(tmp_path / "one", 8, teachers=FIVE_TEACHERS)).code == 0
     runs = {"replicate": (2, {"train.teacher_placement": "replicate"}),
-            "shard": (2, {"train.teacher_placement": "shard"}),
             "fsdp": (2, {"train.teacher_placement": "shard", "train.student_sharding": "fsdp"})}
     said = {}
     for name, (processes, changes) in runs.items():
@@ -64,7 +63,7 @@ def test_one_seed_trains_one_student_whatever_the_placement_the_sharding_and_the
         layout = json.loads((tmp_path / name / "run" / "checkpoints" / "step-0000005" / "layout.json").read_text())
         assert layout == {"processes": processes, "teacher_placement": changes["train.teacher_placement"],
                           "student_sharding": changes.get("train.student_sharding", "none")}
-    assert "teachers sharded (0-1, 2-4 by process), student replicated (DDP)" in said["shard"]
+    assert "teachers sharded (0-1, 2-4 by process), student sharded (FSDP2)" in said["fsdp"]
 
     # a sharded student resumes bit-exactly, its EMA included
     run = tmp_path / "fsdp" / "run"
@@ -80,8 +79,9 @@ def test_one_seed_trains_one_student_whatever_the_placement_the_sharding_and_the
                load_file(run / "checkpoints" / "step-0000010" / "ema.safetensors").items())
 
     # a checkpoint from one placement does not continue under another
-    other = recipe(tmp_path / "shard", 4, teachers=FIVE_TEACHERS,
-                   **{"train.teacher_placement": "replicate", "train.max_steps": 12})
+    other = recipe(tmp_path / "fsdp", 4, teachers=FIVE_TEACHERS, **{"train.teacher_placement": "replicate",
+                                                                     "train.student_sharding": "fsdp",
+                                                                     "train.max_steps": 12})
     r = dmm("distill", other, "--resume", "--dry-run")
     assert_one_sentence_error(r, 2, "--resume", "train.teacher_placement shard", "replicate")
 
@@ -128,6 +128,7 @@ def test_two_machines_train_the_student_of_one(dmm, tmp_path):
     results = [m.communicate(timeout=300) for m in machines]
     assert [m.returncode for m in machines] == [0, 0], results
     assert results[0][0].strip() == str(tmp_path / "two" / "run") and results[1][0] == ""  # the main one speaks
+    assert "teachers sharded (0-1, 2-3 by process), student replicated (DDP)" in results[0][1]
     assert all(list((tmp_path / f"home{rank}" / "latents").glob("*.safetensors")) for rank in (0, 1))
     assert relative_difference(tmp_path / "two" / "run", tmp_path / "one" / "run") < 1e-3
 
