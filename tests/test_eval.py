@@ -21,7 +21,7 @@ def write_recipe(folder: Path, teachers: list[str], **train) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     recipe = {"name": "pair", "base": "toy:base", "teachers": [{"name": t, "model": f"toy:{t}"} for t in teachers],
               "data": {"folder": "toy:shapes"},
-              "train": {"max_steps": 150, "batch_size": 16, "lr": 1e-3, "checkpoint_every": 1000, "log_every": 50,
+              "train": {"max_steps": 60, "batch_size": 16, "lr": 1e-3, "checkpoint_every": 1000, "log_every": 50,
                         **train},
               "output": str(folder / "student")}
     path = folder / "recipe.yaml"
