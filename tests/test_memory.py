@@ -54,7 +54,7 @@ def test_8bit_adamw_says_what_it_needs(dmm, tmp_path):
 def test_activations_are_counted_as_cuda_autocast_keeps_them():
     """bf16 autocast keeps half-precision matmul inputs and weight copies but float32 norm outputs: less than
     fp32 per sample, more than half of it; the weight copies are a fixed cost, kept under checkpointing too."""
-    from dmm_cli.distill.memory import activation_bytes, parameters
+    from dmm_cli.distill.memory import _saved, activation_bytes, parameters
     from dmm_cli.models.references import resolve
 
     config = resolve("toy:base") / "unet" / "config.json"
@@ -65,3 +65,8 @@ def test_activations_are_counted_as_cuda_autocast_keeps_them():
     checkpointed = activation_bytes(config, 8, "bf16", True)
     assert checkpointed.per_sample < bf16.per_sample / 2 and 0 < checkpointed.transient < bf16.per_sample
     assert 0.8 * weights < checkpointed.fixed <= weights * 1.1
+    # counted on one sample: what autograd saves grows with the batch, the weight copies do not
+    for precision, checkpointing, lora in (("bf16", True, None), ("no", False, (4, ("to_q", "to_v")))):
+        one = activation_bytes(config, 8, precision, checkpointing, lora)
+        assert _saved(config, 8, precision, checkpointing, lora, batch=3) == (
+            3 * one.per_sample, one.fixed, 3 * one.transient)

@@ -77,17 +77,19 @@ class Activations:
 @functools.cache
 def activation_bytes(unet_config: Path, side: int, precision: str, checkpointing: bool = False,
                      lora: tuple | None = None) -> Activations:
-    """Counted by running the UNet on meta tensors (no memory, no arithmetic) at batches 1 and 2: every
-    storage autograd saves, once however many ops save it, in the dtype CUDA autocast gives it. With `lora`
-    (rank, targets), the UNet is a LoRA student's: a frozen base, so only what the adapter's gradients need."""
-    one, two = (_saved(unet_config, side, precision, checkpointing, batch, lora) for batch in (1, 2))
-    per_sample = two[0] - one[0]
-    return Activations(per_sample, max(one[0] - per_sample, 0), two[1] - one[1])
+    """Counted by running the UNet on meta tensors (no memory, no arithmetic) on one sample: every storage
+    autograd saves, once however many ops save it, in the dtype CUDA autocast gives it. Each of those has the
+    batch as its first dimension, since autograd saves only what descends from the inputs or is an input, so
+    they scale with the batch; autocast's weight copies do not. With `lora` (rank, targets), the UNet is a LoRA
+    student's: a frozen base, so only what the adapter's gradients need."""
+    per_sample, copies, region = _saved(unet_config, side, precision, checkpointing, lora)
+    return Activations(per_sample, copies, region)
 
 
-def _saved(unet_config: Path, side: int, precision: str, checkpointing: bool, batch: int,
-           lora: tuple | None) -> tuple[int, int]:
-    """(bytes kept until the backward, the largest checkpointed region's bytes) of one forward."""
+def _saved(unet_config: Path, side: int, precision: str, checkpointing: bool, lora: tuple | None,
+           batch: int = 1) -> tuple[int, int, int]:
+    """(bytes kept until the backward, bytes of autocast's weight copies, the largest checkpointed region's
+    bytes) of one forward on `batch` samples."""
     from ..models.meta import meta_inputs, meta_unet
 
     low = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
@@ -99,7 +101,7 @@ def _saved(unet_config: Path, side: int, precision: str, checkpointing: bool, ba
         with torch.device("meta"):
             inject_adapter_in_model(LoraConfig(r=lora[0], target_modules=list(lora[1])), unet)
     args, kwargs = meta_inputs(unet, batch, side, side)
-    kept, regions = {}, [0]
+    kept, copies, regions = {}, {}, [0]
     weights = {p.untyped_storage()._cdata for p in unet.parameters()}  # counted as weights already
 
     def keeper(into: dict, hold: bool):
@@ -131,18 +133,18 @@ def _saved(unet_config: Path, side: int, precision: str, checkpointing: bool, ba
         inside = {}
         with torch.autograd.graph.saved_tensors_hooks(keeper(inside, hold=True), lambda tensor: tensor):
             out = module(*args)
-        regions.append(sum(n for k, n in alive(inside).items() if k not in kept))
+        regions.append(sum(n for k, n in alive(inside).items() if k not in kept and k not in copies))
         return out
 
     if checkpointing:
         unet.enable_gradient_checkpointing(checkpoint)
     fused = mock.patch.object(F, "scaled_dot_product_attention", lambda q, k, v, *a, **kw: _FusedAttention.apply(q, k, v))
     with torch.autograd.graph.saved_tensors_hooks(keeper(kept, hold=False), lambda tensor: tensor), fused, \
-            _CudaAutocast(low, keeper(kept, hold=True)) if low else contextlib.nullcontext():
+            _CudaAutocast(low, keeper(copies, hold=True)) if low else contextlib.nullcontext():
         output = unet(*args, **kwargs)  # alive: its graph holds what the backward needs
-        total = sum(alive(kept).values())
+        total = sum(n for address, n in alive(kept).items() if address not in copies)
     del output
-    return total, max(regions)
+    return total, sum(alive(copies).values()), max(regions)
 
 
 class _CudaAutocast(torch.overrides.TorchFunctionMode):
