@@ -23,5 +23,10 @@ def lora_names(zoo: Path = ZOO) -> list[str]:
     return manifest(zoo).get("loras", {}).get("names", [])
 
 
+def lora_path(name: str, zoo: Path = ZOO) -> Path:
+    """The file (kohya) or folder (PEFT) of a toy LoRA name."""
+    return zoo / "loras" / (name if name.endswith("-peft") else f"{name}.safetensors")
+
+
 def classifier_folder(zoo: Path = ZOO) -> Path:
     return zoo / "classifier"

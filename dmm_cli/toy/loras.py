@@ -85,8 +85,3 @@ def derive(zoo: Path, plan, seed: int = 0, rank: int = RANK) -> dict:
             write_peft(layers, out / f"{style}-lora-peft")
             names.append(f"{style}-lora-peft")
     return {"rank": rank, "names": names}
-
-
-def path_of(zoo: Path, name: str) -> Path:
-    """The file (kohya) or folder (PEFT) of a toy LoRA name."""
-    return zoo / "loras" / (name if name.endswith("-peft") else f"{name}.safetensors")

@@ -26,7 +26,7 @@ from ..files.hashing import sha256_file
 from ..files.text import read_json
 from ..models.references import register_scheme
 from ..models.single_file import register_config_template
-from . import ZOO, classifier_folder, lora_names, manifest, model_names
+from . import ZOO, classifier_folder, lora_names, lora_path, manifest, model_names
 
 PREFIX = "toy:"
 IMAGE_SET = "toy:shapes"
@@ -51,10 +51,8 @@ def all_toy(teacher_refs: list[str]) -> bool:
 
 def model_folder(name: str) -> Path:
     """A toy model's folder, or a toy LoRA's file or folder."""
-    from .loras import path_of
-
     if name in lora_names():
-        return path_of(ZOO, name)
+        return lora_path(name)
     names = model_names()
     if name not in names:
         raise ModelError(f"{PREFIX}{name}: no such toy model (the toy zoo has {', '.join(names)}, and the LoRAs "
