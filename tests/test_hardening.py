@@ -505,26 +505,30 @@ def test_non_ascii_style_names_where_the_locale_is_not_utf8(tmp_path):
     teachers = [{"name": n, "model": m} for n, m in zip(names, ("toy:night", "toy:outline"))]
     recipe = tiny_recipe(tmp_path, teachers=teachers, **{"train.max_steps": 2, "train.checkpoint_every": 2})
     env = dict(os.environ, LC_ALL="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")  # no coercion to C.UTF-8
-
-    def dmm_ascii(*args):
-        p = subprocess.run([sys.executable, "-m", "dmm_cli", *map(str, args)], capture_output=True, text=True,
-                           env=env, timeout=300)
-        assert p.returncode == 0, p.stderr
-        return p
-
-    encoding = subprocess.run([sys.executable, "-c", "import locale; print(locale.getpreferredencoding(False))"],
-                              capture_output=True, text=True, env=env).stdout.strip()
-    assert encoding.lower().replace("-", "") not in ("utf8", ""), encoding  # else this test would prove nothing
     run = tmp_path / "run"
-    dmm_ascii("-q", "distill", recipe)
+    commands = [["-q", "distill", recipe], ["-q", "export", run, "--style", "all", "-o", tmp_path / "export"],
+                ["eval", run, "--recipe", recipe, "-k", "2", "--steps", "2", "-o", tmp_path / "eval"]]
+    p = subprocess.run([sys.executable, "-c", IN_ONE_PROCESS, json.dumps([[str(a) for a in c] for c in commands])],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr
+    encoding = p.stdout.splitlines()[0]
+    assert encoding.lower().replace("-", "") not in ("utf8", ""), encoding  # else this test would prove nothing
     assert [s["name"] for s in json.loads((run / "styles.json").read_text(encoding="utf-8"))["styles"]] == names
     assert all(n in (run / "README.md").read_text(encoding="utf-8") for n in names)
-    dmm_ascii("-q", "export", run, "--style", "all", "-o", tmp_path / "export")
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["nuit-etoilee", "style-1"]
     assert names[0] in (tmp_path / "export" / "nuit-etoilee" / "README.md").read_text(encoding="utf-8")
-    p = dmm_ascii("eval", run, "--recipe", recipe, "-k", "2", "--steps", "2", "-o", tmp_path / "eval")
     assert all(n in (tmp_path / "eval" / "report.md").read_text(encoding="utf-8") for n in names)
     assert "missing from font" not in p.stderr and p.stderr.count("plotting font") <= 1, p.stderr
+
+
+IN_ONE_PROCESS = """
+import json, locale, sys
+from dmm_cli.main import main
+print(locale.getpreferredencoding(False), flush=True)
+for args in json.loads(sys.argv[1]):  # one process: the commands' imports once
+    if main(args):
+        sys.exit(1)
+"""
 
 
 def test_bad_seed_for_eval_and_merge(dmm, tmp_path):
