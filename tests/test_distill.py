@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import TOY_TEACHERS, assert_one_sentence_error, tiny_recipe, torchrun
 from dmm_cli.distill import plan_run, plan_text
+from dmm_cli.main import main
 from dmm_cli.models.references import resolve
 from dmm_cli.models.styles import StyleTable
 
@@ -212,9 +213,7 @@ def whole_and_killed_then_resumed(tmp_path: Path, **train) -> tuple[dict, dict]:
     and continued with --resume."""
     steps = {"train.max_steps": 20, "train.checkpoint_every": 4, **train}
     whole = tiny_recipe(tmp_path / "a", **steps, output=str(tmp_path / "a" / "run"))
-    p = cli("distill", str(whole))
-    out, err = p.communicate()
-    assert p.returncode == 0, err
+    assert main(["-q", "distill", str(whole)]) == 0  # in this process: the same threads, so the same sums
 
     broken = tiny_recipe(tmp_path / "b", **steps, output=str(tmp_path / "b" / "run"))
     p = cli("distill", str(broken))
@@ -283,8 +282,8 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert len(saved) == 1 and (saved[0] / "student.safetensors").is_file()
 
 
+@pytest.mark.slow  # 12 s of start-ups; the default suite runs a full student on 2 processes (test_scale_out.py)
 def test_a_lora_student_on_two_cpu_processes_with_torchrun(tmp_path):
-    """(A full student on several processes: tests/test_scale_out.py.)"""
     recipe = tiny_recipe(tmp_path, **{"train.max_steps": 4, "train.log_every": 1, "train.lr_schedule": "linear",
                                       "train.ema": {"decay": 0.9},  # both ranks keep the same average
                                       "train.student": {"type": "lora", "rank": 4}})

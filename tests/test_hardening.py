@@ -289,13 +289,7 @@ def test_running_out_of_memory_is_one_sentence_that_says_what_needs_less(tmp_pat
     one_sentence(p, 1, "decoding 2 pictures of 100000x100000 at once needs at least 4768.4 GiB of host memory")
     assert "--batch-size" in p.stderr and not (tmp_path / "big").exists()
 
-    for compile, doing in ((False, "at step 1"), (True, "in the compile stage")):  # not taken for a compiler bug
-        recipe = tiny_recipe(tmp_path, **{"train.batch_size": 65536,  # gigabytes of activations
-                                          "train.compile": compile})
-        p = within_memory(tmp_path, 3, "distill", recipe, "--overwrite")
-        one_sentence(p, 1, f"the host ran out of memory {doing} (an allocation of")
-        assert f"`dmm distill {recipe} --dry-run` plans this run's memory" in p.stderr
-        assert not (tmp_path / "run" / "unet").exists()
+    distill_out_of_memory(tmp_path, compile=False, doing="at step 1")
 
     # CUDA's own words, as torch raises them
     cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.50 GiB. GPU 0 has a total capacity of "
@@ -303,6 +297,20 @@ def test_running_out_of_memory_is_one_sentence_that_says_what_needs_less(tmp_pat
     assert str(out_of_memory(cuda, "at step 7", "hint")) == (
         "the GPU ran out of memory at step 7 (an allocation of 2.50 GiB failed); hint")
     assert out_of_memory(RuntimeError("shape mismatch"), "at step 7", "hint") is None
+
+
+@pytest.mark.slow  # 11 s: a process of its own
+def test_running_out_of_memory_while_compiling_is_not_taken_for_a_compiler_bug(tmp_path):
+    distill_out_of_memory(tmp_path, compile=True, doing="in the compile stage")
+
+
+def distill_out_of_memory(tmp_path: Path, compile: bool, doing: str) -> None:
+    recipe = tiny_recipe(tmp_path, **{"train.batch_size": 65536,  # gigabytes of activations
+                                      "train.compile": compile})
+    p = within_memory(tmp_path, 3, "distill", recipe, "--overwrite")
+    one_sentence(p, 1, f"the host ran out of memory {doing} (an allocation of")
+    assert f"`dmm distill {recipe} --dry-run` plans this run's memory" in p.stderr
+    assert not (tmp_path / "run" / "unet").exists()
 
 
 def test_offline_use_of_a_corrupted_cache_is_refused(tmp_path):
