@@ -102,18 +102,25 @@ def _saved(unet_config: Path, side: int, precision: str, checkpointing: bool, lo
             inject_adapter_in_model(LoraConfig(r=lora[0], target_modules=list(lora[1])), unet)
     args, kwargs = meta_inputs(unet, batch, side, side)
     kept, copies, regions = {}, {}, [0]
-    weights = {p.untyped_storage()._cdata for p in unet.parameters()}  # counted as weights already
+    # storages counted apart: the weights, and autocast's half-precision copies of them (the fixed part)
+    counted_apart = {p.untyped_storage()._cdata for p in unet.parameters()}
 
     def keeper(into: dict, hold: bool):
         """Notes each storage by address, with its tensor: held (what the run itself holds), or weakly, so that
         a save whose graph node is dropped at once (its output unused) is not counted."""
         def pack(tensor):
             storage = tensor.untyped_storage()
-            if storage._cdata not in weights:
+            if storage._cdata not in counted_apart:
                 into.setdefault(storage._cdata, []).append(
                     (tensor if hold else weakref.ref(tensor), storage.nbytes()))
             return tensor
         return pack
+
+    def weight_copy(tensor):
+        """Held, as autocast holds it until it exits: its address stays this copy's."""
+        copies[tensor.untyped_storage()._cdata] = tensor
+        counted_apart.add(tensor.untyped_storage()._cdata)
+        return tensor
 
     def alive(notes: dict) -> dict[int, int]:
         """Address -> bytes of the storages still alive (an address freed and reused counts once)."""
@@ -133,18 +140,18 @@ def _saved(unet_config: Path, side: int, precision: str, checkpointing: bool, lo
         inside = {}
         with torch.autograd.graph.saved_tensors_hooks(keeper(inside, hold=True), lambda tensor: tensor):
             out = module(*args)
-        regions.append(sum(n for k, n in alive(inside).items() if k not in kept and k not in copies))
+        regions.append(sum(n for k, n in alive(inside).items() if k not in kept))
         return out
 
     if checkpointing:
         unet.enable_gradient_checkpointing(checkpoint)
     fused = mock.patch.object(F, "scaled_dot_product_attention", lambda q, k, v, *a, **kw: _FusedAttention.apply(q, k, v))
     with torch.autograd.graph.saved_tensors_hooks(keeper(kept, hold=False), lambda tensor: tensor), fused, \
-            _CudaAutocast(low, keeper(copies, hold=True)) if low else contextlib.nullcontext():
+            _CudaAutocast(low, weight_copy) if low else contextlib.nullcontext():
         output = unet(*args, **kwargs)  # alive: its graph holds what the backward needs
-        total = sum(n for address, n in alive(kept).items() if address not in copies)
+        total = sum(alive(kept).values())
     del output
-    return total, sum(alive(copies).values()), max(regions)
+    return total, sum(t.untyped_storage().nbytes() for t in copies.values()), max(regions)
 
 
 class _CudaAutocast(torch.overrides.TorchFunctionMode):
