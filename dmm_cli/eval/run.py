@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from .fid import fid_matrix, kid
 from .measures import measures_for
 OTHER_SEEDS = 1_000_003  # offset of the seeds of the reference and of evaluated models
 SCHEMA = "dmm-eval/1"
+MISSING_GLYPH = re.compile(r"Glyph .* missing from font")  # matplotlib's warning, as warnings' filters match it
 
 
 @dataclass
@@ -250,11 +252,11 @@ def write_report(metrics: dict, rows: list[Row], names: list[str], output: Path)
     output.mkdir(parents=True, exist_ok=True)
     pictures = []
     with warnings.catch_warnings(record=True) as caught:  # other warnings keep their filters and are shown again
-        warnings.filterwarnings("always", "Glyph .* missing from font")
+        warnings.filterwarnings("always", MISSING_GLYPH.pattern)
         for row, entry, stem in zip(rows, metrics["models"], unique_slugs([row.name for row in rows])):
             pictures.append({"heatmap": heatmap(entry, names, output / f"heatmap-{stem}.png"),
                              "grid": sample_grid(row, names, output / f"samples-{stem}.png")})
-    glyphs = [w for w in caught if "missing from font" in str(w.message)]  # matplotlib's, one per character
+    glyphs = [w for w in caught if MISSING_GLYPH.match(str(w.message))]  # matplotlib's, one per character
     for w in caught:
         if w not in glyphs:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
