@@ -1,9 +1,13 @@
 """Where words go: results to stdout, everything else (logs, warnings, progress) to stderr."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import sys
 import warnings
+
+from .errors import DMMError
 
 _quiet = False
 _debug = False
@@ -15,7 +19,36 @@ def set_quiet(quiet: bool) -> None:
 
 
 def result(line: str) -> None:
-    print(line, file=sys.stdout, flush=True)
+    with _writing_stdout():
+        print(line, file=sys.stdout, flush=True)
+
+
+def result_bytes(data: bytes) -> None:
+    """A result that is a file's bytes (a PNG for `-o -`)."""
+    with _writing_stdout():
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def _writing_stdout():
+    """A full disk or a failing device behind stdout is the environment, said in one sentence (exit 1). A reader
+    that went away (EPIPE, `| head -1`) is left to click, which exits quietly as pipelines expect."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno == errno.EPIPE:
+            raise
+        _drop_stdout()
+        raise DMMError(f"cannot write to stdout: {e.strerror or e}") from None
+
+
+def _drop_stdout() -> None:
+    """What could not be written stays in stdout's buffer; point stdout at /dev/null so that Python's flush at
+    exit does not fail again with a second message."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def say(message: str) -> None:

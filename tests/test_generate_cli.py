@@ -43,6 +43,25 @@ def test_dash_writes_the_png_to_stdout_for_a_pipeline(dmm, tmp_path):
     assert_one_sentence_error(r, 2, "--output -: writes one picture to stdout, and 2 will be made")
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full here")
+def test_a_stdout_that_fails_is_one_sentence_and_a_reader_that_left_is_quiet(tmp_path):
+    env = dict(os.environ, DMM_HOME=str(tmp_path / "home"))
+    dmm = [sys.executable, "-m", "dmm_cli"]
+    with open("/dev/full", "wb") as full:  # every write fails with ENOSPC, as on a full disk
+        p = subprocess.run([*dmm, "generate", "a red circle", "--model", "toy:night", "-o", "-", *FAST],
+                           stdout=full, stderr=subprocess.PIPE, text=True, env=env, timeout=300)
+    assert p.returncode == 1, p.stderr
+    said = [line for line in p.stderr.splitlines() if line.startswith("dmm: ")]
+    assert said == ["dmm: error: cannot write to stdout: No space left on device"], p.stderr
+    assert "Traceback" not in p.stderr and "Exception ignored" not in p.stderr  # nor a second failure at exit
+    # `| head -1` closing early: the command stops quietly, as pipelines expect
+    p = subprocess.Popen([*dmm, "fetch", "toy:night", "toy:outline"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    p.stdout.close()
+    err = p.stderr.read()
+    assert p.wait(timeout=300) == 1 and err == "", err
+
+
 def test_same_seed_same_image_whatever_the_batch(dmm, tmp_path):
     a = dmm("generate", "a green square", "--model", "toy:night", "--seed", "5", "-n", "2", "--batch-size", "2",
             "-o", tmp_path / "a", *FAST)

@@ -48,7 +48,7 @@ def test_gradient_checkpointing_trains_to_the_same_student(dmm, tmp_path):
 
 def test_8bit_adamw_says_what_it_needs(dmm, tmp_path):
     r = dmm("distill", RECIPE, "--dry-run", "--set", "train.optimizer=adamw-8bit")
-    assert_one_sentence_error(r, 2, "train.optimizer adamw-8bit")
+    assert_one_sentence_error(r, 1, "train.optimizer adamw-8bit")  # the machine's lack, not the recipe's fault
 
 
 def test_activations_are_counted_as_cuda_autocast_keeps_them():

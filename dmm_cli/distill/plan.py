@@ -10,7 +10,7 @@ import torch
 from .. import console
 from ..data.prompts import prompt_digest
 from ..data.sources import open_images, resolve_data
-from ..errors import BadInput, ModelError, RecipeError
+from ..errors import BadInput, DMMError, ModelError, RecipeError
 from ..files.hashing import component_sha256
 from ..files.safetensors_header import component_shapes
 from ..files.text import read_json
@@ -398,14 +398,15 @@ def synthesis_settings(synth: Synthesize):
 
 
 def _check_optimizer(optimizer: str) -> None:
+    """What adamw-8bit needs is the machine's to give: without it, the environment fails (exit 1), as for a device."""
     if optimizer != "adamw-8bit":
         return
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise BadInput("train.optimizer adamw-8bit needs bitsandbytes: pip install 'dmm-cli[8bit]'") from None
+        raise DMMError("train.optimizer adamw-8bit needs bitsandbytes: pip install 'dmm-cli[8bit]'") from None
     if not torch.cuda.is_available():
-        raise BadInput("train.optimizer adamw-8bit runs on CUDA GPUs only; use adamw on this machine")
+        raise DMMError("train.optimizer adamw-8bit runs on CUDA GPUs only; use adamw on this machine")
 
 
 @dataclass

@@ -135,8 +135,7 @@ def run(prompt: str, *, model: str | None, style: str | None = None, negative: s
                 if target == STDOUT:  # the PNG's bytes are the output, so no path is reported
                     png = io.BytesIO()
                     image.save(png, format="PNG")
-                    sys.stdout.buffer.write(png.getvalue())
-                    sys.stdout.flush()
+                    console.result_bytes(png.getvalue())
                     continue
                 with deferred():  # a picture on disk is a picture reported
                     written.append(save_png(image, target))
