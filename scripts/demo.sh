@@ -24,18 +24,21 @@ dmm -q generate --model "$run" --style night:0.5,checker:0.5 "a yellow square" "
 
 # Every style baked into a plain checkpoint, drawn by stock diffusers: no dmm code on that side.
 dmm -q export "$run" --style all -o "$out/baked" --overwrite > /dev/null
-baked=()
-for style in night outline stripes checker; do
-  python - "$out/baked/$style" "$out/baked-$style.png" <<'PY'
-import sys, torch
+styles=(night outline stripes checker)
+baked=(); for style in "${styles[@]}"; do baked+=("$out/baked-$style.png"); done
+DIFFUSERS_VERBOSITY=error TRANSFORMERS_VERBOSITY=error python -W ignore::FutureWarning - "$out" "${styles[@]}" <<'PY'
+import sys, torch, diffusers, transformers
 from diffusers import StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1], torch_dtype=torch.float32)
-pipe.set_progress_bar_config(disable=True)
-pipe("a blue triangle", num_inference_steps=20, guidance_scale=4, generator=torch.Generator().manual_seed(7)).images[0].save(sys.argv[2])
+diffusers.utils.logging.disable_progress_bar()
+transformers.utils.logging.disable_progress_bar()
+out = sys.argv[1]
+for style in sys.argv[2:]:
+    pipe = StableDiffusionPipeline.from_pretrained(f"{out}/baked/{style}", torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    pipe("a blue triangle", num_inference_steps=20, guidance_scale=4,
+         generator=torch.Generator().manual_seed(7)).images[0].save(f"{out}/baked-{style}.png")
 PY
-  baked+=("$out/baked-$style.png")
-done
-dmm grid "${baked[@]}" --labels night,outline,stripes,checker --overwrite -o "$out/baked.png" > /dev/null
+dmm grid "${baked[@]}" --labels "$(IFS=,; echo "${styles[*]}")" --overwrite -o "$out/baked.png" > /dev/null
 
 # The weight-space baselines, and the evaluation of all three against the reference.
 for method in average ties; do
