@@ -64,7 +64,9 @@ def reference_loss(trainer: Trainer, step: int) -> torch.Tensor:
 
 def test_padded_teacher_rows_change_neither_the_loss_nor_the_gradients(tmp_path):
     """3 teachers share 8 samples 3/3/2: each runs on 3 rows. The loss matches the unpadded computation, and
-    more padding (5 rows a teacher) gives the same loss and the same update."""
+    more padding (5 rows a teacher) gives the same loss and the same gradients. (Gradients, not the weights after
+    AdamW: its update is about lr·sign(g) where g is near 0, so the convolutions' rounding at another batch size,
+    which differs between CPUs, could flip an update there.)"""
     first = trainer_for(tmp_path / "a")
     assert first.teacher_bank.rows == 3
     assert [len(first.teacher_bank.layout(c, "cpu").pad_index) for c in ([3, 3, 2], [2, 3, 3], [3, 0, 0])] == [9, 9, 3]
@@ -74,11 +76,18 @@ def test_padded_teacher_rows_change_neither_the_loss_nor_the_gradients(tmp_path)
 
     a, b = trainer_for(tmp_path / "b"), trainer_for(tmp_path / "c")
     b.teacher_bank.rows = 5  # two more padded rows for each teacher
+    gradients = {a: [], b: []}
+    for trainer in (a, b):
+        trainer.optimizer.optimizer.register_step_pre_hook(
+            lambda opt, args, kwargs, seen=gradients[trainer]: seen.append(
+                [p.grad.clone() for group in opt.param_groups for p in group["params"]]))
     for step in range(2):
         la, lb = a.step(step).loss, b.step(step).loss
         assert torch.allclose(la, lb, rtol=1e-6, atol=0), (step, la, lb)
-    for (name, pa), pb in zip(a.unwrapped_student().named_parameters(), b.unwrapped_student().parameters()):
-        assert torch.allclose(pa, pb, rtol=1e-5, atol=1e-7), name
+    assert len(gradients[a]) == len(gradients[b]) == 2
+    for step, (ga, gb) in enumerate(zip(gradients[a], gradients[b])):
+        for k, (x, y) in enumerate(zip(ga, gb)):
+            assert torch.allclose(x, y, rtol=1e-4, atol=1e-5 * float(y.abs().max())), (step, k)
 
 
 def test_what_the_padding_holds_does_not_reach_the_targets(tmp_path):
