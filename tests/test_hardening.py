@@ -277,7 +277,7 @@ def within_memory(tmp_path: Path, limit_gib: float, *args) -> subprocess.Complet
                           env=env, preexec_fn=cap, timeout=300)
 
 
-def test_running_out_of_memory_is_one_sentence_that_says_what_needs_less(tmp_path):
+def test_running_out_of_memory_is_one_sentence_that_says_what_needs_less(dmm, tmp_path):
     p = within_memory(tmp_path, 3, "generate", "a cat", "--model", "toy:night", "-o", tmp_path / "big.png",
                       "--width", "4096", "--height", "4096", "--steps", "1")
     one_sentence(p, 1, "the host ran out of memory in `dmm generate` (an allocation of")
@@ -288,6 +288,12 @@ def test_running_out_of_memory_is_one_sentence_that_says_what_needs_less(tmp_pat
                       "--width", "100000", "--height", "100000", *FAST)
     one_sentence(p, 1, "decoding 2 pictures of 100000x100000 at once needs at least 4768.4 GiB of host memory")
     assert "--batch-size" in p.stderr and not (tmp_path / "big").exists()
+    # one picture: fewer at once is no way out, so only the size is named (refused before sampling, so in-process)
+    r = dmm("generate", "a cat", "--model", "toy:night", "-o", tmp_path / "one.png", "--width", "100000",
+            "--height", "100000", *FAST)
+    assert_one_sentence_error(r, 1, "decoding 1 picture of 100000x100000 at once needs at least 2384.2 GiB",
+                              "draw smaller pictures (--width, --height)")
+    assert "--batch-size" not in r.err and not (tmp_path / "one.png").exists()
 
     distill_out_of_memory(tmp_path, compile=False, doing="at step 1")
 
