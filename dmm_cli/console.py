@@ -46,8 +46,12 @@ def _writing_stdout():
 def _drop_stdout() -> None:
     """What could not be written stays in stdout's buffer; point stdout at /dev/null so that Python's flush at
     exit does not fail again with a second message."""
+    try:
+        target = sys.stdout.fileno()
+    except (OSError, ValueError):  # a stream with no descriptor (a notebook's): nothing is flushed at exit
+        return
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
+    os.dup2(devnull, target)
     os.close(devnull)
 
 
